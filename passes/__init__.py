@@ -1,0 +1,2 @@
+"""qdqc passes, one module each; importing this package registers them all."""
+from . import canonicalize, insert_qdq, match_bert, place_quantizers  # noqa: F401

@@ -1,0 +1,36 @@
+"""Canonicalize: drop Identity nodes, fold constants (Q/DQ left alone), infer shapes."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from qdq_compiler import ir
+from qdq_compiler.pipeline import PassContext, PassResult, register
+
+
+def remove_identities(graph: gs.Graph) -> int:
+    outputs = {t.name for t in graph.outputs}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "Identity" or node.outputs[0].name in outputs:
+            continue
+        source, target = node.inputs[0], node.outputs[0]
+        for reader in list(target.outputs):
+            reader.inputs[:] = [source if t is target else t for t in reader.inputs]
+        node.outputs.clear()
+        removed += 1
+    return removed
+
+
+@register("canonicalize")
+def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    before = len(graph.nodes)
+    ir.toposort(graph)
+    identities = remove_identities(graph)
+    # Folding a weight's Q->DQ would erase a QAT model's quantization: leave Q/DQ alone.
+    graph.fold_constants(should_exclude_node=lambda node: node.op in ir.QDQ_OPS, error_ok=True)
+    ir.cleanup(graph)
+    typed = ir.annotate_shapes(graph)
+    folded = before - identities - len(graph.nodes)
+    return PassResult(modified=identities > 0 or folded > 0 or typed > 0,
+                      stats={"identities_removed": identities, "nodes_folded": folded,
+                             "tensors_typed": typed, "nodes": len(graph.nodes)})

@@ -1,0 +1,20 @@
+"""Find the BERT encoder layers (analysis only: the graph is not touched)."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from qdq_compiler.bert import match_encoder
+from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
+
+
+@register("match-bert")
+def match_bert(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    match = match_encoder(graph)
+    ctx.analyses["encoder"] = match
+    diagnostics = tuple(Diagnostic("info", f"attention at '{r.anchor}' rejected: {r.reason}", r.anchor)
+                        for r in match.rejections)
+    layers = match.layers
+    return PassResult(False, {"layers": len(layers),
+                              "fused_qkv_layers": sum(layer.fused_qkv for layer in layers),
+                              "rejected_attention_blocks": len(match.rejections),
+                              "unmatched_gemms": len(match.unmatched_gemms)}, diagnostics)

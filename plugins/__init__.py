@@ -1,0 +1,1 @@
+"""TensorRT plugin handling (filled by the engine-building work; nothing here yet)."""

@@ -1,0 +1,493 @@
+"""Declarative BERT encoder-layer matcher.
+
+`match_encoder(graph)` never mutates the graph: it anchors on each Softmax,
+walks the attention block and the feed-forward block around it and returns one
+`EncoderLayer` record per matched layer, plus the reason every other GEMM was
+not taken. Walks see through Q/DQ pairs, so QAT exports match too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import onnx_graphsurgeon as gs
+
+from . import ir
+
+MOVE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Identity",
+                      "Dropout", "QuantizeLinear", "DequantizeLinear", "Split", "Slice", "Gather"})
+POINTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Gelu", "Relu",
+                           "Sqrt", "Cast", "QuantizeLinear", "DequantizeLinear", "FastGelu", "BiasGelu"})
+GEMM_OPS = frozenset({"MatMul", "Gemm"})
+
+
+# ---------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer: MatMul(+Add bias) or Gemm, with a constant 2-D weight."""
+
+    node: str
+    op: str
+    input: str                    # activation tensor read by the GEMM
+    weight: str                   # the constant (float, or int8 under an existing DQ)
+    weight_axis: int              # output-channel axis of that constant
+    weight_user: tuple[str, int]  # (node, input index) that reads the constant
+    gemm_output: str              # GEMM result before the bias
+    bias_add: str | None
+    output: str                   # after the bias
+    weight_quantized: bool = False
+
+
+@dataclass(frozen=True)
+class Attention:
+    bmm1: str
+    query: str        # BMM1 input A (Q)
+    key: str          # BMM1 input B (K^T)
+    scores: str       # BMM1 output, before scale and mask
+    scale: tuple[str, ...]   # Mul/Div nodes applying 1/sqrt(d) ("folded" when empty)
+    scale_position: str      # after_bmm | before_bmm | folded
+    mask: str | None         # Add or Where node
+    softmax: str
+    probs: str        # BMM2 input A
+    bmm2: str
+    value: str        # BMM2 input B
+    context: str      # BMM2 output
+
+
+@dataclass(frozen=True)
+class Residual:
+    add: str
+    skip: str    # tensor from the layer input (the residual branch)
+    local: str   # tensor from the GEMM branch
+    output: str
+
+
+@dataclass(frozen=True)
+class Norm:
+    kind: str    # op | decomposed
+    nodes: tuple[str, ...]
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Activation:
+    kind: str    # gelu-op | gelu-erf | gelu-tanh | sigmoid | relu
+    nodes: tuple[str, ...]
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class EncoderLayer:
+    """One matched post-LayerNorm BERT encoder layer: every site FasterTransformer quantizes."""
+
+    index: int
+    input: str
+    projections: tuple[Linear, ...]   # (query, key, value) or (fused qkv,)
+    attention: Attention
+    attention_output: Linear
+    attention_residual: Residual
+    attention_norm: Norm
+    ffn1: Linear
+    activation: Activation
+    ffn2: Linear
+    ffn_residual: Residual
+    ffn_norm: Norm
+
+    @property
+    def fused_qkv(self) -> bool:
+        return len(self.projections) == 1
+
+    @property
+    def output(self) -> str:
+        return self.ffn_norm.output
+
+    def linears(self) -> dict[str, Linear]:
+        names = ("qkv",) if self.fused_qkv else ("query", "key", "value")
+        named = dict(zip(names, self.projections))
+        named.update(attention_output=self.attention_output, ffn1=self.ffn1, ffn2=self.ffn2)
+        return named
+
+
+@dataclass(frozen=True)
+class Rejection:
+    anchor: str
+    reason: str
+    gemms: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EncoderMatch:
+    layers: tuple[EncoderLayer, ...]
+    rejections: tuple[Rejection, ...]
+    unmatched_gemms: dict[str, str] = field(default_factory=dict)  # node -> why
+
+
+class NoMatch(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- graph walking
+
+def float_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor behind any chain of Q->DQ pairs."""
+    while True:
+        dq = ir.producer(tensor)
+        if dq is None or dq.op != "DequantizeLinear":
+            return tensor
+        q = ir.producer(dq.inputs[0])
+        if q is None or q.op != "QuantizeLinear":
+            return tensor
+        tensor = q.inputs[0]
+
+
+def uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
+    """(node, input index) reading `tensor`, looking through Q->DQ pairs."""
+    found = []
+    for node in tensor.outputs:
+        if node.op == "QuantizeLinear" and node.inputs[0] is tensor:
+            for dq in node.outputs[0].outputs:
+                if dq.op == "DequantizeLinear":
+                    found.extend(uses(dq.outputs[0]))
+            continue
+        for index, value in enumerate(node.inputs):
+            if value is tensor:
+                found.append((node, index))
+    return found
+
+
+def up(tensor: gs.Tensor) -> gs.Node | None:
+    """The producer of `tensor`, skipping Q/DQ and Cast."""
+    tensor = float_source(tensor)
+    node = ir.producer(tensor)
+    while node is not None and node.op in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+        node = ir.producer(node.inputs[0])
+    return node
+
+
+def weight_of(node: gs.Node, index: int):
+    """(constant, output axis, user, already quantized) for a 2-D GEMM weight input, else None."""
+    tensor = node.inputs[index]
+    user = (node.name, index)
+    quantized = False
+    source = ir.producer(tensor)
+    if source is not None and source.op == "DequantizeLinear":
+        quantized = True
+        inner = ir.producer(source.inputs[0])
+        tensor = inner.inputs[0] if inner is not None and inner.op == "QuantizeLinear" else source.inputs[0]
+        source = ir.producer(tensor)
+    transposed = False
+    if source is not None and source.op == "Transpose" and ir.is_constant(source.inputs[0]):
+        if list(source.attrs.get("perm", [1, 0])) != [1, 0]:
+            return None
+        user, tensor, transposed = (source.name, 0), source.inputs[0], True
+    value = ir.constant(tensor)
+    if value is None or value.ndim != 2:
+        return None
+    return tensor, transposed, user, quantized
+
+
+def linear_at(node: gs.Node) -> Linear | None:
+    """The linear layer whose GEMM is `node`, or None when it has no constant 2-D weight."""
+    if node.op not in GEMM_OPS or len(node.inputs) < 2 or ir.is_constant(node.inputs[0]):
+        return None
+    found = weight_of(node, 1)
+    if found is None:
+        return None
+    weight, transposed, user, quantized = found
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None
+        axis = 0 if node.attrs.get("transB", 0) else 1
+    else:
+        axis = 1
+    if transposed:
+        axis = 1 - axis
+    out_features = ir.constant(weight).shape[axis]
+    gemm_output = node.outputs[0]
+    output, bias_add = gemm_output, None
+    readers = uses(gemm_output)
+    if len(readers) == 1 and readers[0][0].op == "Add":
+        add = readers[0][0]
+        bias = add.inputs[1 - readers[0][1]]
+        value = ir.constant(bias)
+        if value is not None and value.size == out_features:
+            bias_add, output = add.name, add.outputs[0]
+    return Linear(node.name, node.op, node.inputs[0].name, weight.name, axis, user,
+                  gemm_output.name, bias_add, output.name, quantized)
+
+
+def linear_producing(tensor: gs.Tensor) -> Linear | None:
+    """The linear layer whose (biased) output is `tensor`."""
+    node = up(tensor)
+    if node is None:
+        return None
+    if node.op == "Add":
+        for value in node.inputs:
+            gemm = up(value)
+            if gemm is not None and gemm.op in GEMM_OPS:
+                linear = linear_at(gemm)
+                if linear is not None and linear.output == float_source(tensor).name:
+                    return linear
+        return None
+    linear = linear_at(node)
+    return linear if linear is not None and linear.output == float_source(tensor).name else None
+
+
+def is_bmm(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "MatMul" and not any(ir.is_constant(t) for t in node.inputs)
+
+
+def reaches_bmm(tensor: gs.Tensor, depth: int = 6) -> bool:
+    node = up(tensor)
+    if node is None or depth == 0:
+        return False
+    if is_bmm(node):
+        return True
+    if node.op in ("Mul", "Div", "Add", "Where", "Sub"):
+        return any(reaches_bmm(t, depth - 1) for t in node.inputs if not ir.is_constant(t))
+    return False
+
+
+# ---------------------------------------------------------------- blocks
+
+class Walk:
+    """One attempt from one anchor: remembers the GEMMs it touched for --explain."""
+
+    def __init__(self, anchor: gs.Node):
+        self.anchor = anchor
+        self.gemms: list[str] = []
+
+    def fail(self, reason: str):
+        raise NoMatch(reason)
+
+    def touch(self, node: gs.Node | None):
+        if node is not None and node.op in GEMM_OPS and node.name not in self.gemms:
+            self.gemms.append(node.name)
+
+    def projection(self, tensor: gs.Tensor, role: str) -> tuple[Linear, list[gs.Node]]:
+        """Walk up from a BMM input to the linear layer that projects it."""
+        scales = []
+        for _ in range(16):
+            linear = linear_producing(tensor)
+            if linear is not None:
+                return linear, scales
+            node = up(tensor)
+            self.touch(node)
+            if node is None:
+                self.fail(f"{role} input of the attention matmul has no producer")
+            if node.op in MOVE_OPS:
+                tensor = node.inputs[0]
+            elif node.op in ("Mul", "Div") and any(ir.scalar(t) is not None for t in node.inputs):
+                scales.append(node)
+                tensor = next(t for t in node.inputs if ir.scalar(t) is None)
+            else:
+                self.fail(f"{role} input of the attention matmul comes from {node.op} '{node.name}', "
+                          "not from a linear projection")
+        self.fail(f"{role} input of the attention matmul: no linear projection within 16 nodes")
+
+    def down_to(self, tensor: gs.Tensor, accept) -> tuple[gs.Node, int]:
+        """Follow single readers through data-movement ops until `accept(node, index)`."""
+        for _ in range(12):
+            readers = uses(tensor)
+            for node, index in readers:
+                self.touch(node)
+                if accept(node, index):
+                    return node, index
+            movers = [n for n, i in readers if n.op in MOVE_OPS and i == 0]
+            if len(movers) != 1:
+                break
+            tensor = movers[0].outputs[0]
+        self.fail(f"'{tensor.name}' does not lead to the expected consumer")
+
+    def attention(self, softmax: gs.Node) -> tuple[Attention, list[Linear]]:
+        tensor, mask, after = softmax.inputs[0], None, []
+        while True:
+            node = up(tensor)
+            self.touch(node)
+            if node is None:
+                self.fail("softmax input has no producer")
+            if is_bmm(node):
+                bmm1 = node
+                break
+            if node.op in ("Mul", "Div") and any(ir.scalar(t) is not None for t in node.inputs):
+                after.append(node)
+                tensor = next(t for t in node.inputs if ir.scalar(t) is None)
+            elif node.op in ("Add", "Where"):
+                data = [t for t in node.inputs if reaches_bmm(t)]
+                if len(data) != 1:
+                    self.fail(f"cannot tell the scores from the mask at {node.op} '{node.name}'")
+                mask = mask or node
+                tensor = data[0]
+            else:
+                self.fail(f"softmax input comes from {node.op} '{node.name}', not from a Q·K^T matmul")
+        query_linear, q_scales = self.projection(bmm1.inputs[0], "query")
+        key_linear, k_scales = self.projection(bmm1.inputs[1], "key")
+        bmm2, _ = self.down_to(softmax.outputs[0], lambda n, i: is_bmm(n) and i == 0)
+        value_linear, _ = self.projection(bmm2.inputs[1], "value")
+        scale = after or q_scales + k_scales
+        position = "after_bmm" if after else "before_bmm" if scale else "folded"
+        record = Attention(bmm1.name, bmm1.inputs[0].name, bmm1.inputs[1].name, bmm1.outputs[0].name,
+                           tuple(n.name for n in scale), position, mask.name if mask else None,
+                           softmax.name, bmm2.inputs[0].name, bmm2.name, bmm2.inputs[1].name,
+                           bmm2.outputs[0].name)
+        return record, [query_linear, key_linear, value_linear]
+
+    def linear_reading(self, tensor: gs.Tensor) -> Linear:
+        node, _ = self.down_to(tensor, lambda n, i: i == 0 and linear_at(n) is not None)
+        return linear_at(node)
+
+    def residual(self, tensors: dict[str, gs.Tensor], local: str, what: str) -> Residual:
+        readers = [(n, i) for n, i in uses(tensors[local]) if n.op == "Add"
+                   and not any(ir.is_constant(t) for t in n.inputs)]
+        if len(readers) != 1:
+            self.fail(f"{what} output does not feed exactly one residual Add")
+        add, index = readers[0]
+        return Residual(add.name, add.inputs[1 - index].name, add.inputs[index].name, add.outputs[0].name)
+
+
+def match_layer_norm(tensor: gs.Tensor) -> Norm | None:
+    """LayerNormalization op, or ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div/Mul/Add reading `tensor`."""
+    readers = uses(tensor)
+    for node, _ in readers:
+        if node.op == "LayerNormalization":
+            return Norm("op", (node.name,), tensor.name, node.outputs[0].name)
+    mean = next((n for n, _ in readers if n.op == "ReduceMean"), None)
+    sub = next((n for n, i in readers if n.op == "Sub" and i == 0), None)
+    if mean is None or sub is None or float_source(sub.inputs[1]) is not mean.outputs[0]:
+        return None
+    nodes = [mean, sub]
+    centered = sub.outputs[0]
+    square = next((n for n, _ in uses(centered) if n.op == "Pow"
+                   or (n.op == "Mul" and float_source(n.inputs[0]) is float_source(n.inputs[1]))), None)
+    divide = next((n for n, i in uses(centered) if n.op == "Div" and i == 0), None)
+    if square is None or divide is None:
+        return None
+    nodes += [square, divide]
+    chain = square.outputs[0]
+    for op in ("ReduceMean", "Add", "Sqrt"):
+        step = next((n for n, _ in uses(chain) if n.op == op), None)
+        if step is None:
+            return None
+        nodes.append(step)
+        chain = step.outputs[0]
+    if float_source(divide.inputs[1]) is not chain:
+        return None
+    out = divide.outputs[0]
+    for op in ("Mul", "Add"):
+        step = next((n for n, _ in uses(out) if n.op == op and any(ir.is_constant(t) for t in n.inputs)), None)
+        if step is None:
+            break
+        nodes.append(step)
+        out = step.outputs[0]
+    return Norm("decomposed", tuple(n.name for n in nodes), tensor.name, out.name)
+
+
+def match_activation(start: gs.Tensor, end: gs.Tensor) -> Activation | None:
+    """The pointwise region between `start` (FFN1 output) and `end` (FFN2 input)."""
+    target = float_source(end)
+    region, frontier, seen = [], [start], {start.name}
+    while frontier:
+        tensor = frontier.pop()
+        for node, _ in uses(tensor):
+            if node.op not in POINTWISE_OPS or node.name in {n.name for n in region}:
+                continue
+            region.append(node)
+            out = node.outputs[0]
+            if out is not target and out.name not in seen and len(region) < 16:
+                seen.add(out.name)
+                frontier.append(out)
+    ops = {n.op for n in region}
+    if target.name not in {n.outputs[0].name for n in region}:
+        return None
+    kind = ("gelu-op" if ops & {"Gelu", "FastGelu", "BiasGelu"} else "gelu-erf" if "Erf" in ops
+            else "gelu-tanh" if "Tanh" in ops else "sigmoid" if "Sigmoid" in ops
+            else "relu" if "Relu" in ops else None)
+    if kind is None:
+        return None
+    return Activation(kind, tuple(n.name for n in region), start.name, target.name)
+
+
+# ---------------------------------------------------------------- the matcher
+
+def _match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Walk) -> EncoderLayer:
+    t = graph_tensors
+    attention, (query, key, value) = walk.attention(softmax)
+    if query.node == key.node == value.node:
+        projections = (query,)
+    elif len({query.node, key.node, value.node}) == 3:
+        projections = (query, key, value)
+    else:
+        walk.fail("query, key and value come from two different projections")
+    layer_input = {float_source(t[p.input]).name for p in projections}
+    if len(layer_input) != 1:
+        walk.fail("query, key and value projections read different tensors")
+    attn_out = walk.linear_reading(t[attention.context])
+    attn_res = walk.residual(t, attn_out.output, "attention output projection")
+    if float_source(t[attn_res.skip]).name not in layer_input:
+        walk.fail("attention residual does not add the layer input (not a post-LayerNorm BERT layer)")
+    attn_norm = match_layer_norm(t[attn_res.output])
+    if attn_norm is None:
+        walk.fail(f"attention residual Add '{attn_res.add}' is not followed by a LayerNorm")
+    ffn1 = walk.linear_reading(t[attn_norm.output])
+    ffn2 = _find_ffn2(t, ffn1, walk)
+    activation = match_activation(t[ffn1.output], t[ffn2.input])
+    if activation is None:
+        walk.fail(f"no GELU between FFN1 '{ffn1.node}' and FFN2 '{ffn2.node}'")
+    ffn_res = walk.residual(t, ffn2.output, "FFN2")
+    if float_source(t[ffn_res.skip]) is not float_source(t[attn_norm.output]):
+        walk.fail("FFN residual does not add the attention LayerNorm output")
+    ffn_norm = match_layer_norm(t[ffn_res.output])
+    if ffn_norm is None:
+        walk.fail(f"FFN residual Add '{ffn_res.add}' is not followed by a LayerNorm")
+    return EncoderLayer(0, layer_input.pop(), projections, attention, attn_out, attn_res, attn_norm,
+                        ffn1, activation, ffn2, ffn_res, ffn_norm)
+
+
+def _find_ffn2(tensors: dict[str, gs.Tensor], ffn1: Linear, walk: Walk) -> Linear:
+    frontier, seen = [tensors[ffn1.output]], set()
+    while frontier:
+        tensor = frontier.pop(0)
+        for node, index in uses(tensor):
+            walk.touch(node)
+            if index == 0 and node.op in GEMM_OPS and linear_at(node) is not None:
+                return linear_at(node)
+            if node.op in POINTWISE_OPS and node.name not in seen and len(seen) < 16:
+                seen.add(node.name)
+                frontier.append(node.outputs[0])
+    walk.fail(f"FFN1 '{ffn1.node}' output does not reach a second linear layer through pointwise ops")
+
+
+def match_encoder(graph: gs.Graph) -> EncoderMatch:
+    tensors = graph.tensors()
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    layers, rejections = [], []
+    for softmax in (n for n in graph.nodes if n.op == "Softmax"):
+        walk = Walk(softmax)
+        try:
+            layers.append(_match_layer(tensors, softmax, walk))
+        except NoMatch as exc:
+            rejections.append(Rejection(softmax.name, str(exc), tuple(walk.gemms)))
+    layers.sort(key=lambda layer: order[layer.attention.bmm1])
+    layers = [_renumber(layer, i) for i, layer in enumerate(layers)]
+    claimed = set()
+    for layer in layers:
+        claimed |= {lin.node for lin in layer.linears().values()}
+        claimed |= {layer.attention.bmm1, layer.attention.bmm2}
+    unmatched = {}
+    for node in graph.nodes:
+        if node.op not in GEMM_OPS and node.op != "Conv" or node.name in claimed:
+            continue
+        why = next((f"attention block at Softmax '{r.anchor}' rejected: {r.reason}"
+                    for r in rejections if node.name in r.gemms), None)
+        if why is None:
+            why = ("linear layer outside every matched encoder layer (e.g. embeddings projection, pooler or head)"
+                   if linear_at(node) is not None else
+                   f"{node.op} with no constant 2-D weight and no Softmax next to it: not an attention matmul")
+        unmatched[node.name] = why
+    return EncoderMatch(tuple(layers), tuple(rejections), unmatched)
+
+
+def _renumber(layer: EncoderLayer, index: int) -> EncoderLayer:
+    return replace(layer, index=index)

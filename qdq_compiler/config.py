@@ -1,0 +1,60 @@
+"""Frozen, validated settings and the FasterTransformer site/mode table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Mode(str, Enum):
+    FT1 = "ft1"
+    FT2 = "ft2"
+    FT3 = "ft3"
+    TRT = "trt"
+    GENERIC = "generic"
+
+
+class SiteKind(str, Enum):
+    """Where a quantizer sits, in FasterTransformer's terms (REFERENCE.md §1.1)."""
+
+    GEMM_INPUT = "gemm_input"          # LinearActivation._input_quantizer
+    GEMM_WEIGHT = "gemm_weight"        # _weight_quantizer
+    GEMM_OUTPUT = "gemm_output"        # _aftergemm_quantizer (before the bias)
+    BMM_INPUT = "bmm_input"            # matmul_q/k/v/a_input_quantizer
+    QK_OUTPUT = "qk_output"            # softmax_input_quantizer (QK^T before scale and mask)
+    RESIDUAL_SKIP = "residual_skip"    # add_residual_input_quantizer
+    RESIDUAL_LOCAL = "residual_local"  # add_local_input_quantizer
+    FINAL_OUTPUT = "final_output"      # final_input_quantizer
+
+
+_COMMON = frozenset({SiteKind.GEMM_INPUT, SiteKind.GEMM_WEIGHT, SiteKind.BMM_INPUT})
+_FT2 = _COMMON | {SiteKind.GEMM_OUTPUT, SiteKind.RESIDUAL_SKIP}
+
+MODE_SITES: dict[Mode, frozenset[SiteKind]] = {
+    Mode.FT1: _COMMON,
+    Mode.FT2: _FT2,
+    Mode.FT3: _FT2 | {SiteKind.QK_OUTPUT},
+    Mode.TRT: _COMMON | {SiteKind.RESIDUAL_SKIP, SiteKind.RESIDUAL_LOCAL, SiteKind.FINAL_OUTPUT},
+    Mode.GENERIC: frozenset({SiteKind.GEMM_INPUT, SiteKind.GEMM_WEIGHT}),
+}
+
+
+@dataclass(frozen=True)
+class InsertConfig:
+    mode: Mode = Mode.FT1
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", Mode(self.mode))
+
+    @property
+    def sites(self) -> frozenset[SiteKind]:
+        return MODE_SITES[self.mode]
+
+    @property
+    def per_channel_weights(self) -> bool:
+        """ft1 quantizes weights per output channel; ft2/ft3/trt per tensor."""
+        return self.mode in (Mode.FT1, Mode.GENERIC)
+
+    @property
+    def fuse_qkv(self) -> bool:
+        """FT's fuse_qkv: Q, K and V share one amax (one QKV GEMM in the kernels)."""
+        return self.mode in (Mode.FT2, Mode.FT3, Mode.TRT)

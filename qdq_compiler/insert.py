@@ -1,0 +1,107 @@
+"""`insert`: the library entry point behind `qdqc insert`."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .bert import EncoderMatch
+from .config import InsertConfig
+from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
+from .placement import QuantPlan
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    match: EncoderMatch
+    plan: QuantPlan
+    records: tuple[PassRecord, ...]
+    created: dict[str, list[str]]
+    input_qdq: dict[str, int]
+
+
+def count_qdq(graph: gs.Graph) -> dict[str, int]:
+    counts = Counter(n.op for n in graph.nodes if n.op in ir.QDQ_OPS)
+    return {op: counts.get(op, 0) for op in sorted(ir.QDQ_OPS)}
+
+
+def insert(graph: gs.Graph, config: InsertConfig, *, verify: bool = False) -> InsertResult:
+    """Canonicalize, match, place and insert Q/DQ in `graph` (in place)."""
+    before = count_qdq(graph)
+    ctx = PassContext(config)
+    records = run_pipeline(graph, PIPELINES["insert"], ctx, verify=verify)
+    return InsertResult(ctx.analyses["encoder"], ctx.analyses["plan"], tuple(records),
+                        ctx.analyses.get("created", {}), before)
+
+
+def report(result: InsertResult, config: InsertConfig) -> dict:
+    """The JSON report: per layer, each site with its tensor and quantizer; every unmatched GEMM."""
+    by_site = result.plan.by_site()
+    quantizer_ids = {q.tensor: i for i, q in enumerate(result.plan.quantizers)}
+
+    def site_entry(site: str) -> dict:
+        q = by_site[site]
+        return {"tensor": q.tensor, "kind": q.kind.value,
+                "granularity": "per-channel" if q.axis is not None else "per-tensor", "axis": q.axis,
+                "quantizer": f"{q.tensor}::q", "quantizer_id": quantizer_ids[q.tensor],
+                "shared_with": [s for s in q.sites if s != site], "scale_group": q.scale_group}
+
+    layers = []
+    for layer in result.match.layers:
+        prefix = f"layer{layer.index}."
+        sites = {site[len(prefix):]: site_entry(site) for site in by_site if site.startswith(prefix)}
+        attn = layer.attention
+        layers.append({
+            "index": layer.index, "input": layer.input, "output": layer.output,
+            "fused_qkv": layer.fused_qkv,
+            "linears": {role: {"node": lin.node, "op": lin.op, "weight": lin.weight, "bias_add": lin.bias_add}
+                        for role, lin in layer.linears().items()},
+            "attention": {"bmm1": attn.bmm1, "bmm2": attn.bmm2, "softmax": attn.softmax,
+                          "scale": list(attn.scale), "scale_position": attn.scale_position, "mask": attn.mask},
+            "layer_norm": [layer.attention_norm.kind, layer.ffn_norm.kind],
+            "activation": layer.activation.kind,
+            "sites": sites,
+        })
+    other = {site: site_entry(site) for site in by_site if not site.startswith("layer")}
+    return {
+        "mode": config.mode.value,
+        "fallback_generic": result.plan.fallback,
+        "layers": layers,
+        "other_sites": other,
+        "quantizers": [q.to_json() for q in result.plan.quantizers],
+        "unmatched_gemms": [{"node": n, "reason": why} for n, why in result.match.unmatched_gemms.items()],
+        "rejected_attention_blocks": [vars(r) | {"gemms": list(r.gemms)} for r in result.match.rejections],
+        "input_quantization": {"qdq_nodes": result.input_qdq,
+                               "sites_already_quantized": [vars(e) for e in result.plan.existing]},
+        "skipped_sites": [{"site": s, "reason": why} for s, why in result.plan.skipped],
+        "created_nodes": {node: {"pass": "insert-qdq", "sites": sites} for node, sites in result.created.items()},
+        "passes": [r.to_json() for r in result.records],
+    }
+
+
+def summary(result: InsertResult, config: InsertConfig) -> str:
+    """A few human lines: layers matched, quantizers per kind, what was found or left out."""
+    plan, match = result.plan, result.match
+    lines = []
+    if plan.fallback:
+        lines.append(f"warning: no BERT encoder layer matched; mode '{config.mode.value}' fell back to 'generic'")
+    elif match.layers:
+        first = match.layers[0]
+        lines.append(f"matched {len(match.layers)} encoder layers ({'fused' if first.fused_qkv else 'separate'} QKV, "
+                     f"scale {first.attention.scale_position}, mask {'yes' if first.attention.mask else 'none'}, "
+                     f"LayerNorm {first.attention_norm.kind}, {first.activation.kind})")
+    kinds = Counter(site.rsplit(".", 1)[-1] if site.count(".") > 1 else site.split(".")[-1]
+                    for q in plan.quantizers for site in q.sites)
+    weights = sum(q.kind.value == "weight" for q in plan.quantizers)
+    lines.append(f"mode {config.mode.value}: {len(plan.quantizers)} quantizers "
+                 f"({weights} weights, {len(plan.quantizers) - weights} activations) over "
+                 f"{sum(len(q.sites) for q in plan.quantizers)} sites: "
+                 + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+    if any(result.input_qdq.values()):
+        lines.append(f"input already had {result.input_qdq['QuantizeLinear']} Q / "
+                     f"{result.input_qdq['DequantizeLinear']} DQ nodes; {len(plan.existing)} sites kept as found")
+    if match.unmatched_gemms:
+        lines.append(f"{len(match.unmatched_gemms)} GEMMs outside matched layers (--explain says why)")
+    return "\n".join(lines)

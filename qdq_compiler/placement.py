@@ -1,0 +1,197 @@
+"""Decide which tensors get quantized, for whom, and which share a scale.
+
+Placement is pure: it reads the graph and the matched layers and returns a
+`QuantPlan`; `passes/insert_qdq.py` applies it. One tensor read by several
+quantized consumers gets one quantizer (one scale) whatever the number of sites.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from enum import Enum
+
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .bert import EncoderLayer, EncoderMatch, weight_of
+from .config import InsertConfig, Mode, SiteKind
+
+GRAPH_OUTPUT = "<graph output>"
+
+
+class TensorKind(str, Enum):
+    ACTIVATION = "activation"
+    WEIGHT = "weight"
+
+
+@dataclass(frozen=True)
+class Use:
+    node: str    # GRAPH_OUTPUT for a graph output
+    tensor: str  # the tensor this use reads now (resolved to input indices at insertion)
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    tensor: str
+    kind: TensorKind
+    axis: int | None              # per-channel axis; None = per-tensor
+    uses: tuple[Use, ...]
+    sites: tuple[str, ...]
+    scale_group: str | None = None  # quantizers that must end with one common scale
+
+    def to_json(self) -> dict:
+        return {"tensor": self.tensor, "kind": self.kind.value,
+                "granularity": "per-channel" if self.axis is not None else "per-tensor",
+                "axis": self.axis, "sites": list(self.sites), "scale_group": self.scale_group,
+                "consumers": [u.node for u in self.uses]}
+
+
+@dataclass(frozen=True)
+class ExistingQuantizer:
+    site: str
+    tensor: str
+    note: str
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    mode: Mode
+    quantizers: tuple[Quantizer, ...]
+    existing: tuple[ExistingQuantizer, ...]
+    skipped: tuple[tuple[str, str], ...]   # (site, reason)
+    fallback: bool                         # no layer matched: generic placement used
+
+    def by_site(self) -> dict[str, Quantizer]:
+        return {site: q for q in self.quantizers for site in q.sites}
+
+
+@dataclass(frozen=True)
+class _Request:
+    site: str
+    tensor: str
+    use: Use
+    kind: TensorKind
+    axis: int | None = None
+    group: str | None = None
+
+
+def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) -> QuantPlan:
+    fallback = not match.layers and config.mode is not Mode.GENERIC
+    requests: list[_Request] = []
+    skipped: list[tuple[str, str]] = []
+    if config.mode is Mode.GENERIC or fallback:
+        requests = _generic_requests(graph, config)
+    else:
+        for layer in match.layers:
+            _layer_requests(layer, config, requests, skipped)
+        if SiteKind.FINAL_OUTPUT in config.sites:
+            _final_requests(graph, match.layers[-1], requests)
+    return _merge(graph, requests, skipped, config.mode, fallback)
+
+
+def _layer_requests(layer: EncoderLayer, config: InsertConfig, out: list[_Request],
+                    skipped: list[tuple[str, str]]) -> None:
+    sites, prefix = config.sites, f"layer{layer.index}"
+    qkv_roles = {"query", "key", "value"}
+    for role, linear in layer.linears().items():
+        shared = f"{prefix}.qkv" if config.fuse_qkv and role in qkv_roles else None
+        if SiteKind.GEMM_INPUT in sites:
+            out.append(_Request(f"{prefix}.{role}.input", linear.input, Use(linear.node, linear.input),
+                                TensorKind.ACTIVATION))
+        if SiteKind.GEMM_WEIGHT in sites:
+            axis = linear.weight_axis if config.per_channel_weights else None
+            user = Use(linear.weight_user[0], linear.weight)
+            out.append(_Request(f"{prefix}.{role}.weight", linear.weight, user, TensorKind.WEIGHT, axis,
+                                shared and shared + ".weight"))
+        if SiteKind.GEMM_OUTPUT in sites:
+            site = f"{prefix}.{role}.gemm_output"
+            if linear.bias_add is None:
+                skipped.append((site, f"{linear.op} '{linear.node}' has no separate bias Add to quantize before"))
+            else:
+                out.append(_Request(site, linear.gemm_output, Use(linear.bias_add, linear.gemm_output),
+                                    TensorKind.ACTIVATION, group=shared and shared + ".gemm_output"))
+    attn = layer.attention
+    if SiteKind.BMM_INPUT in sites:
+        qkv = f"{prefix}.qkv.bmm_input" if config.fuse_qkv else None
+        for name, tensor, node, group in (("bmm1.query", attn.query, attn.bmm1, qkv),
+                                          ("bmm1.key", attn.key, attn.bmm1, qkv),
+                                          ("bmm2.probs", attn.probs, attn.bmm2, None),
+                                          ("bmm2.value", attn.value, attn.bmm2, qkv)):
+            out.append(_Request(f"{prefix}.{name}", tensor, Use(node, tensor), TensorKind.ACTIVATION, group=group))
+    if SiteKind.QK_OUTPUT in sites:
+        # the readers are resolved from the graph in _merge (scale Mul, mask Add or Softmax)
+        out.append(_Request(f"{prefix}.qk_output", attn.scores, Use("*", attn.scores), TensorKind.ACTIVATION))
+    for name, residual in (("attention_residual", layer.attention_residual), ("ffn_residual", layer.ffn_residual)):
+        if SiteKind.RESIDUAL_SKIP in sites:
+            out.append(_Request(f"{prefix}.{name}.skip", residual.skip, Use(residual.add, residual.skip),
+                                TensorKind.ACTIVATION))
+        if SiteKind.RESIDUAL_LOCAL in sites:
+            out.append(_Request(f"{prefix}.{name}.local", residual.local, Use(residual.add, residual.local),
+                                TensorKind.ACTIVATION))
+
+
+def _final_requests(graph: gs.Graph, last: EncoderLayer, out: list[_Request]) -> None:
+    out.append(_Request("final_output", last.output, Use("*", last.output), TensorKind.ACTIVATION))
+    if any(t.name == last.output for t in graph.outputs):
+        out.append(_Request("final_output", last.output, Use(GRAPH_OUTPUT, last.output), TensorKind.ACTIVATION))
+
+
+def _generic_requests(graph: gs.Graph, config: InsertConfig) -> list[_Request]:
+    """Every MatMul/Gemm/Conv input: activations per tensor, constant weights per channel."""
+    requests = []
+    for node in graph.nodes:
+        if node.op not in ("MatMul", "Gemm", "Conv"):
+            continue
+        for index, tensor in enumerate(node.inputs[:2]):
+            site = f"{node.name}.input{index}"
+            found = weight_of(node, index) if index == 1 and node.op != "Conv" else None
+            if found is not None:
+                const, transposed, user, _ = found
+                axis = _generic_axis(node, transposed) if config.per_channel_weights else None
+                requests.append(_Request(site, const.name, Use(user[0], const.name), TensorKind.WEIGHT, axis))
+            elif ir.is_constant(tensor):
+                axis = 0 if node.op == "Conv" and config.per_channel_weights else None
+                requests.append(_Request(site, tensor.name, Use(node.name, tensor.name), TensorKind.WEIGHT, axis))
+            else:
+                requests.append(_Request(site, tensor.name, Use(node.name, tensor.name), TensorKind.ACTIVATION))
+    return requests
+
+
+def _generic_axis(node: gs.Node, transposed: bool) -> int:
+    axis = (0 if node.attrs.get("transB", 0) else 1) if node.op == "Gemm" else 1
+    return 1 - axis if transposed else axis
+
+
+def _merge(graph: gs.Graph, requests: list[_Request], skipped: list[tuple[str, str]], mode: Mode,
+           fallback: bool) -> QuantPlan:
+    tensors = graph.tensors()
+    nodes = {n.name: n for n in graph.nodes}
+    merged: OrderedDict[str, dict] = OrderedDict()
+    existing: list[ExistingQuantizer] = []
+    for request in requests:
+        tensor = tensors[request.tensor]
+        source = ir.producer(tensor)
+        if source is not None and source.op == "DequantizeLinear":
+            existing.append(ExistingQuantizer(request.site, request.tensor, "already dequantized in the input model"))
+            continue
+        reader = nodes.get(request.use.node)
+        if reader is not None and request.tensor not in {t.name for t in reader.inputs}:
+            existing.append(ExistingQuantizer(request.site, request.tensor,
+                                              f"'{reader.name}' already reads it through a DequantizeLinear"))
+            continue
+        entry = merged.setdefault(request.tensor, {"kind": request.kind, "axis": request.axis, "uses": [],
+                                                   "sites": [], "group": request.group})
+        if entry["axis"] != request.axis or entry["kind"] != request.kind:
+            skipped.append((request.site, f"'{request.tensor}' is already quantized with another granularity"))
+            continue
+        uses = ([Use(n.name, request.tensor) for n in tensor.outputs if n.op != "Shape"]
+                if request.use.node == "*" else [request.use])
+        for use in uses:
+            if use not in entry["uses"]:
+                entry["uses"].append(use)
+        if request.site not in entry["sites"]:
+            entry["sites"].append(request.site)
+        entry["group"] = entry["group"] or request.group
+    quantizers = tuple(Quantizer(name, e["kind"], e["axis"], tuple(e["uses"]), tuple(e["sites"]), e["group"])
+                       for name, e in merged.items())
+    return QuantPlan(mode, quantizers, tuple(existing), tuple(skipped), fallback)

