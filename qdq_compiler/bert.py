@@ -18,6 +18,7 @@ MOVE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
 POINTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Gelu", "Relu",
                            "Sqrt", "Cast", "QuantizeLinear", "DequantizeLinear", "FastGelu", "BiasGelu"})
 GEMM_OPS = frozenset({"MatMul", "Gemm"})
+RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 # ---------------------------------------------------------------- records
@@ -140,6 +141,16 @@ def float_source(tensor: gs.Tensor) -> gs.Tensor:
         if q is None or q.op != "QuantizeLinear":
             return tensor
         tensor = q.inputs[0]
+
+
+def origin(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor behind Q/DQ pairs and reshapes (Gemm exports flatten tokens around each GEMM)."""
+    while True:
+        tensor = float_source(tensor)
+        node = ir.producer(tensor)
+        if node is None or node.op not in RESHAPE_OPS:
+            return tensor
+        tensor = node.inputs[0]
 
 
 def uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
@@ -339,11 +350,11 @@ class Walk:
         return linear_at(node)
 
     def residual(self, tensors: dict[str, gs.Tensor], local: str, what: str) -> Residual:
-        readers = [(n, i) for n, i in uses(tensors[local]) if n.op == "Add"
-                   and not any(ir.is_constant(t) for t in n.inputs)]
-        if len(readers) != 1:
-            self.fail(f"{what} output does not feed exactly one residual Add")
-        add, index = readers[0]
+        try:
+            add, index = self.down_to(tensors[local], lambda n, i: n.op == "Add" and not any(
+                ir.is_constant(t) for t in n.inputs))
+        except NoMatch:
+            self.fail(f"{what} output does not feed a residual Add")
         return Residual(add.name, add.inputs[1 - index].name, add.inputs[index].name, add.outputs[0].name)
 
 
@@ -391,16 +402,28 @@ def match_activation(start: gs.Tensor, end: gs.Tensor) -> Activation | None:
     while frontier:
         tensor = frontier.pop()
         for node, _ in uses(tensor):
-            if node.op not in POINTWISE_OPS or node.name in {n.name for n in region}:
+            if node.op not in POINTWISE_OPS | RESHAPE_OPS or node.name in {n.name for n in region}:
                 continue
             region.append(node)
             out = node.outputs[0]
             if out is not target and out.name not in seen and len(region) < 16:
                 seen.add(out.name)
                 frontier.append(out)
-    ops = {n.op for n in region}
     if target.name not in {n.outputs[0].name for n in region}:
         return None
+    # reshapes at either end only move data between the GEMMs and the activation
+    by_output = {n.outputs[0].name: n for n in region}
+    while by_output.get(target.name) is not None and by_output[target.name].op in RESHAPE_OPS:
+        node = by_output.pop(target.name)
+        region.remove(node)
+        target = float_source(node.inputs[0])
+    while True:
+        lead = next((n for n, _ in uses(start) if n in region and n.op in RESHAPE_OPS), None)
+        if lead is None:
+            break
+        region.remove(lead)
+        start = lead.outputs[0]
+    ops = {n.op for n in region}
     kind = ("gelu-op" if ops & {"Gelu", "FastGelu", "BiasGelu"} else "gelu-erf" if "Erf" in ops
             else "gelu-tanh" if "Tanh" in ops else "sigmoid" if "Sigmoid" in ops
             else "relu" if "Relu" in ops else None)
@@ -420,12 +443,12 @@ def _match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Wa
         projections = (query, key, value)
     else:
         walk.fail("query, key and value come from two different projections")
-    layer_input = {float_source(t[p.input]).name for p in projections}
+    layer_input = {origin(t[p.input]).name for p in projections}
     if len(layer_input) != 1:
         walk.fail("query, key and value projections read different tensors")
     attn_out = walk.linear_reading(t[attention.context])
     attn_res = walk.residual(t, attn_out.output, "attention output projection")
-    if float_source(t[attn_res.skip]).name not in layer_input:
+    if origin(t[attn_res.skip]).name not in layer_input:
         walk.fail("attention residual does not add the layer input (not a post-LayerNorm BERT layer)")
     attn_norm = match_layer_norm(t[attn_res.output])
     if attn_norm is None:
@@ -436,7 +459,7 @@ def _match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Wa
     if activation is None:
         walk.fail(f"no GELU between FFN1 '{ffn1.node}' and FFN2 '{ffn2.node}'")
     ffn_res = walk.residual(t, ffn2.output, "FFN2")
-    if float_source(t[ffn_res.skip]) is not float_source(t[attn_norm.output]):
+    if origin(t[ffn_res.skip]) is not origin(t[attn_norm.output]):
         walk.fail("FFN residual does not add the attention LayerNorm output")
     ffn_norm = match_layer_norm(t[ffn_res.output])
     if ffn_norm is None:
@@ -453,7 +476,7 @@ def _find_ffn2(tensors: dict[str, gs.Tensor], ffn1: Linear, walk: Walk) -> Linea
             walk.touch(node)
             if index == 0 and node.op in GEMM_OPS and linear_at(node) is not None:
                 return linear_at(node)
-            if node.op in POINTWISE_OPS and node.name not in seen and len(seen) < 16:
+            if (node.op in POINTWISE_OPS or node.op in RESHAPE_OPS) and node.name not in seen and len(seen) < 16:
                 seen.add(node.name)
                 frontier.append(node.outputs[0])
     walk.fail(f"FFN1 '{ffn1.node}' output does not reach a second linear layer through pointwise ops")

@@ -58,7 +58,7 @@ _REGISTRY: dict[str, PassFn] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
-    "insert": ("canonicalize", "match-bert", "place-quantizers", "insert-qdq"),
+    "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
 }
 
 

@@ -13,7 +13,7 @@ from enum import Enum
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .bert import EncoderLayer, EncoderMatch, weight_of
+from .bert import RESHAPE_OPS, EncoderLayer, EncoderMatch, weight_of
 from .config import InsertConfig, Mode, SiteKind
 
 GRAPH_OUTPUT = "<graph output>"
@@ -82,22 +82,34 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
     if config.mode is Mode.GENERIC or fallback:
         requests = _generic_requests(graph, config)
     else:
+        tensors = graph.tensors()
         for layer in match.layers:
-            _layer_requests(layer, config, requests, skipped)
+            _layer_requests(layer, config, tensors, requests, skipped)
         if SiteKind.FINAL_OUTPUT in config.sites:
             _final_requests(graph, match.layers[-1], requests)
     return _merge(graph, requests, skipped, config.mode, fallback)
 
 
-def _layer_requests(layer: EncoderLayer, config: InsertConfig, out: list[_Request],
-                    skipped: list[tuple[str, str]]) -> None:
+def gemm_input_site(tensors: dict[str, gs.Tensor], node: str, tensor: str) -> Use:
+    """Where a GEMM input is quantized: before the reshapes that only flatten it for this GEMM,
+    so Q, K and V Gemms behind their own Reshapes still share the one LayerNorm-output quantizer."""
+    use = Use(node, tensor)
+    while True:
+        reshape = ir.producer(tensors[use.tensor])
+        if reshape is None or reshape.op not in RESHAPE_OPS or len(reshape.outputs[0].outputs) != 1:
+            return use
+        use = Use(reshape.name, reshape.inputs[0].name)
+
+
+def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str, gs.Tensor],
+                    out: list[_Request], skipped: list[tuple[str, str]]) -> None:
     sites, prefix = config.sites, f"layer{layer.index}"
     qkv_roles = {"query", "key", "value"}
     for role, linear in layer.linears().items():
         shared = f"{prefix}.qkv" if config.fuse_qkv and role in qkv_roles else None
         if SiteKind.GEMM_INPUT in sites:
-            out.append(_Request(f"{prefix}.{role}.input", linear.input, Use(linear.node, linear.input),
-                                TensorKind.ACTIVATION))
+            use = gemm_input_site(tensors, linear.node, linear.input)
+            out.append(_Request(f"{prefix}.{role}.input", use.tensor, use, TensorKind.ACTIVATION))
         if SiteKind.GEMM_WEIGHT in sites:
             axis = linear.weight_axis if config.per_channel_weights else None
             user = Use(linear.weight_user[0], linear.weight)
