@@ -15,7 +15,9 @@ def remove_identities(graph: gs.Graph) -> int:
             continue
         source, target = node.inputs[0], node.outputs[0]
         for reader in list(target.outputs):
-            reader.inputs[:] = [source if t is target else t for t in reader.inputs]
+            for index, value in enumerate(reader.inputs):
+                if value is target:
+                    reader.inputs[index] = source
         node.outputs.clear()
         removed += 1
     return removed

@@ -246,6 +246,14 @@ def linear_producing(tensor: gs.Tensor) -> Linear | None:
     return linear if linear is not None and linear.output == float_source(tensor).name else None
 
 
+def is_nan_guard(node: gs.Node, index: int) -> bool:
+    """Where(IsNaN(x), 0, x): torch's SDPA export guards the softmax output this way."""
+    if node.op != "Where" or index != 2:
+        return False
+    test = ir.producer(node.inputs[0])
+    return test is not None and test.op == "IsNaN" and ir.is_constant(node.inputs[1])
+
+
 def is_bmm(node: gs.Node | None) -> bool:
     return node is not None and node.op == "MatMul" and not any(ir.is_constant(t) for t in node.inputs)
 
@@ -306,7 +314,7 @@ class Walk:
                 self.touch(node)
                 if accept(node, index):
                     return node, index
-            movers = [n for n, i in readers if n.op in MOVE_OPS and i == 0]
+            movers = [n for n, i in readers if n.op in MOVE_OPS and i == 0 or is_nan_guard(n, i)]
             if len(movers) != 1:
                 break
             tensor = movers[0].outputs[0]

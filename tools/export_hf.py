@@ -37,7 +37,7 @@ def build_model(family: str, attn: str = "eager"):
     configs = {
         "bert": lambda: tf.BertConfig(**small),
         "roberta": lambda: tf.RobertaConfig(**small, type_vocab_size=1, pad_token_id=1),
-        "electra": lambda: tf.ElectraConfig(embedding_size=64, **small),
+        "electra": lambda: tf.ElectraConfig(embedding_size=32, **small),
         "mpnet": lambda: tf.MPNetConfig(**small),
         "distilbert": lambda: tf.DistilBertConfig(dim=64, n_heads=4, hidden_dim=128, n_layers=2,
                                                   vocab_size=512, max_position_embeddings=160),
