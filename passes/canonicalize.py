@@ -8,12 +8,20 @@ from qdq_compiler.pipeline import PassContext, PassResult, register
 
 
 def remove_identities(graph: gs.Graph) -> int:
-    outputs = {t.name for t in graph.outputs}
+    """Bypass Identity nodes; one that names a graph output hands its name to its input."""
     removed = 0
     for node in list(graph.nodes):
-        if node.op != "Identity" or node.outputs[0].name in outputs:
+        if node.op != "Identity":
             continue
         source, target = node.inputs[0], node.outputs[0]
+        if target in graph.outputs:
+            if isinstance(source, gs.Constant) or source in graph.inputs or source in graph.outputs:
+                continue
+            node.outputs.clear()
+            source.name = target.name
+            source.dtype = target.dtype if target.dtype is not None else source.dtype
+            source.shape = target.shape if target.shape is not None else source.shape
+            graph.outputs = [source if t is target else t for t in graph.outputs]
         for reader in list(target.outputs):
             for index, value in enumerate(reader.inputs):
                 if value is target:

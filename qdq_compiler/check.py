@@ -65,7 +65,7 @@ def _check_qdq(node: gs.Node) -> list[Violation]:
             dim = weight.shape[(axis if axis is not None else 1) % weight.ndim]
             if scale.size != dim:
                 bad("per-channel-length", f"{scale.size} scales for axis {axis} of length {dim}")
-    elif axis is not None and scale.ndim > 0:
+    elif axis is not None:
         bad("axis-on-per-tensor", "per-tensor scale with an axis attribute (TensorRT rejects it)")
     if node.op == "QuantizeLinear" and not ir.is_constant(node.inputs[0]):
         readers = sorted({user.op for user in node.outputs[0].outputs})

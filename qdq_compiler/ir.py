@@ -20,6 +20,7 @@ from .errors import ModelError, QdqcError, UsageError
 
 MIN_OPSET = 13
 PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)  # weights past this go to <model>.data
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
@@ -78,7 +79,7 @@ def save(graph: gs.Graph, path: str | os.PathLike, *, source: str | os.PathLike 
     if not parent.is_dir():
         raise QdqcError(f"{path}: cannot write output (directory {parent} does not exist)")
     model = to_model(graph)
-    external = constant_bytes(graph) > PROTOBUF_LIMIT - (64 << 20)
+    external = constant_bytes(graph) > EXTERNAL_DATA_THRESHOLD
     try:
         staging = Path(tempfile.mkdtemp(prefix=".qdqc-", dir=parent))
     except OSError as exc:
