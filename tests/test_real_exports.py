@@ -1,0 +1,85 @@
+"""Real torch.onnx exports: MiniLM with its real weights, and other BERT-family shapes."""
+from collections import Counter
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from qdq_compiler import ir  # noqa: E402
+from qdq_compiler.check import check_graph  # noqa: E402
+from qdq_compiler.config import InsertConfig  # noqa: E402
+from qdq_compiler.hf_export import export  # noqa: E402
+from qdq_compiler.insert import insert  # noqa: E402
+
+from conftest import run_model  # noqa: E402
+
+MINILM = [("torchscript", 13, "eager"), ("torchscript", 17, "eager"), ("dynamo", 18, "eager"),
+          ("torchscript", 14, "sdpa"), ("dynamo", 18, "sdpa")]
+FAMILIES = [(family, exporter, opset)
+            for family in ("bert", "distilbert", "roberta", "electra", "mpnet")
+            for exporter, opset in (("torchscript", 17), ("dynamo", 18))]
+# per layer, separate QKV (see test_insert.PER_LAYER)
+PER_LAYER = {"ft1": 14, "ft2": 20, "ft3": 21, "trt": 16}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exports")
+    cache = {}
+
+    def get(family, exporter, opset, attn="eager"):
+        key = (family, exporter, opset, attn)
+        if key not in cache:
+            cache[key] = export(family, folder / f"{family}-{exporter}-{opset}-{attn}.onnx",
+                                exporter=exporter, opset=opset, attn=attn)
+        return cache[key]
+
+    return get
+
+
+def feeds_for(graph, seq=12):
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for tensor in graph.inputs:
+        if tensor.name == "input_ids":
+            feeds[tensor.name] = rng.integers(5, 500, (2, seq), dtype=np.int64)
+        elif tensor.name == "attention_mask":
+            feeds[tensor.name] = np.ones((2, seq), np.int64)
+            feeds[tensor.name][1, seq // 2:] = 0
+        else:
+            feeds[tensor.name] = np.zeros((2, seq), np.int64)
+    return feeds
+
+
+@pytest.mark.parametrize("exporter,opset,attn", MINILM)
+def test_minilm_exports_match_every_layer_in_every_mode(exports, exporter, opset, attn):
+    path = exports("minilm", exporter, opset, attn)
+    feeds = feeds_for(ir.load(path))
+    for mode, per_layer in PER_LAYER.items():
+        graph = ir.load(path)
+        result = insert(graph, InsertConfig(mode), verify=True)
+        assert len(result.match.layers) == 6 and result.match.rejections == ()
+        assert result.match.unmatched_gemms == {}
+        assert len(result.plan.quantizers) == per_layer * 6 + (mode == "trt")
+        assert check_graph(graph) == []
+        (out,) = run_model(graph, feeds)
+        assert out.shape == (2, 12, 384) and np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family,exporter,opset", FAMILIES)
+def test_bert_family_exports_match(exports, family, exporter, opset):
+    graph = ir.load(exports(family, exporter, opset))
+    result = insert(graph, InsertConfig("ft1"), verify=True)
+    assert len(result.match.layers) == 2 and result.match.rejections == ()
+    assert len(result.plan.quantizers) == 2 * PER_LAYER["ft1"]
+    scale_positions = Counter(layer.attention.scale_position for layer in result.match.layers)
+    assert len(scale_positions) == 1
+    if family == "electra":  # its embeddings projection is a linear layer outside the encoder layers
+        assert len(result.match.unmatched_gemms) == 1
+    else:
+        assert result.match.unmatched_gemms == {}
+    assert check_graph(graph) == []
+    (out,) = run_model(graph, feeds_for(graph))
+    assert np.isfinite(out).all()
