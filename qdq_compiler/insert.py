@@ -81,6 +81,16 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
     }
 
 
+_CATEGORIES = {"input": "GEMM inputs", "weight": "weights", "gemm_output": "GEMM outputs",
+               "query": "BMM inputs", "key": "BMM inputs", "value": "BMM inputs", "probs": "BMM inputs",
+               "qk_output": "QK^T outputs", "skip": "residual skips", "local": "residual locals",
+               "final_output": "final output", "input0": "GEMM inputs", "input1": "GEMM inputs"}
+
+
+def site_category(site: str) -> str:
+    return _CATEGORIES.get(site.rsplit(".", 1)[-1], "other")
+
+
 def summary(result: InsertResult, config: InsertConfig) -> str:
     """A few human lines: layers matched, quantizers per kind, what was found or left out."""
     plan, match = result.plan, result.match
@@ -92,13 +102,11 @@ def summary(result: InsertResult, config: InsertConfig) -> str:
         lines.append(f"matched {len(match.layers)} encoder layers ({'fused' if first.fused_qkv else 'separate'} QKV, "
                      f"scale {first.attention.scale_position}, mask {'yes' if first.attention.mask else 'none'}, "
                      f"LayerNorm {first.attention_norm.kind}, {first.activation.kind})")
-    kinds = Counter(site.rsplit(".", 1)[-1] if site.count(".") > 1 else site.split(".")[-1]
-                    for q in plan.quantizers for site in q.sites)
+    kinds = Counter(site_category(site) for q in plan.quantizers for site in q.sites)
     weights = sum(q.kind.value == "weight" for q in plan.quantizers)
     lines.append(f"mode {config.mode.value}: {len(plan.quantizers)} quantizers "
                  f"({weights} weights, {len(plan.quantizers) - weights} activations) over "
-                 f"{sum(len(q.sites) for q in plan.quantizers)} sites: "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+                 f"{sum(kinds.values())} sites: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
     if any(result.input_qdq.values()):
         lines.append(f"input already had {result.input_qdq['QuantizeLinear']} Q / "
                      f"{result.input_qdq['DequantizeLinear']} DQ nodes; {len(plan.existing)} sites kept as found")
