@@ -40,11 +40,9 @@ def weight_scales(quantizers: tuple[Quantizer, ...], tensors: dict[str, gs.Tenso
     return scales
 
 
-def make_pair(graph: gs.Graph, names: ir.Names, tensor: gs.Tensor, scale: np.ndarray,
-              axis: int | None) -> tuple[gs.Tensor, list[str]]:
+def make_pair(graph: gs.Graph, names: ir.Names, tensor: gs.Tensor, scale_const: gs.Constant,
+              zero: gs.Constant, axis: int | None) -> tuple[gs.Tensor, list[str]]:
     base = tensor.name
-    scale_const = gs.Constant(names.fresh(f"{base}::scale"), np.asarray(scale, dtype=np.float32))
-    zero = gs.Constant(names.fresh(f"{base}::zero_point"), np.zeros(np.shape(scale), dtype=np.int8))
     attrs = {"axis": int(axis)} if axis is not None else {}
     quantized = gs.Variable(names.fresh(f"{base}::quantized"), dtype=np.int8, shape=tensor.shape)
     dequantized = gs.Variable(names.fresh(f"{base}::dequantized"), dtype=tensor.dtype or np.float32,
@@ -64,13 +62,21 @@ def insert_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     names = ir.Names(graph)
     scales = weight_scales(plan.quantizers, tensors)
     created: dict[str, list[str]] = {}
+    constants: dict[str, tuple[gs.Constant, gs.Constant]] = {}
     inserted = reused = rewired = 0
     for quantizer in plan.quantizers:
         tensor = tensors[quantizer.tensor]
         dequantized = existing_dequantized(tensor)
         if dequantized is None:
-            scale = scales.get(quantizer.tensor, np.float32(PLACEHOLDER_SCALE))
-            dequantized, made = make_pair(graph, names, tensor, scale, quantizer.axis)
+            # a scale group (FT's fuse_qkv) is one scale initializer read by all its quantizers,
+            # so calibration and every later pass see the sharing in the graph itself
+            key = quantizer.scale_group if quantizer.scale_group and quantizer.axis is None else quantizer.tensor
+            if key not in constants:
+                scale = np.asarray(scales.get(quantizer.tensor, PLACEHOLDER_SCALE), dtype=np.float32)
+                constants[key] = (gs.Constant(names.fresh(f"{key}::scale"), scale),
+                                  gs.Constant(names.fresh(f"{key}::zero_point"), np.zeros(scale.shape, np.int8)))
+            scale_const, zero = constants[key]
+            dequantized, made = make_pair(graph, names, tensor, scale_const, zero, quantizer.axis)
             created.update({name: list(quantizer.sites) for name in made})
             inserted += 1
         else:
