@@ -23,7 +23,10 @@ def _output_args(parser: argparse.ArgumentParser, suffix: str) -> None:
 def _output_path(args) -> Path:
     if args.output is not None:
         return args.output
-    return args.model.with_name(args.model.name.removesuffix(".onnx") + args.default_suffix)
+    stem = args.model.name.removesuffix(".onnx")
+    if args.default_suffix != ".qdq.onnx":  # model.qdq.onnx -> model.calib.onnx
+        stem = stem.removesuffix(".qdq")
+    return args.model.with_name(stem + args.default_suffix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     insert.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     insert.add_argument("--quiet", action="store_true", help="print nothing but errors")
     insert.set_defaults(run=run_insert)
+
+    calibrate = sub.add_parser("calibrate", help="calibrate activation scales with onnxruntime over npz data",
+                               description="calibrate MODEL --data D | calibrate MODEL --stats S (no rerun) | "
+                                           "calibrate merge A.npz B.npz -o ALL.npz")
+    _model_args(calibrate)
+    _output_args(calibrate, ".calib.onnx")
+    calibrate.add_argument("--data", type=Path, help="npz (or folder of npz shards) keyed by model input name")
+    calibrate.add_argument("--method", default="percentile", choices=["max", "percentile", "mse", "entropy"])
+    calibrate.add_argument("--percentile", type=float, default=99.99)
+    calibrate.add_argument("--batch-size", type=int, default=16)
+    calibrate.add_argument("--num-samples", type=int, help="use only the first N samples")
+    calibrate.add_argument("--stats", type=Path, help="collector states: written after --data, read without it")
+    calibrate.add_argument("--report", type=Path, help="per-tensor samples, max and every method's amax (JSON)")
+    calibrate.add_argument("--providers", default="CPUExecutionProvider",
+                           help="onnxruntime execution providers, comma-separated")
+    calibrate.add_argument("--shard", help="K/N: collect every N-th batch from the K-th (merge the shards' --stats)")
+    calibrate.add_argument("--no-trim", action="store_true",
+                           help="keep trailing padding positions no sample in the batch attends to")
+    calibrate.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    calibrate.set_defaults(run=run_calibrate)
 
     check = sub.add_parser("check", help="lint a Q/DQ model against TensorRT's explicit-quantization rules")
     _model_args(check)
@@ -74,6 +97,89 @@ def run_insert(args) -> int:
     return 0
 
 
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 0/4") from None
+    return index, count
+
+
+def run_calibrate(args) -> int:
+    from . import ir
+    from .calibrate import CalibrationConfig, apply_scales, calibrate, model_inputs
+    from .calibration import load_states, save_states
+    from .data import Dataset
+
+    if args.data is None and args.stats is None:
+        raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
+    if args.stats is not None and args.data is None and not args.stats.exists():
+        raise UsageError(f"{args.stats}: no such file")
+    output = _output_path(args)
+    if ir.same_file(output, args.model) and not args.overwrite:
+        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    config = CalibrationConfig(args.method, args.percentile, args.batch_size, args.num_samples,
+                               tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+                               not args.no_trim, _shard(args.shard), not args.quiet)
+    graph = ir.load(args.model)
+    if args.data is not None:
+        dataset = Dataset(args.data, model_inputs(graph))
+        collectors, reports, samples, seconds = calibrate(graph, dataset, config)
+        if args.stats is not None:
+            save_states(args.stats, collectors)
+    else:
+        try:
+            collectors = load_states(args.stats)
+        except (OSError, ValueError, KeyError) as exc:
+            raise QdqcError(f"{args.stats}: not a qdqc statistics file ({exc})") from None
+        samples, seconds = None, 0.0
+        reports = apply_scales(graph, collectors, config, 0)
+    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    if args.report:
+        from .calibrate import report_json
+
+        ir.write_text_atomic(args.report, json.dumps(report_json(reports, config, samples or 0, seconds), indent=1) + "\n")
+    if not args.quiet:
+        seen = f"{samples} samples in {seconds:.1f} s, " if samples is not None else "from saved statistics, "
+        print(f"calibrated {len(reports)} activation tensors ({seen}method {config.method.value}"
+              + (f" {config.percentile}" if config.method.value == "percentile" else "") + ")")
+        print(f"wrote {output}")
+    return 0
+
+
+def run_merge(argv: list[str]) -> int:
+    from .calibration import load_states, save_states
+
+    parser = argparse.ArgumentParser(prog="qdqc calibrate merge",
+                                     description="merge collector states from shards (exact with --shard)")
+    parser.add_argument("states", type=Path, nargs="+")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    merged = None
+    for path in args.states:
+        if not path.exists():
+            raise UsageError(f"{path}: no such file")
+        try:
+            states = load_states(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise QdqcError(f"{path}: not a qdqc statistics file ({exc})") from None
+        if merged is None:
+            merged = states
+            continue
+        if set(states) != set(merged):
+            raise QdqcError(f"{path}: its tensors differ from {args.states[0]}'s (collected on another model?)")
+        for name, collector in states.items():
+            try:
+                merged[name].merge(collector)
+            except ValueError as exc:
+                raise QdqcError(f"{path}: tensor '{name}': {exc}") from None
+    save_states(args.output, merged)
+    print(f"merged {len(args.states)} statistics files ({len(merged)} tensors) into {args.output}")
+    return 0
+
+
 def run_check(args) -> int:
     from . import ir
     from .check import check_graph
@@ -90,8 +196,11 @@ def run_check(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:2] == ["calibrate", "merge"]:
+            return run_merge(argv[2:])
+        args = build_parser().parse_args(argv)
         return args.run(args)
     except QdqcError as exc:
         print(f"qdqc: error: {exc}", file=sys.stderr)

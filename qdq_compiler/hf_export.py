@@ -49,6 +49,28 @@ def build_model(family: str, attn: str = "eager"):
     return tf.AutoModel.from_config(config).eval()
 
 
+def corpus(split: str) -> list[str]:
+    """Real sentences shipped with qdqc: 'calibration' (256) and 'evaluation' (1000), disjoint."""
+    from importlib.resources import files
+
+    lines = files("qdq_compiler").joinpath("data/sentences.txt").read_text().splitlines()
+    return {"calibration": lines[:256], "evaluation": lines[256:1256]}[split]
+
+
+def encode(sentences: list[str], seq: int = 128, token_types: bool = True) -> dict:
+    """Tokenize with MiniLM's own tokenizer, padded to `seq`: model feeds with a leading sample axis."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
+    feeds = {"input_ids": batch["input_ids"].astype(np.int64),
+             "attention_mask": batch["attention_mask"].astype(np.int64)}
+    if token_types:
+        feeds["token_type_ids"] = batch["token_type_ids"].astype(np.int64)
+    return feeds
+
+
 def input_names(model) -> list[str]:
     import inspect
 

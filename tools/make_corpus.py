@@ -1,10 +1,10 @@
-"""Build data/sentences.txt: real English sentences from the documentation CPython ships.
+"""Build qdq_compiler/data/sentences.txt: real English sentences from the documentation CPython ships.
 
 Sources (PSF license): the language reference topics in `pydoc_data.topics` and
 the docstrings of the standard library's modules, classes and functions. The
 result is committed, so every machine calibrates and evaluates on the same text:
 
-    python tools/make_corpus.py -o data/sentences.txt
+    python tools/make_corpus.py -o qdq_compiler/data/sentences.txt
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def sentences() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--output", type=Path, default=Path("data/sentences.txt"))
+    parser.add_argument("-o", "--output", type=Path, default=Path("qdq_compiler/data/sentences.txt"))
     parser.add_argument("--limit", type=int, default=2400)
     args = parser.parse_args()
     found = sentences()[: args.limit]

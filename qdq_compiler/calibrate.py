@@ -1,0 +1,217 @@
+"""`calibrate`: stream data through onnxruntime, histogram every activation a Q reads, write scales.
+
+The model is run with every Q/DQ pair bypassed (calibration observes the float
+network, as pytorch-quantization does with quantization disabled), the float
+tensors the activation quantizers read are extra graph outputs, and each batch
+is handed to that tensor's collector and dropped.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import ir, quant
+from .calibration import HistogramCollector, Method, amaxes
+from .data import Dataset, InputSpec
+from .errors import QdqcError, UsageError
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    method: Method = Method.PERCENTILE
+    percentile: float = 99.99
+    batch_size: int = 16
+    num_samples: int | None = None
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    trim_padding: bool = True
+    shard: tuple[int, int] | None = None   # (index, count): exact merges across machines
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", Method(self.method))
+        if not 0 < self.percentile <= 100:
+            raise UsageError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.num_samples is not None and self.num_samples < 1:
+            raise UsageError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise UsageError(f"--shard must be K/N with 0 <= K < N, got {self.shard[0]}/{self.shard[1]}")
+
+
+@dataclass
+class Quantizers:
+    """The activation quantizers of a Q/DQ graph, grouped by the scale initializer they share."""
+
+    tensors: list[str]                                      # float tensors read by activation Qs
+    groups: dict[str, list[str]] = field(default_factory=dict)   # scale constant -> tensors
+
+
+def activation_quantizers(graph: gs.Graph) -> Quantizers:
+    found = Quantizers([])
+    for node in graph.nodes:
+        if node.op != "QuantizeLinear" or ir.is_constant(node.inputs[0]):
+            continue
+        tensor = node.inputs[0].name
+        if tensor not in found.tensors:
+            found.tensors.append(tensor)
+        members = found.groups.setdefault(node.inputs[1].name, [])
+        if tensor not in members:
+            members.append(tensor)
+    return found
+
+
+def float_network(graph: gs.Graph, outputs: list[str]) -> gs.Graph:
+    """A copy of `graph` with every Q->DQ pair bypassed and `outputs` exposed."""
+    network = graph.copy()
+    tensors = network.tensors()
+    for dq in [n for n in network.nodes if n.op == "DequantizeLinear"]:
+        q = ir.producer(dq.inputs[0])
+        if q is None or q.op != "QuantizeLinear":
+            continue
+        source, target = q.inputs[0], dq.outputs[0]
+        for reader in list(target.outputs):
+            for index, value in enumerate(reader.inputs):
+                if value is target:
+                    reader.inputs[index] = source
+        if target in network.outputs:
+            network.outputs = [source if t is target else t for t in network.outputs]
+    for name in outputs:
+        tensor = tensors[name]
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+        if tensor not in network.outputs:
+            network.outputs.append(tensor)
+    network.cleanup(remove_unused_graph_inputs=False)
+    return network
+
+
+def session(graph: gs.Graph, providers: tuple[str, ...]):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    model = ir.to_model(graph)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise QdqcError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+def model_inputs(graph: gs.Graph) -> list[InputSpec]:
+    return [InputSpec.of(t) for t in graph.inputs]
+
+
+def collect(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig) -> dict[str, HistogramCollector]:
+    """One pass over the data; every activation quantizer's collector."""
+    quantizers = activation_quantizers(graph)
+    if not quantizers.tensors:
+        raise QdqcError("the model has no activation QuantizeLinear to calibrate (run `qdqc insert` first)")
+    runner = session(float_network(graph, quantizers.tensors), config.providers)
+    collectors = {name: HistogramCollector() for name in quantizers.tensors}
+    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    select = (lambda i: True) if config.shard is None else \
+        (lambda i: i == 0 or i % config.shard[1] == config.shard[0])
+    bar = _progress(total, config.progress)
+    for index, feeds in enumerate(dataset.batches(config.batch_size, total, config.trim_padding, select)):
+        outputs = runner.run(quantizers.tensors, feeds)
+        # Every shard histograms the first batch so all shards share its bin grid (exact merges);
+        # only shard 0 keeps its counts.
+        keep = config.shard is None or config.shard[0] == 0 or index > 0
+        for name, values in zip(quantizers.tensors, outputs):
+            if keep:
+                collectors[name].collect(values)
+            else:
+                grid = HistogramCollector()
+                grid.collect(values)
+                collectors[name].width = grid.width
+                collectors[name].counts = np.zeros_like(grid.counts)
+        bar.update(len(next(iter(feeds.values()))))
+    bar.close()
+    return collectors
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="sample", desc="calibrating", file=sys.stderr, dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    tensor: str
+    elements: int
+    nonfinite: int
+    max: float
+    amax: dict[str, float]
+    chosen: float
+    scale: float
+
+
+def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], config: CalibrationConfig,
+                 samples: int) -> list[TensorReport]:
+    """Write amax/127 into every activation Q and DQ (shared scale groups take their max) and
+    recompute the weight scales from the initializers."""
+    quantizers = activation_quantizers(graph)
+    missing = [t for t in quantizers.tensors if t not in collectors]
+    if missing:
+        raise QdqcError(f"calibration statistics have no entry for {len(missing)} quantized tensors "
+                        f"(first: '{missing[0]}'); were they collected on another model?")
+    found = {t: amaxes(collectors[t], percentile=config.percentile) for t in quantizers.tensors}
+    chosen = {t: found[t][config.method.value] for t in quantizers.tensors}
+    tensors = graph.tensors()
+    reports = []
+    for scale_name, members in quantizers.groups.items():
+        amax = max(chosen[t] for t in members)
+        if amax <= quant.MIN_AMAX:
+            warnings.warn(f"'{members[0]}' was always zero in calibration: it gets a tiny positive scale")
+        scale = quant.scale_from_amax(np.float32(amax))
+        tensors[scale_name].values = np.asarray(scale, np.float32)
+        reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],
+                                 amax, float(scale)) for t in members]
+    _sync_dequantize_scales(graph)
+    _weight_scales(graph)
+    return reports
+
+
+def _sync_dequantize_scales(graph: gs.Graph) -> None:
+    """A DQ with its own scale initializer (QAT exports) takes its Q's new scale."""
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])):
+        for dq in q.outputs[0].outputs:
+            if dq.op == "DequantizeLinear" and dq.inputs[1] is not q.inputs[1]:
+                dq.inputs[1].values = q.inputs[1].values.copy()
+
+
+def _weight_scales(graph: gs.Graph) -> None:
+    groups: dict[str, list[gs.Node]] = {}
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
+        groups.setdefault(q.inputs[1].name, []).append(q)
+    for nodes in groups.values():
+        axis = nodes[0].attrs.get("axis") if nodes[0].inputs[1].values.size > 1 else None
+        amax = np.max([quant.amax(ir.constant(q.inputs[0]), axis) for q in nodes], axis=0)
+        nodes[0].inputs[1].values = quant.scale_from_amax(amax)
+
+
+def report_json(reports: list[TensorReport], config: CalibrationConfig, samples: int, seconds: float) -> dict:
+    return {"method": config.method.value, "percentile": config.percentile, "samples": samples,
+            "seconds": round(seconds, 3),
+            "tensors": [{"tensor": r.tensor, "samples": samples, "elements": r.elements,
+                         "nonfinite": r.nonfinite, "max": r.max, "amax": r.amax, "chosen_amax": r.chosen,
+                         "scale": r.scale} for r in reports]}
+
+
+def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
+    """Collect and apply in one go; returns (collectors, reports, samples, seconds)."""
+    start = time.perf_counter()
+    collectors = collect(graph, dataset, config)
+    samples = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    reports = apply_scales(graph, collectors, config, samples)
+    return collectors, reports, samples, time.perf_counter() - start
+
