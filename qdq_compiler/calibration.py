@@ -9,7 +9,6 @@ range). `compute_amax` is a pure function of (counts, edges) implementing
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -18,8 +17,11 @@ import numpy as np
 METHODS = ("max", "percentile", "mse", "entropy")
 DEFAULT_BINS = 2048
 # A later batch far past the range (a -3.4e38 mask fill) would need astronomically many bins of
-# the first width; past this many the histogram is coarsened by a whole factor instead.
-MAX_BINS = 1 << 17
+# the first width: the range stops growing at 64x the first one and farther values count in
+# the last bin (the exact running max is still kept). Width never changes, so merges stay exact.
+MAX_BINS = 64 * DEFAULT_BINS
+# Ranges below this are treated as all-zero (float32 bin widths would be denormal).
+MIN_RANGE = 1e-30
 
 
 class Method(str, Enum):
@@ -49,24 +51,14 @@ class HistogramCollector:
     amax: float = 0.0
     elements: int = 0
     nonfinite: int = 0
-    coarsened: int = 1                 # whole factor the width grew by to stay under MAX_BINS
 
     @property
     def edges(self) -> np.ndarray:
         return np.arange(len(self.counts) + 1, dtype=np.float64) * self.width
 
     def _grow(self, top: float) -> None:
-        """Extend by whole bins of the current width so the range covers `top`."""
-        needed = math.ceil(top / self.width)
-        if needed > MAX_BINS:
-            factor = math.ceil(needed / MAX_BINS)
-            padded = np.zeros(math.ceil(len(self.counts) / factor) * factor, np.int64)
-            padded[: len(self.counts)] = self.counts
-            self.counts = padded.reshape(-1, factor).sum(axis=1)
-            self.width *= factor
-            self.coarsened *= factor
-            warnings.warn(f"histogram range grew past {MAX_BINS} bins; bin width coarsened {factor}x")
-            needed = math.ceil(top / self.width)
+        """Extend by whole bins of the same width so the range covers `top` (up to MAX_BINS)."""
+        needed = min(math.ceil(top / self.width), MAX_BINS)
         if needed > len(self.counts):
             grown = np.zeros(needed, np.int64)
             grown[: len(self.counts)] = self.counts
@@ -81,7 +73,7 @@ class HistogramCollector:
         top = float(values.max())
         self.amax = max(self.amax, top)
         if self.width == 0.0:
-            if top == 0.0:
+            if top < MIN_RANGE:
                 self.zeros += values.size
                 return
             self.width = top / self.num_bins
@@ -94,9 +86,10 @@ class HistogramCollector:
 
     def _bin(self, values: np.ndarray, bins: int) -> np.ndarray:
         # torch.histc on [0, bins*width]: floor(x / width), the top edge into the last bin
-        index = (values * np.float32(1.0 / self.width)).astype(np.int64)
-        np.minimum(index, bins - 1, out=index)
-        return np.bincount(index, minlength=bins)
+        with np.errstate(over="ignore"):
+            scaled = values * np.float32(1.0 / self.width)
+        np.minimum(scaled, np.float32(bins - 1), out=scaled)  # also catches float32 overflow to inf
+        return np.bincount(scaled.astype(np.int64), minlength=bins)
 
     def merge(self, other: "HistogramCollector") -> None:
         """Add another collector's histogram. Exact when both share the bin width (same first
@@ -112,16 +105,14 @@ class HistogramCollector:
             return
         if self.width == 0.0:
             zeros = self.zeros
-            self.width, self.counts, self.coarsened, self.zeros = other.width, other.counts.copy(), other.coarsened, 0
+            self.width, self.counts, self.zeros = other.width, other.counts.copy(), 0
             self.counts[0] += zeros
             return
         if not math.isclose(self.width, other.width, rel_tol=1e-12):
             raise ValueError(f"histograms have different bin widths ({self.width:.6g} vs {other.width:.6g}): "
                              "collect shards with --shard K/N so they share the first batch's grid")
         if len(other.counts) > len(self.counts):
-            self._grow(len(other.counts) * self.width * (1 - 1e-12))
-            if len(self.counts) < len(other.counts):
-                self.counts = np.concatenate([self.counts, np.zeros(len(other.counts) - len(self.counts), np.int64)])
+            self.counts = np.concatenate([self.counts, np.zeros(len(other.counts) - len(self.counts), np.int64)])
         self.counts[: len(other.counts)] += other.counts
 
 
@@ -242,7 +233,7 @@ def save_states(path, collectors: dict[str, HistogramCollector]) -> None:
     for i, c in enumerate(collectors.values()):
         arrays[f"{i}.counts"] = c.counts
         arrays[f"{i}.scalars"] = np.array([c.width, c.amax], np.float64)
-        arrays[f"{i}.integers"] = np.array([c.num_bins, c.zeros, c.elements, c.nonfinite, c.coarsened], np.int64)
+        arrays[f"{i}.integers"] = np.array([c.num_bins, c.zeros, c.elements, c.nonfinite], np.int64)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     directory = os.path.dirname(os.path.abspath(path))
@@ -258,7 +249,7 @@ def load_states(path) -> dict[str, HistogramCollector]:
         states = {}
         for i, name in enumerate(names):
             width, amax = data[f"{i}.scalars"]
-            num_bins, zeros, elements, nonfinite, coarsened = (int(v) for v in data[f"{i}.integers"])
+            num_bins, zeros, elements, nonfinite = (int(v) for v in data[f"{i}.integers"])
             states[name] = HistogramCollector(num_bins, float(width), data[f"{i}.counts"].astype(np.int64),
-                                              zeros, float(amax), elements, nonfinite, coarsened)
+                                              zeros, float(amax), elements, nonfinite)
     return states
