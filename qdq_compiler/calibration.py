@@ -33,13 +33,16 @@ class Method(str, Enum):
 
 # ---------------------------------------------------------------- collectors
 
-def _magnitudes(batch: np.ndarray) -> tuple[np.ndarray, int]:
-    """|x| as float32 over the finite values, and how many were not finite."""
-    values = np.abs(np.asarray(batch, dtype=np.float32).ravel())
+def _magnitudes(batch: np.ndarray, inplace: bool) -> tuple[np.ndarray, float, int]:
+    """|x| over the finite values as float32, its max, and how many values were not finite."""
+    values = np.asarray(batch, dtype=np.float32).ravel()
+    values = np.abs(values, out=values) if inplace and values.flags.writeable else np.abs(values)
+    top = float(values.max()) if values.size else 0.0
+    if math.isfinite(top):
+        return values, top, 0
     finite = np.isfinite(values)
-    if finite.all():
-        return values, 0
-    return values[finite], int(values.size - finite.sum())
+    values = values[finite]
+    return values, float(values.max()) if values.size else 0.0, int(finite.size - finite.sum())
 
 
 @dataclass
@@ -56,23 +59,24 @@ class HistogramCollector:
     def edges(self) -> np.ndarray:
         return np.arange(len(self.counts) + 1, dtype=np.float64) * self.width
 
-    def _grow(self, top: float) -> None:
-        """Extend by whole bins of the same width so the range covers `top` (up to MAX_BINS)."""
-        needed = min(math.ceil(top / self.width), MAX_BINS)
+    def _grow(self, needed: int) -> None:
+        """Extend by whole bins of the same width (up to MAX_BINS)."""
+        needed = min(needed, MAX_BINS)
         if needed > len(self.counts):
             grown = np.zeros(needed, np.int64)
             grown[: len(self.counts)] = self.counts
             self.counts = grown
 
-    def collect(self, batch: np.ndarray) -> None:
-        values, bad = _magnitudes(batch)
+    def collect(self, batch: np.ndarray, *, inplace: bool = False) -> None:
+        """Histogram one batch; `inplace` lets it reuse the batch's buffer (saves a copy)."""
+        values, top, bad = _magnitudes(batch, inplace)
         self.nonfinite += bad
         self.elements += values.size
         if not values.size:
             return
-        top = float(values.max())
         self.amax = max(self.amax, top)
-        if self.width == 0.0:
+        first = self.width == 0.0
+        if first:
             if top < MIN_RANGE:
                 self.zeros += values.size
                 return
@@ -80,16 +84,19 @@ class HistogramCollector:
             self.counts = np.zeros(self.num_bins, np.int64)
             self.counts[0] += self.zeros
             self.zeros = 0
-        elif top > len(self.counts) * self.width:
-            self._grow(top)
-        self.counts += self._bin(values, len(self.counts))
-
-    def _bin(self, values: np.ndarray, bins: int) -> np.ndarray:
-        # torch.histc on [0, bins*width]: floor(x / width), the top edge into the last bin
+        # Bin k holds [k·width, (k+1)·width); only the first batch's maximum, which sits on the
+        # top edge, is counted in the last bin (torch.histc). A value's bin never depends on the
+        # current range otherwise, so shards histogrammed on one grid merge exactly.
+        inverse = np.float32(1.0 / self.width)
         with np.errstate(over="ignore"):
-            scaled = values * np.float32(1.0 / self.width)
-        np.minimum(scaled, np.float32(bins - 1), out=scaled)  # also catches float32 overflow to inf
-        return np.bincount(scaled.astype(np.int64), minlength=bins)
+            scaled = np.multiply(values, inverse, out=values)
+            needed = np.floor(np.float32(top) * inverse) + 1   # the same float32 op the values get
+        bins = self.num_bins if first else int(min(needed, MAX_BINS))
+        self._grow(bins)  # whole bins of the same width, as pytorch's ceil(max / width)
+        if first or needed > MAX_BINS:  # before the cast: float32 overflow to inf is possible
+            np.minimum(scaled, np.float32(len(self.counts) - 1), out=scaled)
+        index = scaled.astype(np.intp)
+        self.counts += np.bincount(index, minlength=len(self.counts))
 
     def merge(self, other: "HistogramCollector") -> None:
         """Add another collector's histogram. Exact when both share the bin width (same first
@@ -159,13 +166,15 @@ def _amax_mse(counts, edges, num_bits, unsigned, start_bin, stride) -> float:
         return float(centers[-1])
     bound = 2.0 ** (num_bits - 1 + int(unsigned)) - 1
     low = 0.0 if unsigned else -bound
-    weights = counts.astype(np.float32)
+    # empty bins add nothing to the error: sum over the others, divide by every bin (the mean)
+    filled = np.flatnonzero(counts)
+    points, weights = centers[filled], counts[filled].astype(np.float32)
     best, best_error = candidates[0], np.inf
-    for chunk in np.array_split(candidates, max(1, len(candidates) // 256)):
+    for chunk in np.array_split(candidates, max(1, len(candidates) * len(filled) // (1 << 20))):
         amax = centers[chunk][:, None]
         scale = np.float32(bound) / amax            # fake_tensor_quant: scale = bound / amax
-        quantized = np.clip(np.rint(centers[None, :] * scale), low, bound) / scale
-        errors = ((quantized - centers[None, :]) ** 2 * weights[None, :]).mean(axis=1)
+        quantized = np.clip(np.rint(points[None, :] * scale), low, bound) / scale
+        errors = ((quantized - points[None, :]) ** 2 * weights[None, :]).sum(axis=1) / np.float32(len(centers))
         index = int(np.argmin(errors))              # first minimum
         if errors[index] < best_error:  # strictly: an equal later chunk keeps the first minimum
             best, best_error = chunk[index], errors[index]
@@ -173,41 +182,42 @@ def _amax_mse(counts, edges, num_bits, unsigned, start_bin, stride) -> float:
 
 
 def _amax_entropy(counts, edges, num_bits, unsigned, start_bin, stride) -> float:
-    if len(counts) < start_bin:
+    """KL(P||Q) for every candidate from prefix sums: O(levels) per candidate, not O(bins).
+
+    Candidate i keeps bins [0, i). Bin j falls in quantization level floor(levels·j / i) (exactly
+    digitize(j, linspace(0, i, levels + 1)) - 1: k·i/levels is exact in binary floating point), so
+    level L spans bins [ceil(L·i/levels), ceil((L+1)·i/levels)). Q spreads each level's count W_L
+    evenly over its N_L non-empty bins; P is the kept bins with the outlier count added to the
+    last one. With T = total and p_j, q_j unnormalized,
+        KL = Σ p_j log p_j / T - log T - Σ p_j log q_j / T + log Σ q_j,
+        Σ_{j<i} b_j log q_j = Σ_L W_L log(W_L / N_L).
+    """
+    n = len(counts)
+    if n < start_bin:
         return float(edges[-1])
     bins = counts.astype(np.float64)
     bins[0] = bins[1]
     total = bins.sum()
     levels = 1 << (num_bits - 1 + int(unsigned))
-    tail = np.concatenate([np.cumsum(bins[::-1])[::-1], [0.0]])  # tail[i] = sum(bins[i:])
-    divergences = []
-    kept = range(start_bin, len(bins) + 1, stride)
-    for i in kept:
-        level = np.digitize(np.arange(i), np.linspace(0, i, levels + 1)) - 1
-        head = bins[:i]
-        full = head != 0
-        sums = np.bincount(level[full], weights=head[full], minlength=levels)
-        sizes = np.bincount(level[full], minlength=levels)
-        q = np.zeros(i)
-        q[full] = sums[level[full]] / sizes[level[full]]
-        p = head.copy()
-        p[-1] += tail[i]
-        if round(q.sum() + tail[i]) != round(total) or round(p.sum()) != round(total):
-            raise RuntimeError("entropy calibration lost counts")
-        divergences.append(_kl(p, q))
-    divergences = np.asarray(divergences)
-    last = len(divergences) - 1 - int(np.argmin(divergences[::-1]))   # last minimum
-    return float(edges[last * stride + start_bin])
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    """scipy.stats.entropy(p, q): both normalized, natural log, inf where q = 0 < p."""
-    p = p / p.sum()
-    q = q / q.sum()
-    nonzero = p > 0
-    if np.any(q[nonzero] == 0):
-        return math.inf
-    return float(np.sum(p[nonzero] * np.log(p[nonzero] / q[nonzero])))
+    prefix = np.concatenate([[0.0], np.cumsum(bins)])
+    filled = np.concatenate([[0], np.cumsum(bins != 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prefix_xlogx = np.concatenate([[0.0], np.cumsum(np.where(bins > 0, bins * np.log(bins), 0.0))])
+        kept = np.arange(start_bin, n + 1, stride)
+        bounds = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels
+        weight = np.diff(prefix[bounds], axis=1)
+        members = np.diff(filled[bounds], axis=1)
+        level_terms = np.where(members > 0, weight * np.log(weight / members), 0.0).sum(axis=1)
+        last, tail = bins[kept - 1], total - prefix[kept]
+        p_last = last + tail
+        sum_p_log_p = prefix_xlogx[kept - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
+        last_level_mean = weight[:, -1] / members[:, -1]
+        sum_p_log_q = level_terms + np.where(tail > 0, tail * np.log(last_level_mean), 0.0)
+        q_total = prefix[kept]
+        divergences = sum_p_log_p / total - np.log(total) - sum_p_log_q / total + np.log(q_total)
+    divergences[((tail > 0) & (last == 0)) | (q_total == 0)] = math.inf
+    final = len(divergences) - 1 - int(np.argmin(divergences[::-1]))   # last minimum
+    return float(edges[final * stride + start_bin])
 
 
 def amaxes(collector: HistogramCollector, *, percentile: float = 99.99, **kwargs) -> dict[str, float]:
