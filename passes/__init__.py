@@ -1,2 +1,3 @@
 """qdqc passes, one module each; importing this package registers them all."""
-from . import canonicalize, insert_qdq, match_bert, place_quantizers, split_gemm_bias  # noqa: F401
+from . import (canonicalize, fold_weight_quantizers, insert_qdq, lower_onnxruntime, match_bert,  # noqa: F401
+               place_quantizers, split_gemm_bias)  # noqa: F401

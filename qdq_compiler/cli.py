@@ -24,8 +24,8 @@ def _output_path(args) -> Path:
     if args.output is not None:
         return args.output
     stem = args.model.name.removesuffix(".onnx")
-    if args.default_suffix != ".qdq.onnx":  # model.qdq.onnx -> model.calib.onnx
-        stem = stem.removesuffix(".qdq")
+    if args.default_suffix != ".qdq.onnx":  # model.qdq.onnx -> model.calib.onnx -> model.int8.onnx
+        stem = stem.removesuffix(".qdq").removesuffix(".calib")
     return args.model.with_name(stem + args.default_suffix)
 
 
@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="keep trailing padding positions no sample in the batch attends to")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     calibrate.set_defaults(run=run_calibrate)
+
+    lower = sub.add_parser("lower", help="lower a calibrated Q/DQ model for a backend (INT8 weights, integer GEMMs)")
+    _model_args(lower)
+    _output_args(lower, ".int8.onnx")
+    lower.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
+    lower.add_argument("--quiet", action="store_true")
+    lower.set_defaults(run=run_lower)
 
     check = sub.add_parser("check", help="lint a Q/DQ model against TensorRT's explicit-quantization rules")
     _model_args(check)
@@ -177,6 +185,24 @@ def run_merge(argv: list[str]) -> int:
                 raise QdqcError(f"{path}: tensor '{name}': {exc}") from None
     save_states(args.output, merged)
     print(f"merged {len(args.states)} statistics files ({len(merged)} tensors) into {args.output}")
+    return 0
+
+
+def run_lower(args) -> int:
+    from . import ir
+    from .lower import LowerConfig, lower
+
+    config = LowerConfig(args.target)
+    output = _output_path(args)
+    if ir.same_file(output, args.model) and not args.overwrite:
+        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    graph = ir.load(args.model)
+    records = lower(graph, config, verify=args.verify)
+    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    if not args.quiet:
+        for record in records:
+            print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
+        print(f"wrote {output}")
     return 0
 
 

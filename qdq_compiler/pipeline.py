@@ -59,6 +59,7 @@ _REGISTRY: dict[str, PassFn] = {}
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
     "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
+    "lower-onnxruntime": ("lower-onnxruntime", "fold-weight-quantizers"),
 }
 
 

@@ -1,0 +1,34 @@
+"""`lower`: a calibrated Q/DQ graph to what a backend runs fast."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import onnx_graphsurgeon as gs
+
+from .errors import UsageError
+from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
+
+
+class Target(str, Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+
+@dataclass(frozen=True)
+class LowerConfig:
+    target: Target = Target.ONNXRUNTIME
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "target", Target(self.target))
+        except ValueError:
+            raise UsageError(f"--target {self.target!r}: expected onnxruntime or tensorrt") from None
+        if self.target is Target.TENSORRT:
+            raise UsageError("--target tensorrt is not implemented yet (see README: status)")
+
+
+def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False) -> list[PassRecord]:
+    if not any(n.op == "QuantizeLinear" for n in graph.nodes):
+        raise UsageError("the model has no QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
+    return run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)

@@ -1,0 +1,107 @@
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from onnx import helper
+
+from qdq_compiler import ir
+from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+from qdq_compiler.config import InsertConfig
+from qdq_compiler.data import Dataset
+from qdq_compiler.insert import insert
+from qdq_compiler.lower import LowerConfig, lower
+from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
+
+from conftest import cosine, qdqc, run_model
+
+
+def calibrated(tmp_path, spec: BertSpec, mode="ft1") -> gs.Graph:
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(spec, batch=16, seq=16, seed=4))
+    graph = gs.import_onnx(build_bert(spec))
+    insert(graph, InsertConfig(mode))
+    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
+    return graph
+
+
+def outputs(graph_or_model, names, feeds, optimize=False):
+    model = ir.to_model(graph_or_model) if isinstance(graph_or_model, gs.Graph) else graph_or_model
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for name in names:
+        model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    from qdq_compiler.evaluate import open_session
+
+    session = open_session(model, optimize=optimize)
+    known = {i.name for i in session.get_inputs()}
+    return session.run(None, {k: v for k, v in feeds.items() if k in known})
+
+
+@pytest.mark.parametrize("linear,fused", [("matmul", False), ("gemm_transb", False), ("gemm", True),
+                                          ("matmul_transposed", False)])
+def test_every_quantized_gemm_becomes_an_integer_gemm(tmp_path, linear, fused):
+    spec = BertSpec(layers=2, linear=linear, fused_qkv=fused)
+    graph = calibrated(tmp_path, spec)
+    float_weights = {t.values.shape for t in graph.tensors().values()
+                     if isinstance(t, gs.Constant) and t.values.dtype == np.float32 and t.values.ndim == 2
+                     and min(t.values.shape) >= 64 and t.values.shape[0] != spec.vocab
+                     and t.values.shape[0] != spec.max_positions}
+    assert float_weights  # the GEMM weights, before lowering
+    lower(graph, LowerConfig("onnxruntime"), verify=True)
+    ops = [n.op for n in graph.nodes]
+    per_layer = (4 if fused else 6) + 2
+    assert ops.count("MatMulIntegerToFloat") == per_layer * spec.layers
+    assert "MatMul" not in ops and "Gemm" not in ops and "DequantizeLinear" not in ops
+    left = [t for t in graph.tensors().values() if isinstance(t, gs.Constant) and t.values.dtype == np.float32
+            and t.values.ndim == 2 and t.values.shape in float_weights and t.values.shape[0] not in (
+                spec.vocab, spec.max_positions)]
+    assert left == []  # no FP32 copy of a quantized weight
+    for node in graph.nodes:
+        if node.op == "MatMulIntegerToFloat":
+            assert node.inputs[0].dtype == np.uint8 and ir.constant(node.inputs[4]) == 128
+            assert node.inputs[1].dtype == np.int8 or ir.constant(node.inputs[1]).dtype == np.int8
+
+
+def test_first_gemm_agrees_to_float_rounding_and_the_model_to_quantization_noise(tmp_path):
+    spec = BertSpec(layers=2)
+    graph = calibrated(tmp_path, spec)
+    fake = ir.to_model(graph)
+    lower(graph, LowerConfig("onnxruntime"))
+    feeds = example_inputs(spec, batch=4, seq=16, seed=9)
+    first = next(n.outputs[0].name for n in gs.import_onnx(fake).nodes if n.op == "Add" and "query" in n.name)
+    a, = outputs(fake, [first], feeds)[1:]
+    b, = outputs(graph, [first], feeds)[1:]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+    end_fake, end_low = run_model(fake, feeds)[0], run_model(graph, feeds)[0]
+    assert cosine(end_fake, end_low) > 0.999
+
+
+@pytest.mark.parametrize("mode", ["ft2", "trt"])
+def test_other_modes_lower_their_gemms_and_keep_other_qdq(tmp_path, mode):
+    spec = BertSpec(layers=2)
+    graph = calibrated(tmp_path, spec, mode)
+    feeds = example_inputs(spec, batch=4, seq=16, seed=2)
+    before = run_model(graph, feeds)[0]
+    lower(graph, LowerConfig("onnxruntime"), verify=True)
+    assert [n.op for n in graph.nodes].count("MatMulIntegerToFloat") == 16
+    assert any(n.op == "DequantizeLinear" for n in graph.nodes)  # residual / GEMM-output Q/DQ stay
+    assert cosine(run_model(graph, feeds)[0], before) > 0.999
+
+
+def test_weight_quantizers_left_are_folded_to_int8(tmp_path):
+    from qdq_compiler.pipeline import PassContext, run_pipeline
+
+    graph = calibrated(tmp_path, BertSpec(layers=1))
+    run_pipeline(graph, ("fold-weight-quantizers",), PassContext(None), verify=True)
+    weight_dq = [n for n in graph.nodes if n.op == "DequantizeLinear" and ir.is_constant(n.inputs[0])]
+    assert len(weight_dq) == 6 and all(ir.constant(n.inputs[0]).dtype == np.int8 for n in weight_dq)
+    assert not any(n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0]) for n in graph.nodes)
+
+
+def test_cli(tmp_path, bert_file):
+    proc = qdqc("lower", bert_file)
+    assert proc.returncode == 2 and "qdqc insert" in proc.stderr and "Traceback" not in proc.stderr
+    assert qdqc("insert", bert_file).returncode == 0
+    qdq = tmp_path / "bert.qdq.onnx"
+    proc = qdqc("lower", qdq, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "bert.int8.onnx").exists() and "gemms_lowered 16" in proc.stdout
