@@ -51,7 +51,7 @@ class Operand:
         if dq is None or dq.op != "DequantizeLinear":
             return None
         operand = cls(dq)
-        operand.moves = moves[::-1]
+        operand.moves = moves[::-1]  # DQ -> moves -> GEMM: replayed on the integers
         zero = ir.constant(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else None
         if zero is None or zero.dtype != np.int8 or np.any(zero != 0):
             return None
@@ -68,8 +68,21 @@ class Lowering:
         self.zero_of: dict[str, gs.Constant] = {}
 
     def requantize(self, operand: Operand, unsigned: bool) -> gs.Variable:
-        """x as uint8 (zero point 128) or int8 (zero point 0) on the operand's scale, made once."""
-        source = operand.float_input
+        """x as uint8 (zero point 128) or int8 (zero point 0) on the operand's scale, made once.
+
+        Quantization commutes with Reshape/Transpose, so when x only exists to be quantized it
+        is quantized before them and they move int8 instead of float (4x less memory traffic;
+        onnxruntime's own QDQ propagation would otherwise add a Q/DQ pair per move)."""
+        wanted = (operand.float_input.name, operand.scale.name, "u8" if unsigned else "s8")
+        if wanted in self.quantized:
+            return self.quantized[wanted]
+        source, moves = operand.float_input, []
+        while True:
+            move = ir.producer(source)
+            if move is None or move.op not in MOVE_OPS or any(n.op != "QuantizeLinear" for n in source.outputs):
+                break
+            moves.append(move)
+            source = move.inputs[0]
         key = (source.name, operand.scale.name, "u8" if unsigned else "s8")
         if key not in self.quantized:
             dtype = np.uint8 if unsigned else np.int8
@@ -80,7 +93,8 @@ class Lowering:
                                             inputs=[source, operand.scale, zero], outputs=[out]))
             self.quantized[key] = out
             self.zero_of[out.name] = zero
-        return self.quantized[key]
+        self.quantized[wanted] = self.replay(moves[::-1], self.quantized[key])
+        return self.quantized[wanted]
 
     def lower(self, gemm: gs.Node) -> bool:
         if gemm.op == "Gemm" and (gemm.attrs.get("transA", 0) or gemm.attrs.get("alpha", 1.0) != 1.0
@@ -89,7 +103,7 @@ class Lowering:
         a, b = Operand.of(gemm.inputs[0]), Operand.of(gemm.inputs[1])
         if a is None or b is None or a.weight is not None or a.q is None:
             return False
-        a_in = self.replay(a, self.requantize(a, unsigned=True))
+        a_in = self.replay(a.moves, self.requantize(a, unsigned=True))
         a_zero = self.quantized_zero(a_in)
         if b.weight is not None:
             values, axis = b.weight, b.axis
@@ -100,7 +114,7 @@ class Lowering:
             b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_int8"), np.ascontiguousarray(values))
             b_scale = b.scale
         else:
-            b_in, b_scale = self.replay(b, self.requantize(b, unsigned=False)), b.scale
+            b_in, b_scale = self.replay(b.moves, self.requantize(b, unsigned=False)), b.scale
         inputs = [a_in, b_in, a.scale, b_scale, a_zero]
         output = gemm.outputs[0]
         bias = self.bias_of(gemm, output)
@@ -115,9 +129,9 @@ class Lowering:
                                         inputs=inputs, outputs=[output], domain=MS_DOMAIN))
         return True
 
-    def replay(self, operand: Operand, tensor: gs.Variable) -> gs.Variable:
-        """Apply the operand's data-movement ops (a Reshape of the context, say) to the integers."""
-        for move in getattr(operand, "moves", []):
+    def replay(self, moves: list[gs.Node], tensor: gs.Variable) -> gs.Variable:
+        """Apply data-movement ops (a Reshape of the context, say) to the integers instead."""
+        for move in moves:
             out = gs.Variable(self.names.fresh(f"{move.outputs[0].name}::{tensor.dtype.__name__}"), dtype=tensor.dtype)
             self.graph.nodes.append(gs.Node(move.op, self.names.fresh(f"{move.name}::integer"), dict(move.attrs),
                                             inputs=[tensor, *move.inputs[1:]], outputs=[out]))
@@ -163,5 +177,7 @@ def lower_onnxruntime(graph: gs.Graph, ctx: PassContext) -> PassResult:
         graph.import_domains = domains + [onnx.helper.make_opsetid(MS_DOMAIN, 1)]
         ir.cleanup(graph)
     return PassResult(lowered > 0, {"gemms_lowered": lowered, "weight_gemms": weights, "batched_matmuls": batched,
-                                    "uint8_quantizers": sum(k[2] == "u8" for k in lowering.quantized),
-                                    "int8_quantizers": sum(k[2] == "s8" for k in lowering.quantized)})
+                                    "uint8_quantizers": sum(n.op == "QuantizeLinear" and n.outputs[0].dtype == np.uint8
+                                                            for n in graph.nodes),
+                                    "int8_quantizers": sum(n.op == "QuantizeLinear" and n.outputs[0].dtype == np.int8
+                                                           for n in graph.nodes)})
