@@ -20,6 +20,26 @@ def _output_args(parser: argparse.ArgumentParser, suffix: str) -> None:
     parser.set_defaults(default_suffix=suffix)
 
 
+def _calibration_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, help="npz (or folder of npz shards) keyed by model input name")
+    parser.add_argument("--method", default="percentile", choices=["max", "percentile", "mse", "entropy"])
+    parser.add_argument("--percentile", type=float, default=99.99)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, help="use only the first N samples")
+    parser.add_argument("--providers", default="CPUExecutionProvider",
+                        help="onnxruntime execution providers, comma-separated")
+    parser.add_argument("--no-trim", action="store_true",
+                        help="keep trailing padding positions no sample in the batch attends to")
+
+
+def _calibration_config(args):
+    from .calibrate import CalibrationConfig
+
+    return CalibrationConfig(args.method, args.percentile, args.batch_size, args.num_samples,
+                             tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+                             not args.no_trim, _shard(args.shard), not args.quiet)
+
+
 def _output_path(args) -> Path:
     if args.output is not None:
         return args.output
@@ -50,20 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
                                            "calibrate merge A.npz B.npz -o ALL.npz")
     _model_args(calibrate)
     _output_args(calibrate, ".calib.onnx")
-    calibrate.add_argument("--data", type=Path, help="npz (or folder of npz shards) keyed by model input name")
-    calibrate.add_argument("--method", default="percentile", choices=["max", "percentile", "mse", "entropy"])
-    calibrate.add_argument("--percentile", type=float, default=99.99)
-    calibrate.add_argument("--batch-size", type=int, default=16)
-    calibrate.add_argument("--num-samples", type=int, help="use only the first N samples")
+    _calibration_args(calibrate)
     calibrate.add_argument("--stats", type=Path, help="collector states: written after --data, read without it")
     calibrate.add_argument("--report", type=Path, help="per-tensor samples, max and every method's amax (JSON)")
-    calibrate.add_argument("--providers", default="CPUExecutionProvider",
-                           help="onnxruntime execution providers, comma-separated")
     calibrate.add_argument("--shard", help="K/N: collect every N-th batch from the K-th (merge the shards' --stats)")
-    calibrate.add_argument("--no-trim", action="store_true",
-                           help="keep trailing padding positions no sample in the batch attends to")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     calibrate.set_defaults(run=run_calibrate)
+
+    compile_ = sub.add_parser("compile", help="insert -> calibrate -> lower in one command")
+    _model_args(compile_)
+    _output_args(compile_, ".int8.onnx")
+    compile_.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"])
+    _calibration_args(compile_)
+    compile_.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    compile_.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
+    compile_.add_argument("--quiet", action="store_true")
+    compile_.set_defaults(run=run_compile, stats=None, shard=None)
 
     lower = sub.add_parser("lower", help="lower a calibrated Q/DQ model for a backend (INT8 weights, integer GEMMs)")
     _model_args(lower)
@@ -117,7 +139,7 @@ def _shard(text: str | None) -> tuple[int, int] | None:
 
 def run_calibrate(args) -> int:
     from . import ir
-    from .calibrate import CalibrationConfig, apply_scales, calibrate, model_inputs
+    from .calibrate import apply_scales, calibrate, model_inputs
     from .calibration import load_states, save_states
     from .data import Dataset
 
@@ -128,9 +150,7 @@ def run_calibrate(args) -> int:
     output = _output_path(args)
     if ir.same_file(output, args.model) and not args.overwrite:
         raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
-    config = CalibrationConfig(args.method, args.percentile, args.batch_size, args.num_samples,
-                               tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-                               not args.no_trim, _shard(args.shard), not args.quiet)
+    config = _calibration_config(args)
     graph = ir.load(args.model)
     if args.data is not None:
         dataset = Dataset(args.data, model_inputs(graph))
@@ -200,6 +220,38 @@ def run_lower(args) -> int:
     records = lower(graph, config, verify=args.verify)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
     if not args.quiet:
+        for record in records:
+            print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
+        print(f"wrote {output}")
+    return 0
+
+
+def run_compile(args) -> int:
+    from . import ir
+    from .calibrate import calibrate, model_inputs
+    from .config import InsertConfig
+    from .data import Dataset
+    from .insert import insert, report, summary
+    from .lower import LowerConfig, lower
+
+    if args.data is None:
+        raise UsageError("compile needs --data (calibration samples)")
+    lower_config, insert_config, calibration = LowerConfig(args.target), InsertConfig(args.mode), _calibration_config(args)
+    output = _output_path(args)
+    if ir.same_file(output, args.model) and not args.overwrite:
+        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    graph = ir.load(args.model)
+    dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
+    inserted = insert(graph, insert_config)
+    _, reports, samples, seconds = calibrate(graph, dataset, calibration)
+    records = lower(graph, lower_config)
+    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    if args.report:
+        ir.write_text_atomic(args.report, json.dumps(report(inserted, insert_config), indent=1) + "\n")
+    if not args.quiet:
+        print(summary(inserted, insert_config))
+        print(f"calibrated {len(reports)} activation tensors ({samples} samples in {seconds:.1f} s, "
+              f"method {calibration.method.value})")
         for record in records:
             print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
         print(f"wrote {output}")

@@ -105,3 +105,18 @@ def test_cli(tmp_path, bert_file):
     proc = qdqc("lower", qdq, "--verify")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "bert.int8.onnx").exists() and "gemms_lowered 16" in proc.stdout
+
+
+def test_compile_runs_insert_calibrate_lower(tmp_path, bert_file):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(BertSpec(), batch=12, seq=16, seed=1))
+    report = tmp_path / "sites.json"
+    proc = qdqc("compile", bert_file, "--data", data, "--method", "mse", "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "bert.int8.onnx"
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 16 and report.exists()
+    feeds = example_inputs(BertSpec(), batch=2, seq=16, seed=8)
+    assert cosine(run_model(out, feeds)[0], run_model(bert_file, feeds)[0]) > 0.99
+    proc = qdqc("compile", bert_file)
+    assert proc.returncode == 2 and "--data" in proc.stderr

@@ -3,8 +3,10 @@
 Exports the model with torch.onnx (TorchScript exporter, opset 17), inserts Q/DQ at
 the FasterTransformer sites (`qdqc insert`), lints the result (`qdqc check`),
 calibrates on 256 real sentences shipped with qdqc (`qdqc calibrate`, one pass, all
-methods from the saved statistics) and measures fidelity against FP32 on 1000 other
-real sentences: cosine of mean-pooled embeddings. Artifacts go to ./artifacts.
+methods from the saved statistics), measures fidelity against FP32 on 1000 other
+real sentences (cosine of mean-pooled embeddings), then lowers to integer GEMMs
+(`qdqc lower`) and ends with the table of fidelity and CPU latency for FP32, qdqc and
+onnxruntime's own quantizers (tools/bench_cpu.py). Artifacts go to ./artifacts.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts")
     parser.add_argument("--mode", default="ft1")
+    parser.add_argument("--rounds", type=int, default=15, help="latency rounds in the final table")
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -83,6 +86,11 @@ def main() -> None:
         found = cosines(reference, embeddings(open_session(target), feeds))
         label = method + (f" {extra[1]}" if extra else "")
         print(f"{label:22} {found.mean():9.4f} {found.min():8.4f}", flush=True)
+
+    run("lower", str(out / "minilm.calib.onnx"), "--target", "onnxruntime", "-o", str(out / "minilm.int8.onnx"))
+    import bench_cpu  # tools/: FP32, qdqc (insert -> mse -> lower), ORT dynamic and static, side by side
+
+    bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128))
 
 
 if __name__ == "__main__":
