@@ -112,8 +112,9 @@ def model_inputs(graph: gs.Graph) -> list[InputSpec]:
     return [InputSpec.of(t) for t in graph.inputs]
 
 
-def collect(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig) -> dict[str, HistogramCollector]:
-    """One pass over the data; every activation quantizer's collector."""
+def collect(graph: gs.Graph, dataset: Dataset,
+            config: CalibrationConfig) -> tuple[dict[str, HistogramCollector], int]:
+    """One pass over the data: every activation quantizer's collector, and the samples this run kept."""
     quantizers = activation_quantizers(graph)
     if not quantizers.tensors:
         raise QdqcError("the model has no activation QuantizeLinear to calibrate (run `qdqc insert` first)")
@@ -139,6 +140,7 @@ def collect(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig) -> dic
 
     # Histogram batch k on a worker thread while onnxruntime runs batch k+1 (both release the GIL);
     # at most one batch of activations waits, so memory stays flat.
+    kept = 0
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = None
         for index, feeds in enumerate(dataset.batches(config.batch_size, total, config.trim_padding, select)):
@@ -147,11 +149,13 @@ def collect(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig) -> dic
                 pending.result()
             pending = worker.submit(histogram, index, outputs)
             del outputs
-            bar.update(len(next(iter(feeds.values()))))
+            count = len(next(iter(feeds.values())))
+            kept += count if config.shard is None or config.shard[0] == 0 or index > 0 else 0
+            bar.update(count)
         if pending is not None:
             pending.result()
     bar.close()
-    return collectors
+    return collectors, kept
 
 
 def _progress(total: int, enabled: bool):
@@ -172,8 +176,8 @@ class TensorReport:
     scale: float
 
 
-def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], config: CalibrationConfig,
-                 samples: int) -> list[TensorReport]:
+def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector],
+                 config: CalibrationConfig) -> list[TensorReport]:
     """Write amax/127 into every activation Q and DQ (shared scale groups take their max) and
     recompute the weight scales from the initializers."""
     quantizers = activation_quantizers(graph)
@@ -216,7 +220,7 @@ def _weight_scales(graph: gs.Graph) -> None:
         nodes[0].inputs[1].values = quant.scale_from_amax(amax)
 
 
-def report_json(reports: list[TensorReport], config: CalibrationConfig, samples: int, seconds: float) -> dict:
+def report_json(reports: list[TensorReport], config: CalibrationConfig, samples: int | None, seconds: float) -> dict:
     return {"method": config.method.value, "percentile": config.percentile, "samples": samples,
             "seconds": round(seconds, 3),
             "tensors": [{"tensor": r.tensor, "samples": samples, "elements": r.elements,
@@ -227,8 +231,7 @@ def report_json(reports: list[TensorReport], config: CalibrationConfig, samples:
 def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
     """Collect and apply in one go; returns (collectors, reports, samples, seconds)."""
     start = time.perf_counter()
-    collectors = collect(graph, dataset, config)
-    samples = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
-    reports = apply_scales(graph, collectors, config, samples)
+    collectors, samples = collect(graph, dataset, config)
+    reports = apply_scales(graph, collectors, config)
     return collectors, reports, samples, time.perf_counter() - start
 

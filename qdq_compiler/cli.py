@@ -163,12 +163,12 @@ def run_calibrate(args) -> int:
         except (OSError, ValueError, KeyError) as exc:
             raise QdqcError(f"{args.stats}: not a qdqc statistics file ({exc})") from None
         samples, seconds = None, 0.0
-        reports = apply_scales(graph, collectors, config, 0)
+        reports = apply_scales(graph, collectors, config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
     if args.report:
         from .calibrate import report_json
 
-        ir.write_text_atomic(args.report, json.dumps(report_json(reports, config, samples or 0, seconds), indent=1) + "\n")
+        ir.write_text_atomic(args.report, json.dumps(report_json(reports, config, samples, seconds), indent=1) + "\n")
     if not args.quiet:
         seen = f"{samples} samples in {seconds:.1f} s, " if samples is not None else "from saved statistics, "
         print(f"calibrated {len(reports)} activation tensors ({seen}method {config.method.value}"

@@ -112,9 +112,7 @@ def timing(model: Path, qdq: Path, data: Path, rounds: int, batch_size: int) -> 
     def plain(trim: bool) -> float:
         start = time.perf_counter()
         session = open_session(model)
-        graph_inputs = ir.load(model).inputs
-        for feeds in Dataset(data, [__import__("qdq_compiler.data").data.InputSpec.of(t) for t in graph_inputs]) \
-                .batches(batch_size, trim_padding=trim):
+        for feeds in Dataset(data, model_inputs(ir.load(model))).batches(batch_size, trim_padding=trim):
             session.run(None, feeds)
         return time.perf_counter() - start
 
