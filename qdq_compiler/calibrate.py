@@ -192,7 +192,8 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector],
     for scale_name, members in quantizers.groups.items():
         amax = max(chosen[t] for t in members)
         if amax <= quant.MIN_AMAX:
-            warnings.warn(f"'{members[0]}' was always zero in calibration: it gets a tiny positive scale")
+            warnings.warn(f"'{members[0]}' was always zero in calibration: it gets a tiny positive scale",
+                          stacklevel=2)
         scale = quant.scale_from_amax(np.float32(amax))
         tensors[scale_name].values = np.asarray(scale, np.float32)
         reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],

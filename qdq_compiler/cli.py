@@ -273,7 +273,14 @@ def run_check(args) -> int:
     return 1 if violations else 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"qdqc: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:2] == ["calibrate", "merge"]:

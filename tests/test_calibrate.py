@@ -239,3 +239,22 @@ def test_uncalibratable_model_says_so(tmp_path):
     np.savez(data, **dataset_feeds())
     proc = qdqc("calibrate", path, "--data", data)
     assert proc.returncode == 1 and "qdqc insert" in proc.stderr
+
+
+def test_an_always_zero_tensor_gets_a_tiny_scale_and_a_warning(files):
+    from qdq_compiler.calibrate import apply_scales
+    from qdq_compiler.calibration import HistogramCollector
+
+    graph = ir.load(files[1])
+    quantizers = activation_quantizers(graph)
+    collectors = {}
+    for name in quantizers.tensors:
+        collectors[name] = HistogramCollector()
+        collectors[name].collect(np.ones(10, np.float32))
+    zero_group = next(members for members in quantizers.groups.values() if len(members) == 1)
+    collectors[zero_group[0]] = HistogramCollector()
+    collectors[zero_group[0]].collect(np.zeros(10, np.float32))
+    with pytest.warns(UserWarning, match="always zero"):
+        reports = apply_scales(graph, collectors, CalibrationConfig("max", progress=False))
+    scale = next(r.scale for r in reports if r.tensor == zero_group[0])
+    assert 0 < scale < 1e-8

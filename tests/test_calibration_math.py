@@ -42,7 +42,6 @@ def reference_mse(counts, edges, start_bin=128, bound=127):
 def reference_entropy(counts, edges, start_bin=128, levels=128):
     bins = [float(c) for c in counts]
     bins[0] = bins[1]
-    total = sum(bins)
     divergences = []
     for i in range(start_bin, len(bins) + 1):
         space = np.linspace(0, i, levels + 1)

@@ -3,7 +3,6 @@ import json
 import os
 
 import onnx
-import pytest
 
 from qdq_compiler.synthetic import BertSpec, build_bert
 

@@ -97,7 +97,7 @@ def latency(paths: dict[str, Path], feeds_by_batch: dict[int, dict], rounds: int
     results = {}
     for batch, feeds in feeds_by_batch.items():
         times = {name: [] for name in sessions}
-        for name, session in sessions.items():  # warm-up
+        for session in sessions.values():  # warm-up
             session.run(None, feeds)
         for _ in range(rounds):
             for name, session in sessions.items():
@@ -122,7 +122,7 @@ def report(title: str, paths: dict[str, Path], timings: dict, fidelity: dict | N
         if fidelity:
             mean, low = fidelity[name]
             line += f" {mean:9.4f} {low:8.4f}"
-        for batch, times in timings.items():
+        for times in timings.values():
             median = statistics.median(times[name])
             line += f" {median:11.1f} {p90(times[name]):7.1f} {statistics.median(times['FP32']) / median:7.2f}x"
         line += f" {gemm_weight_bytes(path) / 2**20:17.1f}"
