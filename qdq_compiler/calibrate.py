@@ -143,8 +143,13 @@ def collect(graph: gs.Graph, dataset: Dataset,
     kept = 0
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = None
-        for index, feeds in enumerate(dataset.batches(config.batch_size, total, config.trim_padding, select)):
-            outputs = runner.run(quantizers.tensors, feeds)
+        for index, feeds in enumerate(dataset.batches(_batch_size(graph, config), total, config.trim_padding,
+                                                      select)):
+            try:
+                outputs = runner.run(quantizers.tensors, feeds)
+            except Exception as exc:  # onnxruntime's own exception types
+                raise QdqcError(f"onnxruntime failed on calibration batch {index}: "
+                                f"{str(exc).strip().splitlines()[0]}") from None
             if pending is not None:
                 pending.result()
             pending = worker.submit(histogram, index, outputs)
@@ -156,6 +161,18 @@ def collect(graph: gs.Graph, dataset: Dataset,
             pending.result()
     bar.close()
     return collectors, kept
+
+
+def _batch_size(graph: gs.Graph, config: CalibrationConfig) -> int:
+    """A model exported with a fixed batch dimension gets batches of exactly that size."""
+    fixed = {t.shape[0] for t in graph.inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0}
+    if len(fixed) == 1:
+        size = fixed.pop()
+        if size != config.batch_size:
+            warnings.warn(f"the model's inputs have a fixed batch of {size}: calibrating {size} samples at a time",
+                          stacklevel=2)
+        return size
+    return config.batch_size
 
 
 def _progress(total: int, enabled: bool):

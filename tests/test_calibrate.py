@@ -258,3 +258,18 @@ def test_an_always_zero_tensor_gets_a_tiny_scale_and_a_warning(files):
         reports = apply_scales(graph, collectors, CalibrationConfig("max", progress=False))
     scale = next(r.scale for r in reports if r.tensor == zero_group[0])
     assert 0 < scale < 1e-8
+
+
+def test_fixed_batch_models_calibrate_in_their_batch(tmp_path):
+    spec = BertSpec(layers=1)
+    model = build_bert(spec)
+    for value in model.graph.input:
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    graph = gs.import_onnx(model)
+    insert(graph, InsertConfig("ft1"))
+    data = tmp_path / "d.npz"
+    np.savez(data, **example_inputs(spec, batch=6, seq=16))
+    with pytest.warns(UserWarning, match="fixed batch of 2"):
+        _, reports, samples, _ = calibrate(graph, Dataset(data, model_inputs(graph)),
+                                           CalibrationConfig("max", progress=False))
+    assert samples == 6 and reports
