@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"])
     _calibration_args(compile_)
     compile_.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    compile_.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
     compile_.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
     compile_.add_argument("--quiet", action="store_true")
     compile_.set_defaults(run=run_compile, stats=None, shard=None)
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(lower)
     _output_args(lower, ".int8.onnx")
     lower.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    lower.add_argument("--keep-fp32", default="LayerNorm",
+                       help="tensorrt: comma-separated LayerNorm,Softmax,Gelu kept in FP32 (default LayerNorm)")
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
@@ -98,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="lint a Q/DQ model against TensorRT's explicit-quantization rules")
     _model_args(check)
     check.add_argument("--json", type=Path, help="also write the violations as JSON here")
+    check.add_argument("--parse", action="store_true",
+                       help="also run TensorRT's ONNX parser (pip install tensorrt-rtx) and list its errors")
     check.set_defaults(run=run_check)
     return parser
 
@@ -125,6 +130,10 @@ def run_insert(args) -> int:
     elif result.plan.fallback:
         print(summary(result, config).splitlines()[0], file=sys.stderr)
     return 0
+
+
+def _names(text: str) -> frozenset[str]:
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:
@@ -212,7 +221,7 @@ def run_lower(args) -> int:
     from . import ir
     from .lower import LowerConfig, lower
 
-    config = LowerConfig(args.target)
+    config = LowerConfig(args.target, _names(args.keep_fp32))
     output = _output_path(args)
     if ir.same_file(output, args.model) and not args.overwrite:
         raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
@@ -236,7 +245,8 @@ def run_compile(args) -> int:
 
     if args.data is None:
         raise UsageError("compile needs --data (calibration samples)")
-    lower_config, insert_config, calibration = LowerConfig(args.target), InsertConfig(args.mode), _calibration_config(args)
+    lower_config = LowerConfig(args.target, _names(args.keep_fp32))
+    insert_config, calibration = InsertConfig(args.mode), _calibration_config(args)
     output = _output_path(args)
     if ir.same_file(output, args.model) and not args.overwrite:
         raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
@@ -270,7 +280,18 @@ def run_check(args) -> int:
         ir.write_text_atomic(args.json, json.dumps([vars(v) for v in violations], indent=1) + "\n")
     qdq = sum(n.op in ir.QDQ_OPS for n in graph.nodes)
     print(f"{args.model}: {qdq} Q/DQ nodes, {len(violations)} violation(s)")
-    return 1 if violations else 0
+    parsed_ok = True
+    if args.parse:
+        from .trt_parse import parse
+
+        result = parse(args.model)
+        for error in result.errors:
+            print(f"parser: {error}")
+        matmuls = {k.split(":")[1]: v for k, v in result.layers.items() if k.startswith("MATRIX_MULTIPLY:")}
+        print(f"TensorRT parser: {'ok' if result.ok else 'FAILED'}; {sum(result.layers.values())} layers; "
+              f"matrix multiplies by output type {matmuls}")
+        parsed_ok = result.ok
+    return 1 if violations or not parsed_ok else 0
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

@@ -334,7 +334,7 @@ def annotate_shapes(graph: gs.Graph) -> int:
     with _ConstantsAsInputs(graph, _heavy_constants(graph)):
         toposort(graph)
         model = gs.export_onnx(graph, do_type_check=False)
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     tensors = graph.tensors()
     typed = 0
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -342,10 +342,44 @@ def annotate_shapes(graph: gs.Graph) -> int:
         kind = info.type.tensor_type
         if not isinstance(tensor, gs.Variable) or not kind.elem_type:
             continue
-        if tensor.dtype is None or tensor.shape is None:
+        known = kind.HasField("shape") and any(d.HasField("dim_value") for d in kind.shape.dim)
+        vague = tensor.shape is None or not any(isinstance(d, int) for d in tensor.shape)
+        if tensor.dtype is None or (vague and known):
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(kind.elem_type)
             if kind.HasField("shape"):
                 tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                 for d in kind.shape.dim]
             typed += 1
     return typed
+
+
+def upgrade_opset(graph: gs.Graph, version: int) -> gs.Graph:
+    """The graph at a newer default-domain opset, by onnx.version_converter (weights never copied)."""
+    from onnx import version_converter
+
+    heavy = _heavy_constants(graph)
+    originals = {t.name: t for t in heavy}
+    with _ConstantsAsInputs(graph, heavy):
+        toposort(graph)
+        model = gs.export_onnx(graph, do_type_check=False)
+    try:
+        converted = version_converter.convert_version(model, version)
+    except Exception as exc:  # the converter raises several exception types
+        raise QdqcError(f"cannot convert the model to opset {version}: {str(exc).splitlines()[0]}") from None
+    upgraded = gs.import_onnx(converted)
+    for node in upgraded.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name in originals:
+                node.inputs[index] = originals[tensor.name]
+    upgraded.inputs = [t for t in upgraded.inputs if t.name not in originals]
+    names = Names(upgraded)
+    for node in upgraded.nodes:
+        if not node.name:  # the converter adds unnamed nodes (Constant axes for ReduceMean-18)
+            node.name = names.fresh(f"{node.outputs[0].name}::{node.op}")
+    return upgraded
+
+
+def replace_contents(graph: gs.Graph, source: gs.Graph) -> None:
+    """Make `graph` hold `source`'s nodes and interface (passes mutate the graph they are given)."""
+    graph.nodes, graph.inputs, graph.outputs = source.nodes, source.inputs, source.outputs
+    graph.opset, graph.import_domains = source.opset, source.import_domains

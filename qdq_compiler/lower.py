@@ -15,17 +15,24 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
+FP32_CHOICES = frozenset({"LayerNorm", "Softmax", "Gelu"})
+
+
 @dataclass(frozen=True)
 class LowerConfig:
     target: Target = Target.ONNXRUNTIME
+    keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # tensorrt: what stays FP32
 
     def __post_init__(self):
         try:
             object.__setattr__(self, "target", Target(self.target))
         except ValueError:
             raise UsageError(f"--target {self.target!r}: expected onnxruntime or tensorrt") from None
-        if self.target is Target.TENSORRT:
-            raise UsageError("--target tensorrt is not implemented yet (see README: status)")
+        keep = frozenset(self.keep_fp32)
+        if keep - FP32_CHOICES:
+            raise UsageError(f"--keep-fp32 {','.join(sorted(keep - FP32_CHOICES))}: expected any of "
+                             f"{','.join(sorted(FP32_CHOICES))}")
+        object.__setattr__(self, "keep_fp32", keep)
 
 
 def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False) -> list[PassRecord]:

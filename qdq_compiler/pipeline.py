@@ -60,6 +60,7 @@ PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
     "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
     "lower-onnxruntime": ("lower-onnxruntime", "fold-weight-quantizers"),
+    "lower-tensorrt": ("report-mha", "fold-weight-quantizers", "to-fp16"),
 }
 
 

@@ -1,0 +1,45 @@
+"""What TensorRT's INT8 fused attention needs, per matched layer (analysis only).
+
+TensorRT fuses INT8 multi-head attention only with Q/DQ before both batched matmuls and
+after the softmax, head size 16, 32 or 64 and sequence length at most 512 (REFERENCE.md §0.3).
+"""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from qdq_compiler import ir
+from qdq_compiler.bert import match_encoder
+from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
+
+FUSED_HEAD_SIZES = (16, 32, 64)
+FUSED_MAX_SEQUENCE = 512
+
+
+def _dequantized(tensor: gs.Tensor) -> bool:
+    node = ir.producer(tensor)
+    return node is not None and node.op == "DequantizeLinear"
+
+
+@register("report-mha")
+def report_mha(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    ir.annotate_shapes(graph)  # head sizes come from the shapes of Q (data propagation through Reshape)
+    tensors = graph.tensors()
+    head_sizes, quantized, diagnostics = set(), 0, []
+    for layer in match_encoder(graph).layers:
+        attention = layer.attention
+        shape = tensors[attention.query].shape
+        if shape and isinstance(shape[-1], int):
+            head_sizes.add(shape[-1])
+        if all(_dequantized(tensors[name]) for name in (attention.query, attention.key, attention.probs,
+                                                         attention.value)):
+            quantized += 1
+        else:
+            diagnostics.append(Diagnostic("warning", f"layer {layer.index}: batched-matmul inputs are not all "
+                                          "quantized, TensorRT will not fuse INT8 attention", attention.bmm1))
+    eligible = bool(head_sizes) and head_sizes <= set(FUSED_HEAD_SIZES)
+    if head_sizes and not eligible:
+        diagnostics.append(Diagnostic("warning", f"head size {sorted(head_sizes)}: TensorRT fuses INT8 attention "
+                                      f"only for {FUSED_HEAD_SIZES}"))
+    return PassResult(True, {"attention_blocks_quantized": quantized, "head_sizes": sorted(head_sizes),
+                              "int8_fused_mha_head_size_ok": eligible,
+                              "int8_fused_mha_max_sequence": FUSED_MAX_SEQUENCE}, tuple(diagnostics))
