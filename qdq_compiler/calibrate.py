@@ -112,6 +112,19 @@ def model_inputs(graph: gs.Graph) -> list[InputSpec]:
     return [InputSpec.of(t) for t in graph.inputs]
 
 
+def channel_maxima(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
+                   tensors: list[str]) -> dict[str, np.ndarray]:
+    """Running max |x| per channel (last axis) of `tensors` over the data, float network."""
+    runner = session(float_network(graph, tensors), config.providers)
+    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    maxima: dict[str, np.ndarray] = {}
+    for feeds in dataset.batches(_batch_size(graph, config), total, config.trim_padding):
+        for name, values in zip(tensors, runner.run(tensors, feeds)):
+            found = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0)
+            maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
+    return maxima
+
+
 def collect(graph: gs.Graph, dataset: Dataset,
             config: CalibrationConfig) -> tuple[dict[str, HistogramCollector], int]:
     """One pass over the data: every activation quantizer's collector, and the samples this run kept."""
@@ -216,7 +229,7 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector],
         reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],
                                  amax, float(scale)) for t in members]
     _sync_dequantize_scales(graph)
-    _weight_scales(graph)
+    refresh_weight_scales(graph)
     return reports
 
 
@@ -228,7 +241,8 @@ def _sync_dequantize_scales(graph: gs.Graph) -> None:
                 dq.inputs[1].values = q.inputs[1].values.copy()
 
 
-def _weight_scales(graph: gs.Graph) -> None:
+def refresh_weight_scales(graph: gs.Graph) -> None:
+    """Weight scales from the initializers (per channel, or the max over a shared per-tensor group)."""
     groups: dict[str, list[gs.Node]] = {}
     for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
         groups.setdefault(q.inputs[1].name, []).append(q)

@@ -30,6 +30,9 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
                         help="onnxruntime execution providers, comma-separated")
     parser.add_argument("--no-trim", action="store_true",
                         help="keep trailing padding positions no sample in the batch attends to")
+    parser.add_argument("--smooth", default="off",
+                        help="SmoothQuant outlier migration before calibration: off or alpha in [0, 1] (0.85 works "
+                             "for BERT); needs --data")
 
 
 def _calibration_config(args):
@@ -136,6 +139,17 @@ def _names(text: str) -> frozenset[str]:
     return frozenset(part.strip() for part in text.split(",") if part.strip())
 
 
+def _smooth(text: str):
+    from .smooth import SmoothConfig
+
+    if text == "off":
+        return None
+    try:
+        return SmoothConfig(float(text))
+    except ValueError:
+        raise UsageError(f"--smooth {text!r}: expected off or an alpha such as 0.85") from None
+
+
 def _shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -154,15 +168,22 @@ def run_calibrate(args) -> int:
 
     if args.data is None and args.stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
+    config = _calibration_config(args)
+    smoothing = _smooth(args.smooth)
+    if smoothing is not None and args.data is None:
+        raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
     if args.stats is not None and args.data is None and not args.stats.exists():
         raise UsageError(f"{args.stats}: no such file")
     output = _output_path(args)
     if ir.same_file(output, args.model) and not args.overwrite:
         raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
-    config = _calibration_config(args)
     graph = ir.load(args.model)
     if args.data is not None:
         dataset = Dataset(args.data, model_inputs(graph))
+        if smoothing is not None:
+            from .smooth import smooth
+
+            smooth(graph, dataset, config, smoothing)
         collectors, reports, samples, seconds = calibrate(graph, dataset, config)
         if args.stats is not None:
             save_states(args.stats, collectors)
@@ -252,7 +273,12 @@ def run_compile(args) -> int:
         raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
     graph = ir.load(args.model)
     dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
+    smoothing = _smooth(args.smooth)
     inserted = insert(graph, insert_config)
+    if smoothing is not None:
+        from .smooth import smooth
+
+        smooth(graph, dataset, calibration, smoothing)
     _, reports, samples, seconds = calibrate(graph, dataset, calibration)
     records = lower(graph, lower_config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)

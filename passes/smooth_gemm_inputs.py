@@ -1,0 +1,44 @@
+"""Apply SmoothQuant factors (qdq_compiler/smooth.py) from per-channel activation maxima."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qdq_compiler import ir
+from qdq_compiler.calibrate import refresh_weight_scales
+from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
+from qdq_compiler.smooth import reader_weight, smooth_sites, smoothing_factors
+
+
+@register("smooth-gemm-inputs")
+def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    maxima: dict[str, np.ndarray] = ctx.analyses["channel_max"]
+    alpha: float = ctx.config.alpha
+    nodes = {n.name: n for n in graph.nodes}
+    names = ir.Names(graph)
+    smoothed, diagnostics = 0, []
+    for site in smooth_sites(graph):
+        if site.tensor not in maxima:
+            continue
+        weights = [reader_weight(nodes[name]) for name in site.readers]
+        rows = [np.abs(w.values).max(axis=1 - axis) for w, axis in weights]
+        if len({len(r) for r in rows}) != 1 or len(rows[0]) != len(maxima[site.tensor]):
+            diagnostics.append(Diagnostic("info", f"'{site.tensor}': channel counts disagree, not smoothed"))
+            continue
+        factors = smoothing_factors(maxima[site.tensor], np.max(rows, axis=0), alpha)
+        for weight, axis in weights:
+            shape = [1, 1]
+            shape[axis] = len(factors)
+            weight.values = (weight.values * factors.reshape(shape)).astype(weight.values.dtype)
+        q = nodes[site.quantizer]
+        source = q.inputs[0]
+        smoothed_tensor = gs.Variable(names.fresh(f"{source.name}::smoothed"), dtype=source.dtype, shape=source.shape)
+        inverse = gs.Constant(names.fresh(f"{source.name}::smooth_inverse"), (1.0 / factors).astype(np.float32))
+        graph.nodes.append(gs.Node("Mul", names.fresh(f"{source.name}::smooth"), inputs=[source, inverse],
+                                   outputs=[smoothed_tensor]))
+        q.inputs[0] = smoothed_tensor
+        smoothed += 1
+    if smoothed:
+        refresh_weight_scales(graph)
+        ir.toposort(graph)
+    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "alpha": alpha}, tuple(diagnostics))

@@ -1,0 +1,90 @@
+"""SmoothQuant (Xiao et al. 2022): migrate activation outliers into the weights before calibration.
+
+Per input channel j of the GEMMs reading one quantized activation x,
+    s_j = max|x_j|^alpha / max|W_j|^(1 - alpha)
+(max|W_j| over the j-th input row of every reader's weight). The GEMM branch gets a
+per-channel Mul by 1/s_j in front of its QuantizeLinear and every reader's weight rows are
+multiplied by s_j: (x/s)·(s·W) = x·W. Only quantizers whose every reader is a linear layer
+are smoothed, so a residual branch (which reads x itself) never changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .bert import linear_at
+
+
+@dataclass(frozen=True)
+class SmoothSite:
+    quantizer: str              # the activation QuantizeLinear
+    tensor: str                 # the float activation it reads
+    readers: tuple[str, ...]    # the linear layers reading its DequantizeLinear
+
+
+def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
+    sites = []
+    for q in graph.nodes:
+        if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]).size != 1:
+            continue
+        dequantizers = q.outputs[0].outputs
+        if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
+            continue
+        readers = [reader for dq in dequantizers for reader in dq.outputs[0].outputs]
+        if readers and all(_smoothable(reader) for reader in readers):
+            sites.append(SmoothSite(q.name, q.inputs[0].name, tuple(r.name for r in readers)))
+    return sites
+
+
+def _smoothable(reader: gs.Node) -> bool:
+    """A linear layer reading the DQ directly, whose float weight feeds only its own quantizer."""
+    if linear_at(reader) is None or reader.inputs[0].inputs[0].op != "DequantizeLinear":
+        return False
+    weight = reader_weight(reader)[0]
+    return weight is not None and len(weight.outputs) == 1
+
+
+def reader_weight(reader: gs.Node) -> tuple[gs.Constant | None, int]:
+    """The float weight constant behind a linear layer, and the axis of its input channels."""
+    linear = linear_at(reader)
+    dq = ir.producer(reader.inputs[1])
+    q = ir.producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+    weight = q.inputs[0] if q is not None and q.op == "QuantizeLinear" else None
+    if not isinstance(weight, gs.Constant) or weight.name != linear.weight:
+        return None, 0
+    return weight, 1 - linear.weight_axis
+
+
+def smoothing_factors(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|x_j|^alpha / max|W_j|^(1-alpha); a channel with no range keeps s_j = 1."""
+    activation_max = np.asarray(activation_max, np.float64)
+    weight_max = np.asarray(weight_max, np.float64)
+    usable = (activation_max > 0) & (weight_max > 0)
+    factors = np.ones_like(activation_max)
+    factors[usable] = activation_max[usable] ** alpha / weight_max[usable] ** (1 - alpha)
+    return factors.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SmoothConfig:
+    alpha: float = 0.85
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            from .errors import UsageError
+
+            raise UsageError(f"--smooth {self.alpha}: alpha must be in [0, 1]")
+
+
+def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verify: bool = False):
+    """Measure per-channel maxima of the smoothable activations, then rewrite (pass `smooth-gemm-inputs`)."""
+    from .calibrate import channel_maxima
+    from .pipeline import PassContext, run_pipeline
+
+    sites = smooth_sites(graph)
+    ctx = PassContext(config)
+    ctx.analyses["channel_max"] = channel_maxima(graph, dataset, calibration, [s.tensor for s in sites])
+    return run_pipeline(graph, ("smooth-gemm-inputs",), ctx, verify=verify)
