@@ -79,7 +79,8 @@ class Lowering:
         source, moves = operand.float_input, []
         while True:
             move = ir.producer(source)
-            if move is None or move.op not in MOVE_OPS or any(n.op != "QuantizeLinear" for n in source.outputs):
+            readers = [n for n in source.outputs if n.op != "QuantizeLinear" and (not moves or n is not moves[-1])]
+            if move is None or move.op not in MOVE_OPS or readers:
                 break
             moves.append(move)
             source = move.inputs[0]
