@@ -144,13 +144,23 @@ def float_source(tensor: gs.Tensor) -> gs.Tensor:
 
 
 def origin(tensor: gs.Tensor) -> gs.Tensor:
-    """The tensor behind Q/DQ pairs and reshapes (Gemm exports flatten tokens around each GEMM)."""
+    """The tensor behind Q/DQ pairs, reshapes (Gemm exports flatten tokens around each GEMM) and
+    per-channel constant Muls (SmoothQuant's 1/s on a GEMM branch)."""
     while True:
         tensor = float_source(tensor)
         node = ir.producer(tensor)
-        if node is None or node.op not in RESHAPE_OPS:
+        if node is not None and is_channel_scale(node, 0):
+            tensor = node.inputs[0]
+        elif node is not None and node.op in RESHAPE_OPS:
+            tensor = node.inputs[0]
+        else:
             return tensor
-        tensor = node.inputs[0]
+
+
+def is_channel_scale(node: gs.Node, index: int) -> bool:
+    """Mul(x, constant vector) read at x: SmoothQuant's per-channel 1/s on a GEMM branch."""
+    return node.op == "Mul" and index == 0 and len(node.inputs) == 2 and ir.is_constant(node.inputs[1]) \
+        and ir.constant(node.inputs[1]).ndim == 1
 
 
 def uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
@@ -314,7 +324,8 @@ class Walk:
                 self.touch(node)
                 if accept(node, index):
                     return node, index
-            movers = [n for n, i in readers if n.op in MOVE_OPS and i == 0 or is_nan_guard(n, i)]
+            movers = [n for n, i in readers if n.op in MOVE_OPS and i == 0 or is_nan_guard(n, i)
+                      or is_channel_scale(n, i)]
             if len(movers) != 1:
                 break
             tensor = movers[0].outputs[0]

@@ -92,3 +92,18 @@ def test_cli_validates_smooth(tmp_path, bert_file):
     assert proc.returncode == 2 and "alpha must be in [0, 1]" in proc.stderr
     proc = qdqc("calibrate", qdq, "--data", data, "--smooth", "0.85")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_smoothed_model_still_matches_and_lowers(setup):
+    from qdq_compiler.bert import match_encoder
+    from qdq_compiler.lower import LowerConfig, lower
+
+    _, graph, data = setup
+    config = CalibrationConfig("max", progress=False)
+    smooth(graph, Dataset(data, model_inputs(graph)), config, SmoothConfig())
+    calibrate(graph, Dataset(data, model_inputs(graph)), config)
+    assert len(match_encoder(graph).layers) == 2
+    trt = graph.copy()
+    assert lower(trt, LowerConfig("tensorrt"))[0].stats["attention_blocks_quantized"] == 2
+    lower(graph, LowerConfig("onnxruntime"))
+    assert sum(n.op == "MatMulIntegerToFloat" for n in graph.nodes) == 16
