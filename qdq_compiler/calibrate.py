@@ -67,13 +67,13 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
-def float_network(graph: gs.Graph, outputs: list[str]) -> gs.Graph:
-    """A copy of `graph` with every Q->DQ pair bypassed and `outputs` exposed."""
+def float_network(graph: gs.Graph, outputs: list[str], keep: frozenset[str] = frozenset()) -> gs.Graph:
+    """A copy of `graph` with every Q->DQ pair bypassed (but the Qs named in `keep`) and `outputs` exposed."""
     network = graph.copy()
     tensors = network.tensors()
     for dq in [n for n in network.nodes if n.op == "DequantizeLinear"]:
         q = ir.producer(dq.inputs[0])
-        if q is None or q.op != "QuantizeLinear":
+        if q is None or q.op != "QuantizeLinear" or q.name in keep:
             continue
         source, target = q.inputs[0], dq.outputs[0]
         for reader in list(target.outputs):

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     compile_.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
     compile_.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
+    compile_.add_argument("--fallback-budget", type=int, default=0,
+                          help="leave the K most sensitive activation sites in float (measured by `analyze`)")
     compile_.add_argument("--quiet", action="store_true")
     compile_.set_defaults(run=run_compile, stats=None, shard=None)
 
@@ -100,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
+
+    analyze = sub.add_parser("analyze", help="per-site sensitivity of a calibrated Q/DQ model (cosine, SNR)")
+    _model_args(analyze)
+    analyze.add_argument("--data", type=Path, required=True, help="npz keyed by model input name")
+    analyze.add_argument("--samples", type=int, default=32, help="samples to measure on (default 32)")
+    analyze.add_argument("--json", type=Path, help="write the ranking as JSON here")
+    analyze.add_argument("--providers", default="CPUExecutionProvider")
+    analyze.add_argument("--quiet", action="store_true")
+    analyze.set_defaults(run=run_analyze)
 
     check = sub.add_parser("check", help="lint a Q/DQ model against TensorRT's explicit-quantization rules")
     _model_args(check)
@@ -280,6 +291,15 @@ def run_compile(args) -> int:
 
         smooth(graph, dataset, calibration, smoothing)
     _, reports, samples, seconds = calibrate(graph, dataset, calibration)
+    left_out = []
+    if args.fallback_budget < 0:
+        raise UsageError(f"--fallback-budget must be at least 0, got {args.fallback_budget}")
+    if args.fallback_budget:
+        from .analyze import leave_in_float, sensitivity
+
+        ranking = sensitivity(graph, dataset, calibration)
+        left_out = ranking[: args.fallback_budget]
+        leave_in_float(graph, [s.quantizer for s in left_out])
     records = lower(graph, lower_config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
     if args.report:
@@ -288,9 +308,41 @@ def run_compile(args) -> int:
         print(summary(inserted, insert_config))
         print(f"calibrated {len(reports)} activation tensors ({samples} samples in {seconds:.1f} s, "
               f"method {calibration.method.value})")
+        for site in left_out:
+            print(f"left in float: {site.tensor} (alone it costs cosine {1 - site.only_cosine:.2e}); the GEMMs "
+                  "reading it run in float")
         for record in records:
             print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
         print(f"wrote {output}")
+    return 0
+
+
+def run_analyze(args) -> int:
+    from . import ir
+    from .analyze import activation_sites, sensitivity
+    from .calibrate import CalibrationConfig, model_inputs
+    from .data import Dataset
+
+    if args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    graph = ir.load(args.model)
+    if not activation_sites(graph):
+        raise UsageError("the model has no activation QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
+    config = CalibrationConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
+                               progress=False)
+    dataset = Dataset(args.data, model_inputs(graph))
+    from tqdm import tqdm
+
+    with tqdm(total=len(activation_sites(graph)), unit="site", desc="analyzing", file=sys.stderr,
+              disable=args.quiet or not sys.stderr.isatty()) as bar:
+        ranking = sensitivity(graph, dataset, config, args.samples, bar)
+    if args.json:
+        ir.write_text_atomic(args.json, json.dumps([vars(s) for s in ranking], indent=1) + "\n")
+    if not args.quiet:
+        print(f"{'rank':>4}  {'only this site: cos':>19} {'SNR dB':>7}  {'all but this: cos':>17} {'SNR dB':>7}  tensor")
+        for rank, site in enumerate(ranking, 1):
+            print(f"{rank:>4}  {site.only_cosine:19.6f} {site.only_snr_db:7.1f}  {site.without_cosine:17.6f} "
+                  f"{site.without_snr_db:7.1f}  {site.tensor}")
     return 0
 
 
@@ -340,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qdqc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `qdqc analyze ... | head`
+        sys.stderr.close()
+        return 0
     except MemoryError:
         print("qdqc: error: out of memory", file=sys.stderr)
         return 1

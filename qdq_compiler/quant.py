@@ -19,7 +19,7 @@ def amax(values: np.ndarray, axis: int | None = None) -> np.ndarray:
 def scale_from_amax(value: np.ndarray) -> np.ndarray:
     """amax/127, with a tiny positive floor so an all-zero range still has a valid scale."""
     value = np.asarray(value, dtype=np.float32)
-    return (np.maximum(value, MIN_AMAX) / QMAX).astype(np.float32)
+    return np.asarray(np.maximum(value, MIN_AMAX) / QMAX, dtype=np.float32)  # an array even for a scalar
 
 
 def quantize(values: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:

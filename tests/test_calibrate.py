@@ -273,3 +273,13 @@ def test_fixed_batch_models_calibrate_in_their_batch(tmp_path):
         _, reports, samples, _ = calibrate(graph, Dataset(data, model_inputs(graph)),
                                            CalibrationConfig("max", progress=False))
     assert samples == 6 and reports
+
+
+def test_ft2_calibrated_model_can_be_copied_and_recalibrated(files, tmp_path):
+    """Per-tensor (scalar) scales stay arrays, so graph copies (the calibration network) work."""
+    _, qdq, data = files
+    graph = ir.load(qdq)
+    dataset = Dataset(data, model_inputs(graph))
+    calibrate(graph, dataset, CalibrationConfig("max", progress=False))
+    assert all(isinstance(t.values, np.ndarray) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    calibrate(graph.copy(), dataset, CalibrationConfig("mse", progress=False))

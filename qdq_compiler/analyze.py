@@ -1,0 +1,93 @@
+"""Per-site sensitivity: how much each activation quantizer costs at the model output.
+
+For every activation QuantizeLinear, two variants run on the data: only that site quantized
+(everything else float, weights included), and every quantizer but that site. Error is the
+cosine (mean over samples) and SNR of the first output against the float network; with an
+attention mask both are of mask-averaged embeddings, so padding never counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .calibrate import CalibrationConfig, _batch_size, float_network, session
+from .data import Dataset
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    quantizer: str
+    tensor: str
+    only_cosine: float      # mean cosine with only this site quantized
+    only_snr_db: float
+    without_cosine: float   # mean cosine with every quantizer but this one
+    without_snr_db: float
+
+
+def _outputs(graph: gs.Graph, batches: list[dict], providers) -> list[np.ndarray]:
+    runner = session(graph, providers)
+    name = graph.outputs[0].name
+    return [runner.run([name], feeds)[0] for feeds in batches]
+
+
+def _pooled(values: np.ndarray, feeds: dict) -> np.ndarray:
+    mask = feeds.get("attention_mask")
+    if mask is None or values.ndim != 3 or mask.shape != values.shape[:2]:
+        return values.reshape(len(values), -1)
+    weights = mask[..., None].astype(np.float32)
+    return (values * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+def compare(reference: list[np.ndarray], found: list[np.ndarray], batches: list[dict]) -> tuple[float, float]:
+    cosines, signal, noise = [], 0.0, 0.0
+    for ref, out, feeds in zip(reference, found, batches):
+        a, b = _pooled(ref, feeds).astype(np.float64), _pooled(out, feeds).astype(np.float64)
+        cosines.append((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+        signal += float((a ** 2).sum())
+        noise += float(((a - b) ** 2).sum())
+    snr = math.inf if noise == 0 else 10 * math.log10(signal / noise)
+    return float(np.concatenate(cosines).mean()), snr
+
+
+def activation_sites(graph: gs.Graph) -> list[gs.Node]:
+    return [n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])]
+
+
+def sensitivity(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int = 32,
+                progress=None) -> list[Sensitivity]:
+    """Every activation site's cost, worst first (lowest cosine with only that site quantized)."""
+    batches = list(dataset.batches(_batch_size(graph, config), samples, config.trim_padding))
+    reference = _outputs(float_network(graph, []), batches, config.providers)
+    every = {n.name for n in graph.nodes if n.op == "QuantizeLinear"}
+    found = []
+    for q in activation_sites(graph):
+        only = compare(reference, _outputs(float_network(graph, [], frozenset({q.name})), batches,
+                                           config.providers), batches)
+        without = compare(reference, _outputs(float_network(graph, [], frozenset(every - {q.name})), batches,
+                                              config.providers), batches)
+        found.append(Sensitivity(q.name, q.inputs[0].name, *only, *without))
+        if progress is not None:
+            progress.update(1)
+    return sorted(found, key=lambda s: s.only_cosine)
+
+
+def leave_in_float(graph: gs.Graph, quantizers: list[str]) -> int:
+    """Bypass the named activation quantizers for good (their readers take the float tensor)."""
+    chosen = set(quantizers)
+    bypassed = 0
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear" and n.name in chosen]:
+        source = q.inputs[0]
+        for dq in list(q.outputs[0].outputs):
+            if dq.op != "DequantizeLinear":
+                continue
+            for reader in list(dq.outputs[0].outputs):
+                for index, value in enumerate(reader.inputs):
+                    if value is dq.outputs[0]:
+                        reader.inputs[index] = source
+        bypassed += 1
+    ir.cleanup(graph)
+    return bypassed

@@ -1,0 +1,68 @@
+import json
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from qdq_compiler import ir
+from qdq_compiler.analyze import activation_sites, leave_in_float, sensitivity
+from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+from qdq_compiler.config import InsertConfig
+from qdq_compiler.data import Dataset
+from qdq_compiler.insert import insert
+from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
+
+from conftest import cosine, qdqc, run_model
+
+SPEC = BertSpec(layers=1)
+
+
+def calibrated(tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(SPEC, batch=12, seq=16, seed=3))
+    graph = gs.import_onnx(build_bert(SPEC))
+    insert(graph, InsertConfig("ft1"))
+    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
+    return graph, data
+
+
+def test_ranking_covers_every_activation_site_and_is_sorted(tmp_path):
+    graph, data = calibrated(tmp_path)
+    # make one site clearly bad: a scale 50x too large crushes that tensor to a few levels
+    victim = activation_sites(graph)[2]
+    victim.inputs[1].values = np.asarray(victim.inputs[1].values * 50)
+    ranking = sensitivity(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False), 8)
+    assert len(ranking) == len(activation_sites(graph)) == 8
+    assert [s.only_cosine for s in ranking] == sorted(s.only_cosine for s in ranking)
+    assert ranking[0].quantizer == victim.name
+    worst = ranking[0]
+    assert worst.without_cosine > min(s.without_cosine for s in ranking[1:])  # removing it helps most
+    assert all(s.only_cosine <= 1.0 + 1e-9 and s.only_snr_db > 0 for s in ranking)
+
+
+def test_leave_in_float_bypasses_exactly_those_sites(tmp_path):
+    graph, _ = calibrated(tmp_path)
+    feeds = example_inputs(SPEC, batch=2, seq=16, seed=5)
+    reference = run_model(build_bert(SPEC), feeds)[0]
+    before = cosine(run_model(graph, feeds)[0], reference)
+    names = [q.name for q in activation_sites(graph)]
+    assert leave_in_float(graph, names[:3]) == 3
+    assert [q.name for q in activation_sites(graph)] == names[3:]
+    assert cosine(run_model(graph, feeds)[0], reference) >= before - 1e-6
+
+
+def test_cli_analyze_and_compile_fallback(tmp_path):
+    graph, data = calibrated(tmp_path)
+    model = ir.save(graph, tmp_path / "m.calib.onnx")
+    out = tmp_path / "rank.json"
+    proc = qdqc("analyze", model, "--data", data, "--samples", "4", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(out.read_text())) == 8 and "only this site" in proc.stdout
+    source = tmp_path / "bert.onnx"
+    import onnx
+
+    onnx.save(build_bert(SPEC), source)
+    proc = qdqc("compile", source, "--data", data, "--fallback-budget", "2", "-o", tmp_path / "fb.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("left in float:") == 2
+    ops = [n.op_type for n in onnx.load(tmp_path / "fb.onnx").graph.node]
+    assert ops.count("MatMulIntegerToFloat") < 8
