@@ -43,6 +43,16 @@ def _calibration_config(args):
                              not args.no_trim, _shard(args.shard), not args.quiet)
 
 
+def _checked_output(args) -> Path:
+    """The output path, refused when it is the input and --overwrite was not given."""
+    from . import ir
+
+    output = _output_path(args)
+    if ir.same_file(output, args.model) and not args.overwrite:
+        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    return output
+
+
 def _output_path(args) -> Path:
     if args.output is not None:
         return args.output
@@ -126,9 +136,7 @@ def run_insert(args) -> int:
     from .config import InsertConfig
     from .insert import insert, report, summary
 
-    output = _output_path(args)
-    if ir.same_file(output, args.model) and not args.overwrite:
-        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    output = _checked_output(args)
     config = InsertConfig(args.mode)
     graph = ir.load(args.model)
     result = insert(graph, config, verify=args.verify)
@@ -185,9 +193,7 @@ def run_calibrate(args) -> int:
         raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
     if args.stats is not None and args.data is None and not args.stats.exists():
         raise UsageError(f"{args.stats}: no such file")
-    output = _output_path(args)
-    if ir.same_file(output, args.model) and not args.overwrite:
-        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    output = _checked_output(args)
     graph = ir.load(args.model)
     if args.data is not None:
         dataset = Dataset(args.data, model_inputs(graph))
@@ -254,9 +260,7 @@ def run_lower(args) -> int:
     from .lower import LowerConfig, lower
 
     config = LowerConfig(args.target, _names(args.keep_fp32))
-    output = _output_path(args)
-    if ir.same_file(output, args.model) and not args.overwrite:
-        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    output = _checked_output(args)
     graph = ir.load(args.model)
     records = lower(graph, config, verify=args.verify)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
@@ -279,9 +283,7 @@ def run_compile(args) -> int:
         raise UsageError("compile needs --data (calibration samples)")
     lower_config = LowerConfig(args.target, _names(args.keep_fp32))
     insert_config, calibration = InsertConfig(args.mode), _calibration_config(args)
-    output = _output_path(args)
-    if ir.same_file(output, args.model) and not args.overwrite:
-        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    output = _checked_output(args)
     graph = ir.load(args.model)
     dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
     smoothing = _smooth(args.smooth)

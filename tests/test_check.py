@@ -64,20 +64,22 @@ def test_scale_must_be_positive_and_finite(value):
     assert "scale-positive" in rules(graph)
 
 
+def per_channel(q, count, axis):
+    q.inputs[1] = gs.Constant(f"{q.name}_vec_scale", np.ones(count, np.float32))
+    q.inputs[2] = gs.Constant(f"{q.name}_vec_zp", np.zeros(count, np.int8))
+    q.attrs["axis"] = axis
+
+
 def test_per_channel_activation_is_refused():
     graph = quantized()
-    q = first(graph, is_activation_q)
-    q.inputs[1] = gs.Constant("vec_scale", np.ones(64, np.float32))
-    q.inputs[2] = gs.Constant("vec_zp", np.zeros(64, np.int8))
-    q.attrs["axis"] = 2
+    per_channel(first(graph, is_activation_q), 64, 2)
     assert "per-channel-activation" in rules(graph)
 
 
 def test_per_channel_length_must_match_the_axis():
     graph = quantized()
     q = first(graph, is_weight_q)
-    q.inputs[1] = gs.Constant("short_scale", np.ones(5, np.float32))
-    q.inputs[2] = gs.Constant("short_zp", np.zeros(5, np.int8))
+    per_channel(q, 5, q.attrs["axis"])
     found = {v.rule: v for v in check_graph(graph)}
     assert "per-channel-length" in found and found["per-channel-length"].node == q.name
 
