@@ -91,3 +91,29 @@ def leave_in_float(graph: gs.Graph, quantizers: list[str]) -> int:
         bypassed += 1
     ir.cleanup(graph)
     return bypassed
+
+
+def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, *, budget: int | None = None,
+                    target_cosine: float | None = None, samples: int = 32) -> tuple[list[Sensitivity], float]:
+    """The sites to leave in float, worst first: the `budget` worst, or as few as reach `target_cosine`
+    (mean cosine on the calibration samples; at most `budget` when both are given). Also returns the
+    cosine measured with those sites in float."""
+    ranking = sensitivity(graph, dataset, config, samples)
+    batches = list(dataset.batches(_batch_size(graph, config), samples, config.trim_padding))
+    reference = _outputs(float_network(graph, []), batches, config.providers)
+    every = frozenset(n.name for n in graph.nodes if n.op == "QuantizeLinear")
+    limit = len(ranking) if budget is None else min(budget, len(ranking))
+
+    def cosine_without(chosen: list[Sensitivity]) -> float:
+        keep = every - {s.quantizer for s in chosen}
+        return compare(reference, _outputs(float_network(graph, [], keep), batches, config.providers), batches)[0]
+
+    if target_cosine is None:
+        chosen = ranking[:limit]
+        return chosen, cosine_without(chosen)
+    chosen = []
+    reached = cosine_without(chosen)
+    while reached < target_cosine and len(chosen) < limit:
+        chosen.append(ranking[len(chosen)])
+        reached = cosine_without(chosen)
+    return chosen, reached

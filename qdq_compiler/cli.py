@@ -98,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     compile_.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
     compile_.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
-    compile_.add_argument("--fallback-budget", type=int, default=0,
+    compile_.add_argument("--fallback-budget", type=int,
                           help="leave the K most sensitive activation sites in float (measured by `analyze`)")
+    compile_.add_argument("--target-cosine", type=float,
+                          help="leave the fewest most-sensitive sites in float that reach this mean cosine to "
+                               "the float model on the calibration samples (at most --fallback-budget)")
     compile_.add_argument("--quiet", action="store_true")
     compile_.set_defaults(run=run_compile, stats=None, shard=None)
 
@@ -283,6 +286,10 @@ def run_compile(args) -> int:
         raise UsageError("compile needs --data (calibration samples)")
     lower_config = LowerConfig(args.target, _names(args.keep_fp32))
     insert_config, calibration = InsertConfig(args.mode), _calibration_config(args)
+    if args.fallback_budget is not None and args.fallback_budget < 0:
+        raise UsageError(f"--fallback-budget must be at least 0, got {args.fallback_budget}")
+    if args.target_cosine is not None and not 0 < args.target_cosine <= 1:
+        raise UsageError(f"--target-cosine must be in (0, 1], got {args.target_cosine}")
     output = _checked_output(args)
     graph = ir.load(args.model)
     dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
@@ -293,14 +300,12 @@ def run_compile(args) -> int:
 
         smooth(graph, dataset, calibration, smoothing)
     _, reports, samples, seconds = calibrate(graph, dataset, calibration)
-    left_out = []
-    if args.fallback_budget < 0:
-        raise UsageError(f"--fallback-budget must be at least 0, got {args.fallback_budget}")
-    if args.fallback_budget:
-        from .analyze import leave_in_float, sensitivity
+    left_out, reached = [], None
+    if args.fallback_budget is not None or args.target_cosine is not None:
+        from .analyze import choose_fallback, leave_in_float
 
-        ranking = sensitivity(graph, dataset, calibration)
-        left_out = ranking[: args.fallback_budget]
+        left_out, reached = choose_fallback(graph, dataset, calibration, budget=args.fallback_budget,
+                                            target_cosine=args.target_cosine)
         leave_in_float(graph, [s.quantizer for s in left_out])
     records = lower(graph, lower_config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
@@ -313,6 +318,9 @@ def run_compile(args) -> int:
         for site in left_out:
             print(f"left in float: {site.tensor} (alone it costs cosine {1 - site.only_cosine:.2e}); the GEMMs "
                   "reading it run in float")
+        if reached is not None:
+            print(f"fallback: {len(left_out)} site(s) in float; mean cosine to the float model on the calibration "
+                  f"samples {reached:.5f}")
         for record in records:
             print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
         print(f"wrote {output}")

@@ -66,3 +66,19 @@ def test_cli_analyze_and_compile_fallback(tmp_path):
     assert proc.stdout.count("left in float:") == 2
     ops = [n.op_type for n in onnx.load(tmp_path / "fb.onnx").graph.node]
     assert ops.count("MatMulIntegerToFloat") < 8
+
+
+def test_target_cosine_takes_the_fewest_sites(tmp_path):
+    from qdq_compiler.analyze import choose_fallback
+
+    graph, data = calibrated(tmp_path)
+    victim = activation_sites(graph)[2]
+    victim.inputs[1].values = np.asarray(victim.inputs[1].values * 50)
+    dataset = Dataset(data, model_inputs(graph))
+    config = CalibrationConfig(progress=False)
+    none, base = choose_fallback(graph, dataset, config, target_cosine=0.0, samples=8)
+    assert none == []
+    chosen, reached = choose_fallback(graph, dataset, config, target_cosine=base + (1 - base) / 2, samples=8)
+    assert chosen and chosen[0].quantizer == victim.name and reached > base
+    capped, _ = choose_fallback(graph, dataset, config, target_cosine=1.0, budget=2, samples=8)
+    assert len(capped) == 2
