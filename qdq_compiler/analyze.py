@@ -94,10 +94,11 @@ def leave_in_float(graph: gs.Graph, quantizers: list[str]) -> int:
 
 
 def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, *, budget: int | None = None,
-                    target_cosine: float | None = None, samples: int = 32) -> tuple[list[Sensitivity], float]:
+                    target_cosine: float | None = None,
+                    samples: int = 32) -> tuple[list[Sensitivity], float, list[Sensitivity]]:
     """The sites to leave in float, worst first: the `budget` worst, or as few as reach `target_cosine`
-    (mean cosine on the calibration samples; at most `budget` when both are given). Also returns the
-    cosine measured with those sites in float."""
+    (mean cosine on the calibration samples; at most `budget` when both are given); the cosine
+    measured with those sites in float; and the whole ranking."""
     ranking = sensitivity(graph, dataset, config, samples)
     batches = list(dataset.batches(_batch_size(graph, config), samples, config.trim_padding))
     reference = _outputs(float_network(graph, []), batches, config.providers)
@@ -110,10 +111,10 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
 
     if target_cosine is None:
         chosen = ranking[:limit]
-        return chosen, cosine_without(chosen)
+        return chosen, cosine_without(chosen), ranking
     chosen = []
     reached = cosine_without(chosen)
     while reached < target_cosine and len(chosen) < limit:
         chosen.append(ranking[len(chosen)])
         reached = cosine_without(chosen)
-    return chosen, reached
+    return chosen, reached, ranking

@@ -250,6 +250,9 @@ def save_states(path, collectors: dict[str, HistogramCollector]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=directory)
     with os.fdopen(fd, "wb") as handle:
         handle.write(buffer.getvalue())
+    current = os.umask(0)
+    os.umask(current)
+    os.chmod(tmp, 0o666 & ~current)
     os.replace(tmp, path)
 
 

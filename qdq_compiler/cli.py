@@ -43,6 +43,25 @@ def _calibration_config(args):
                              not args.no_trim, _shard(args.shard), not args.quiet)
 
 
+def _compile_args(parser: argparse.ArgumentParser) -> None:
+    _model_args(parser)
+    _output_args(parser, ".int8.onnx")
+    parser.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"])
+    _calibration_args(parser)
+    parser.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    parser.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
+    parser.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
+    parser.add_argument("--fallback-budget", type=int,
+                        help="leave the K most sensitive activation sites in float (measured by `analyze`)")
+    parser.add_argument("--target-cosine", type=float,
+                        help="leave the fewest most-sensitive sites in float that reach this mean cosine to "
+                             "the float model on the calibration samples (at most --fallback-budget)")
+    parser.add_argument("--html", type=Path, help="also write the HTML report (histograms, sensitivity, fidelity)")
+    parser.add_argument("--eval", type=Path, help="with --html: samples for the FP32-vs-INT8 cosine distribution")
+    parser.add_argument("--quiet", action="store_true")
+    parser.set_defaults(run=run_compile, stats=None, shard=None, report_command=False)
+
+
 def _checked_output(args) -> Path:
     """The output path, refused when it is the input and --overwrite was not given."""
     from . import ir
@@ -91,20 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(run=run_calibrate)
 
     compile_ = sub.add_parser("compile", help="insert -> calibrate -> lower in one command")
-    _model_args(compile_)
-    _output_args(compile_, ".int8.onnx")
-    compile_.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"])
-    _calibration_args(compile_)
-    compile_.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    compile_.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
-    compile_.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
-    compile_.add_argument("--fallback-budget", type=int,
-                          help="leave the K most sensitive activation sites in float (measured by `analyze`)")
-    compile_.add_argument("--target-cosine", type=float,
-                          help="leave the fewest most-sensitive sites in float that reach this mean cosine to "
-                               "the float model on the calibration samples (at most --fallback-budget)")
-    compile_.add_argument("--quiet", action="store_true")
-    compile_.set_defaults(run=run_compile, stats=None, shard=None)
+    _compile_args(compile_)
+    report_ = sub.add_parser("report", help="compile and write the HTML report (`compile --html FILE`)")
+    _compile_args(report_)
+    report_.set_defaults(report_command=True)
 
     lower = sub.add_parser("lower", help="lower a calibrated Q/DQ model for a backend (INT8 weights, integer GEMMs)")
     _model_args(lower)
@@ -284,6 +293,10 @@ def run_compile(args) -> int:
 
     if args.data is None:
         raise UsageError("compile needs --data (calibration samples)")
+    if args.report_command and args.html is None:
+        raise UsageError("report needs --html FILE (where to write the report)")
+    if args.eval is not None and args.html is None:
+        raise UsageError("--eval only feeds the HTML report: add --html FILE")
     lower_config = LowerConfig(args.target, _names(args.keep_fp32))
     insert_config, calibration = InsertConfig(args.mode), _calibration_config(args)
     if args.fallback_budget is not None and args.fallback_budget < 0:
@@ -299,16 +312,18 @@ def run_compile(args) -> int:
         from .smooth import smooth
 
         smooth(graph, dataset, calibration, smoothing)
-    _, reports, samples, seconds = calibrate(graph, dataset, calibration)
-    left_out, reached = [], None
+    collectors, reports, samples, seconds = calibrate(graph, dataset, calibration)
+    left_out, reached, ranking = [], None, None
     if args.fallback_budget is not None or args.target_cosine is not None:
         from .analyze import choose_fallback, leave_in_float
 
-        left_out, reached = choose_fallback(graph, dataset, calibration, budget=args.fallback_budget,
-                                            target_cosine=args.target_cosine)
+        left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=args.fallback_budget,
+                                                     target_cosine=args.target_cosine)
         leave_in_float(graph, [s.quantizer for s in left_out])
     records = lower(graph, lower_config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    if args.html is not None:
+        _html_report(args, output, collectors, reports, calibration, left_out, ranking)
     if args.report:
         ir.write_text_atomic(args.report, json.dumps(report(inserted, insert_config), indent=1) + "\n")
     if not args.quiet:
@@ -354,6 +369,31 @@ def run_analyze(args) -> int:
             print(f"{rank:>4}  {site.only_cosine:19.6f} {site.only_snr_db:7.1f}  {site.without_cosine:17.6f} "
                   f"{site.without_snr_db:7.1f}  {site.tensor}")
     return 0
+
+
+def _html_report(args, output: Path, collectors, reports, calibration, left_out, ranking) -> None:
+    from . import ir
+    from .calibrate import model_inputs
+    from .data import Dataset
+    from .html_report import write_report
+
+    cosines = None
+    if args.eval is not None:
+        import numpy as np
+
+        from .evaluate import cosines as cosine_of, embeddings, open_session
+
+        batches = list(Dataset(args.eval, model_inputs(ir.load(args.model))).batches(256, trim_padding=False))
+        feeds = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+        cosines = cosine_of(embeddings(open_session(args.model), feeds), embeddings(open_session(output), feeds))
+    settings = {"model": args.model, "output": output, "mode": args.mode, "target": args.target,
+                "method": calibration.method.value, "percentile": calibration.percentile, "smooth": args.smooth,
+                "calibration samples": args.data, "left in float": ", ".join(s.tensor for s in left_out) or "none"}
+    chosen = {r.tensor: r.chosen for r in reports}
+    write_report(args.html, title=f"qdqc report: {args.model.name}", settings=settings, collectors=collectors,
+                 chosen=chosen, percentile=calibration.percentile, ranking=ranking, cosines=cosines)
+    if not args.quiet:
+        print(f"wrote {args.html}")
 
 
 def run_check(args) -> int:

@@ -76,9 +76,32 @@ def test_target_cosine_takes_the_fewest_sites(tmp_path):
     victim.inputs[1].values = np.asarray(victim.inputs[1].values * 50)
     dataset = Dataset(data, model_inputs(graph))
     config = CalibrationConfig(progress=False)
-    none, base = choose_fallback(graph, dataset, config, target_cosine=0.0, samples=8)
+    none, base, _ = choose_fallback(graph, dataset, config, target_cosine=0.0, samples=8)
     assert none == []
-    chosen, reached = choose_fallback(graph, dataset, config, target_cosine=base + (1 - base) / 2, samples=8)
-    assert chosen and chosen[0].quantizer == victim.name and reached > base
-    capped, _ = choose_fallback(graph, dataset, config, target_cosine=1.0, budget=2, samples=8)
+    chosen, reached, ranking = choose_fallback(graph, dataset, config, target_cosine=base + (1 - base) / 2, samples=8)
+    assert chosen and chosen[0].quantizer == victim.name and reached > base and len(ranking) == 8
+    capped, _, _ = choose_fallback(graph, dataset, config, target_cosine=1.0, budget=2, samples=8)
     assert len(capped) == 2
+
+
+def test_html_report_is_self_contained(tmp_path):
+    import onnx
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    source = tmp_path / "bert.onnx"
+    onnx.save(build_bert(SPEC), source)
+    data, evaluation = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(data, **example_inputs(SPEC, batch=12, seq=16, seed=3))
+    np.savez(evaluation, **example_inputs(SPEC, batch=10, seq=16, seed=4))
+    html = tmp_path / "report.html"
+    proc = qdqc("report", source, "--data", data, "--eval", evaluation, "--fallback-budget", "1", "--html", html)
+    assert proc.returncode == 0, proc.stderr
+    text = html.read_text()
+    assert "Settings" in text and "Sensitivity (worst first)" in text and "Fidelity on 10 evaluation samples" in text
+    assert text.count("data:image/png;base64,") == 1 + 8  # cosine histogram + one per activation site
+    assert "src=\"http" not in text and "<script" not in text  # nothing fetched from elsewhere
+    proc = qdqc("report", source, "--data", data)
+    assert proc.returncode == 2 and "--html" in proc.stderr
+    proc = qdqc("compile", source, "--data", data, "--eval", evaluation)
+    assert proc.returncode == 2 and "--html" in proc.stderr
