@@ -206,8 +206,8 @@ class TensorReport:
     scale: float
 
 
-def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector],
-                 config: CalibrationConfig) -> list[TensorReport]:
+def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], config: CalibrationConfig,
+                 auto_choice: dict[str, tuple[str, float]] | None = None) -> list[TensorReport]:
     """Write amax/127 into every activation Q and DQ (shared scale groups take their max) and
     recompute the weight scales from the initializers."""
     quantizers = activation_quantizers(graph)
@@ -216,7 +216,14 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector],
         raise QdqcError(f"calibration statistics have no entry for {len(missing)} quantized tensors "
                         f"(first: '{missing[0]}'); were they collected on another model?")
     found = {t: amaxes(collectors[t], percentile=config.percentile) for t in quantizers.tensors}
-    chosen = {t: found[t][config.method.value] for t in quantizers.tensors}
+    if config.method is Method.AUTO:
+        if auto_choice is None:
+            raise QdqcError("--method auto needs the calibration data (it measures each layer's error)")
+        chosen = {t: auto_choice[t][1] for t in quantizers.tensors}
+        for t in quantizers.tensors:
+            found[t]["auto"] = f"{auto_choice[t][0]} -> {auto_choice[t][1]:.6g}"
+    else:
+        chosen = {t: found[t][config.method.value] for t in quantizers.tensors}
     tensors = graph.tensors()
     reports = []
     for scale_name, members in quantizers.groups.items():
@@ -264,6 +271,14 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
     """Collect and apply in one go; returns (collectors, reports, samples, seconds)."""
     start = time.perf_counter()
     collectors, samples = collect(graph, dataset, config)
-    reports = apply_scales(graph, collectors, config)
+    auto_choice = None
+    if config.method is Method.AUTO:
+        from .auto_method import choose, needed_tensors
+
+        tensors = needed_tensors(graph, list(collectors))
+        runner = session(float_network(graph, tensors), config.providers)
+        first = next(iter(dataset.batches(_batch_size(graph, config), config.num_samples, config.trim_padding)))
+        auto_choice = choose(graph, collectors, dict(zip(tensors, runner.run(tensors, first))))
+    reports = apply_scales(graph, collectors, config, auto_choice)
     return collectors, reports, samples, time.perf_counter() - start
 

@@ -29,6 +29,7 @@ class Method(str, Enum):
     PERCENTILE = "percentile"
     MSE = "mse"
     ENTROPY = "entropy"
+    AUTO = "auto"   # per tensor, the candidate minimizing its layer's output error (auto_method.py)
 
 
 # ---------------------------------------------------------------- collectors
@@ -141,6 +142,8 @@ def compute_amax(counts: np.ndarray, edges: np.ndarray, method: str, *, percenti
     if counts.sum() <= 0:
         raise ValueError("empty histogram")
     method = Method(method).value
+    if method == "auto":
+        raise ValueError("'auto' chooses among methods per tensor (qdq_compiler.auto_method), it has no amax")
     if method == "max":
         return float(edges[np.flatnonzero(counts)[-1] + 1])
     if method == "percentile":

@@ -22,7 +22,8 @@ def _output_args(parser: argparse.ArgumentParser, suffix: str) -> None:
 
 def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="npz (or folder of npz shards) keyed by model input name")
-    parser.add_argument("--method", default="percentile", choices=["max", "percentile", "mse", "entropy"])
+    parser.add_argument("--method", default="percentile", choices=["max", "percentile", "mse", "entropy", "auto"],
+                        help="auto: per tensor, the candidate minimizing its layer's output error")
     parser.add_argument("--percentile", type=float, default=99.99)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-samples", type=int, help="use only the first N samples")
@@ -203,6 +204,8 @@ def run_calibrate(args) -> int:
     smoothing = _smooth(args.smooth)
     if smoothing is not None and args.data is None:
         raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
+    if args.method == "auto" and args.data is None:
+        raise UsageError("--method auto needs --data (it measures each layer's error)")
     if args.stats is not None and args.data is None and not args.stats.exists():
         raise UsageError(f"{args.stats}: no such file")
     output = _checked_output(args)

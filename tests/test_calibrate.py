@@ -283,3 +283,42 @@ def test_ft2_calibrated_model_can_be_copied_and_recalibrated(files, tmp_path):
     calibrate(graph, dataset, CalibrationConfig("max", progress=False))
     assert all(isinstance(t.values, np.ndarray) for t in graph.tensors().values() if isinstance(t, gs.Constant))
     calibrate(graph.copy(), dataset, CalibrationConfig("mse", progress=False))
+
+
+def test_method_auto_picks_each_tensors_best_candidate(files, tmp_path):
+    from qdq_compiler.auto_method import candidates, reader_plans
+
+    _, qdq, data = files
+    graph = ir.load(qdq)
+    dataset = Dataset(data, model_inputs(graph))
+    collectors, reports, _, _ = calibrate(graph, dataset, CalibrationConfig("auto", progress=False))
+    assert reports and all("auto" in r.amax for r in reports)
+    for report in reports:
+        label = report.amax["auto"].split(" ->")[0]
+        assert label in candidates(collectors[report.tensor])
+    # a linear-layer reader: recompute the layer error of every candidate independently
+    fresh = ir.load(qdq)
+    tensor = next(r.tensor for r in reports if reader_plans(fresh, r.tensor)[0][0] == "linear")
+    from qdq_compiler.calibrate import float_network, session
+
+    values = session(float_network(fresh, [tensor]), ("CPUExecutionProvider",)).run(
+        [tensor], next(iter(dataset.batches(16))))[0]
+    weight = reader_plans(fresh, tensor)[0][1]
+    rows = values.reshape(-1, values.shape[-1])
+    rows = rows[np.linspace(0, len(rows) - 1, min(256, len(rows))).astype(int)]
+
+    def error(amax):
+        scale = np.float32(amax / 127)
+        quantized = np.clip(np.rint(rows / scale), -128, 127) * scale
+        return float((((rows - quantized) @ weight).astype(np.float64) ** 2).sum())
+
+    options = candidates(collectors[tensor])
+    picked = next(r for r in reports if r.tensor == tensor).amax["auto"].split(" ->")[0]
+    assert error(options[picked]) <= min(error(v) for v in options.values()) * (1 + 1e-9)
+
+
+def test_auto_has_no_single_amax():
+    from qdq_compiler.calibration import compute_amax
+
+    with pytest.raises(ValueError, match="per tensor"):
+        compute_amax(np.array([1, 2, 3]), np.arange(4.0), "auto")
