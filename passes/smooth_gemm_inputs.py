@@ -13,10 +13,10 @@ from qdq_compiler.smooth import reader_weight, smooth_sites, smoothing_factors
 @register("smooth-gemm-inputs")
 def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     maxima: dict[str, np.ndarray] = ctx.analyses["channel_max"]
-    alpha: float = ctx.config.alpha
+    alphas: dict[str, float] = ctx.analyses.get("alpha", {})
     nodes = {n.name: n for n in graph.nodes}
     names = ir.Names(graph)
-    smoothed, diagnostics = 0, []
+    smoothed, diagnostics, used = 0, [], []
     for site in smooth_sites(graph):
         if site.tensor not in maxima:
             continue
@@ -25,6 +25,7 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if len({len(r) for r in rows}) != 1 or len(rows[0]) != len(maxima[site.tensor]):
             diagnostics.append(Diagnostic("info", f"'{site.tensor}': channel counts disagree, not smoothed"))
             continue
+        alpha = alphas.get(site.tensor, ctx.config.alpha)
         factors = smoothing_factors(maxima[site.tensor], np.max(rows, axis=0), alpha)
         for weight, axis in weights:
             shape = [1, 1]
@@ -38,7 +39,8 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                    outputs=[smoothed_tensor]))
         q.inputs[0] = smoothed_tensor
         smoothed += 1
+        used.append(alpha)
     if smoothed:
         refresh_weight_scales(graph)
         ir.toposort(graph)
-    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "alpha": alpha}, tuple(diagnostics))
+    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "alphas": sorted(set(used))}, tuple(diagnostics))

@@ -113,16 +113,20 @@ def model_inputs(graph: gs.Graph) -> list[InputSpec]:
 
 
 def channel_maxima(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
-                   tensors: list[str]) -> dict[str, np.ndarray]:
-    """Running max |x| per channel (last axis) of `tensors` over the data, float network."""
+                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Running max |x| per channel (last axis) of `tensors` over the data (float network), and the
+    first batch's values of each, as [tokens, channels] rows."""
     runner = session(float_network(graph, tensors), config.providers)
     total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
     maxima: dict[str, np.ndarray] = {}
+    first: dict[str, np.ndarray] = {}
     for feeds in dataset.batches(_batch_size(graph, config), total, config.trim_padding):
         for name, values in zip(tensors, runner.run(tensors, feeds)):
-            found = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0)
+            rows = values.reshape(-1, values.shape[-1])
+            first.setdefault(name, rows)
+            found = np.abs(rows).max(axis=0)
             maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
-    return maxima
+    return maxima, first
 
 
 def collect(graph: gs.Graph, dataset: Dataset,

@@ -32,8 +32,8 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-trim", action="store_true",
                         help="keep trailing padding positions no sample in the batch attends to")
     parser.add_argument("--smooth", default="off",
-                        help="SmoothQuant outlier migration before calibration: off or alpha in [0, 1] (0.85 works "
-                             "for BERT); needs --data")
+                        help="SmoothQuant outlier migration before calibration: off, auto (alpha searched per site) "
+                             "or an alpha in [0, 1] (0.85 works for BERT); needs --data")
 
 
 def _calibration_config(args):
@@ -176,10 +176,12 @@ def _smooth(text: str):
 
     if text == "off":
         return None
+    if text == "auto":
+        return SmoothConfig(None)
     try:
         return SmoothConfig(float(text))
     except ValueError:
-        raise UsageError(f"--smooth {text!r}: expected off or an alpha such as 0.85") from None
+        raise UsageError(f"--smooth {text!r}: expected off, auto or an alpha such as 0.85") from None
 
 
 def _shard(text: str | None) -> tuple[int, int] | None:

@@ -68,23 +68,61 @@ def smoothing_factors(activation_max: np.ndarray, weight_max: np.ndarray, alpha:
     return factors.astype(np.float32)
 
 
+ALPHA_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+
+
 @dataclass(frozen=True)
 class SmoothConfig:
-    alpha: float = 0.85
+    alpha: float | None = 0.85   # None: search ALPHA_GRID per site ("--smooth auto")
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             from .errors import UsageError
 
             raise UsageError(f"--smooth {self.alpha}: alpha must be in [0, 1]")
 
 
+def _fake_quantize(values: np.ndarray, amax) -> np.ndarray:
+    scale = np.maximum(np.asarray(amax, np.float32), 2.0 ** -24) / np.float32(127)
+    return np.clip(np.rint(values / scale), -128, 127) * scale
+
+
+def site_error(rows: np.ndarray, weights: list[np.ndarray], factors: np.ndarray) -> float:
+    """||x·W − Q(x/s)·Q(s·W)||² over the readers: activation per tensor, weight per output column."""
+    quantized = _fake_quantize(rows / factors, np.abs(rows / factors).max())
+    total = 0.0
+    for weight in weights:          # [K, N], input channels on axis 0
+        scaled = weight * factors[:, None]
+        weight_q = _fake_quantize(scaled, np.abs(scaled).max(axis=0))
+        total += float(((rows @ weight - quantized @ weight_q).astype(np.float64) ** 2).sum())
+    return total
+
+
+def best_alpha(rows: np.ndarray, weights: list[np.ndarray], activation_max: np.ndarray, rows_limit: int = 256) -> float:
+    """The grid alpha with the smallest `site_error` on (a spread of) the first batch's rows."""
+    rows = rows[np.linspace(0, len(rows) - 1, min(rows_limit, len(rows))).astype(int)]
+    weight_max = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    errors = {alpha: site_error(rows, weights, smoothing_factors(activation_max, weight_max, alpha))
+              for alpha in ALPHA_GRID}
+    return min(errors, key=errors.get)
+
+
 def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verify: bool = False):
-    """Measure per-channel maxima of the smoothable activations, then rewrite (pass `smooth-gemm-inputs`)."""
+    """Measure per-channel maxima of the smoothable activations, then rewrite (pass `smooth-gemm-inputs`);
+    with alpha None, each site's alpha is the grid value minimizing its layer's quantized error."""
     from .calibrate import channel_maxima
     from .pipeline import PassContext, run_pipeline
 
     sites = smooth_sites(graph)
     ctx = PassContext(config)
-    ctx.analyses["channel_max"] = channel_maxima(graph, dataset, calibration, [s.tensor for s in sites])
+    maxima, first = channel_maxima(graph, dataset, calibration, [s.tensor for s in sites])
+    ctx.analyses["channel_max"] = maxima
+    if config.alpha is None:
+        nodes = {n.name: n for n in graph.nodes}
+        alphas = {}
+        for site in sites:
+            weights = [(w.values if axis == 0 else w.values.T) for w, axis in
+                       (reader_weight(nodes[name]) for name in site.readers)]
+            alphas[site.tensor] = best_alpha(first[site.tensor], weights, maxima[site.tensor])
+        ctx.analyses["alpha"] = alphas
     return run_pipeline(graph, ("smooth-gemm-inputs",), ctx, verify=verify)

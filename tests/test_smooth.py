@@ -107,3 +107,25 @@ def test_smoothed_model_still_matches_and_lowers(setup):
     assert lower(trt, LowerConfig("tensorrt"))[0].stats["attention_blocks_quantized"] == 2
     lower(graph, LowerConfig("onnxruntime"))
     assert sum(n.op == "MatMulIntegerToFloat" for n in graph.nodes) == 16
+
+
+def test_auto_alpha_is_searched_per_site_and_stays_exact(setup):
+    from qdq_compiler.smooth import ALPHA_GRID, best_alpha, site_error
+
+    spec, graph, data = setup
+    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
+    before = run_model(float_network(graph, []), feeds)[0]
+    records = smooth(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False),
+                     SmoothConfig(None), verify=True)
+    assert records[0].stats["sites_smoothed"] == 6
+    assert set(records[0].stats["alphas"]) <= set(ALPHA_GRID)
+    np.testing.assert_allclose(run_model(float_network(graph, []), feeds)[0], before, rtol=1e-4, atol=1e-4)
+    # best_alpha returns the grid minimum of site_error
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((64, 16)).astype(np.float32)
+    rows[:, 3] *= 40
+    weight = rng.standard_normal((16, 8)).astype(np.float32)
+    activation_max, weight_max = np.abs(rows).max(axis=0), np.abs(weight).max(axis=1)
+    errors = {a: site_error(rows, [weight], smoothing_factors(activation_max, weight_max, a)) for a in ALPHA_GRID}
+    assert best_alpha(rows, [weight], activation_max) == min(errors, key=errors.get)
+    assert min(errors.values()) < site_error(rows, [weight], np.ones(16, np.float32))  # smoothing helps here
