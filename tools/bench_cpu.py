@@ -48,7 +48,7 @@ def gemm_weight_bytes(path: Path) -> int:
 
 
 OURS = {"qdqc ft1 mse, lowered": ["--method", "mse"],
-        "qdqc ft1 smooth .85 p99.999": ["--smooth", "0.85", "--method", "percentile", "--percentile", "99.999"]}
+        "qdqc ft1 smooth auto p99.999": ["--smooth", "auto", "--method", "percentile", "--percentile", "99.999"]}
 
 
 def build_ours(model: Path, calibration: Path, folder: Path, options: list[str]) -> Path:

@@ -88,12 +88,12 @@ def main() -> None:
         label = method + (f" {extra[1]}" if extra else "")
         print(f"{label:22} {found.mean():9.4f} {found.min():8.4f}", flush=True)
     smoothed = out / "minilm.smooth.calib.onnx"
-    code = qdqc(["calibrate", str(qdq), "--data", str(calibration), "--smooth", "0.85", "--method", "percentile",
+    code = qdqc(["calibrate", str(qdq), "--data", str(calibration), "--smooth", "auto", "--method", "percentile",
                  "--percentile", "99.999", "-o", str(smoothed), "--quiet"])
     if code:
         sys.exit(code)
     found = cosines(reference, embeddings(open_session(smoothed), feeds))
-    print(f"{'smooth 0.85 + p99.999':22} {found.mean():9.4f} {found.min():8.4f}\n", flush=True)
+    print(f"{'smooth auto + p99.999':22} {found.mean():9.4f} {found.min():8.4f}\n", flush=True)
 
     run("lower", str(smoothed), "--target", "onnxruntime", "-o", str(out / "minilm.int8.onnx"))
     run("lower", str(smoothed), "--target", "tensorrt", "-o", str(out / "minilm.trt.onnx"))
