@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--quiet", action="store_true")
     analyze.set_defaults(run=run_analyze)
 
+    bench = sub.add_parser("bench", help="latency of ONNX models (onnxruntime) or TensorRT engines, interleaved")
+    bench.add_argument("models", type=Path, nargs="+", help="one or more .onnx / .plan files (compared to the first)")
+    bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
+    bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--shapes", help="name:AxB,... for every input (overrides --batch/--seq)")
+    bench.add_argument("--sweep", nargs="*", default=[], help="batch=1,8,32 seq=128,384: every combination")
+    bench.add_argument("--data", type=Path, help="real inputs from an npz (first --batch samples)")
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--iterations", type=int, default=50)
+    bench.add_argument("--duration", type=float, help="seconds per model instead of --iterations")
+    bench.add_argument("--json", type=Path, help="write every figure as JSON")
+    bench.add_argument("--plot", type=Path, help="latency distribution per model (PNG, needs matplotlib)")
+    bench.set_defaults(run=run_bench)
+
     check = sub.add_parser("check", help="lint a Q/DQ model against TensorRT's explicit-quantization rules")
     _model_args(check)
     check.add_argument("--json", type=Path, help="also write the violations as JSON here")
@@ -399,6 +415,50 @@ def _html_report(args, output: Path, collectors, reports, calibration, left_out,
                  chosen=chosen, percentile=calibration.percentile, ranking=ranking, cosines=cosines)
     if not args.quiet:
         print(f"wrote {args.html}")
+
+
+def _sweep(items: list[str]) -> list[tuple[int, int]]:
+    axes = {"batch": [None], "seq": [None]}
+    for item in items:
+        key, _, values = item.partition("=")
+        if key not in axes:
+            raise UsageError(f"--sweep {item!r}: expected batch=... or seq=...")
+        try:
+            axes[key] = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise UsageError(f"--sweep {item!r}: expected comma-separated integers") from None
+    return [(b, s) for b in axes["batch"] for s in axes["seq"]]
+
+
+def run_bench(args) -> int:
+    from dataclasses import replace
+
+    from . import ir
+    from .bench import BenchConfig, bench, format_summary, parse_shapes, plot
+
+    base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, args.seq,
+                       parse_shapes(args.shapes))
+    data = None
+    if args.data is not None:
+        import numpy as np
+
+        if not args.data.exists():
+            raise UsageError(f"{args.data}: no such file")
+        with np.load(args.data, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    results = []
+    for batch, seq in _sweep(args.sweep):
+        config = replace(base, batch=batch or base.batch, sequence=seq or base.sequence)
+        summaries = bench(args.models, config, data)
+        if len(_sweep(args.sweep)) > 1:
+            print(f"\n--- batch {config.batch}, seq {config.sequence}")
+        print(format_summary(summaries, config))
+        results += [dict(s.to_json(), sequence=config.sequence) for s in summaries]
+        if args.plot:
+            plot(summaries, args.plot)
+    if args.json:
+        ir.write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
+    return 0
 
 
 def run_check(args) -> int:

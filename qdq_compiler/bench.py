@@ -1,0 +1,190 @@
+"""`qdqc bench`: latency of ONNX models (onnxruntime) or TensorRT engines, trtexec-style.
+
+Several models are run interleaved round by round in one process (the fair way to compare on a
+noisy machine) and each is reported with its ratio to the first. onnxruntime sessions run with
+thread spinning off; the thread count is printed.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QdqcError, UsageError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    provider: str = "cpu"
+    threads: int = 2
+    warmup: int = 5
+    iterations: int = 50
+    duration: float | None = None   # seconds per model, instead of iterations
+    batch: int = 1
+    sequence: int = 128
+    shapes: dict = field(default_factory=dict)   # input name -> shape, overrides batch/sequence
+
+    def __post_init__(self):
+        if self.provider not in PROVIDERS:
+            raise UsageError(f"--provider {self.provider!r}: expected one of {', '.join(PROVIDERS)}")
+        for name, value in (("--threads", self.threads), ("--iterations", self.iterations),
+                            ("--batch", self.batch), ("--seq", self.sequence)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup must be at least 0, got {self.warmup}")
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    latencies_ms: tuple[float, ...]
+    batch: int
+
+    def stat(self, key: str) -> float:
+        values = sorted(self.latencies_ms)
+        if key.startswith("p"):
+            return float(np.percentile(values, float(key[1:])))
+        return {"min": values[0], "max": values[-1], "mean": statistics.fmean(values),
+                "median": statistics.median(values)}[key]
+
+    @property
+    def throughput(self) -> float:
+        """Queries (samples) per second at the median latency."""
+        return 1000.0 * self.batch / self.stat("median")
+
+    def to_json(self) -> dict:
+        return {"model": self.name, "batch": self.batch, "iterations": len(self.latencies_ms),
+                "throughput_qps": self.throughput,
+                **{f"{k}_ms": self.stat(k) for k in ("min", "max", "mean", "median", "p90", "p95", "p99")}}
+
+
+def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
+    """'input_ids:1x128,attention_mask:1x128' -> {name: (1, 128)}."""
+    shapes = {}
+    for part in filter(None, (text or "").split(",")):
+        name, _, dims = part.rpartition(":")
+        try:
+            shapes[name] = tuple(int(d) for d in dims.split("x"))
+        except ValueError:
+            raise UsageError(f"--shapes {part!r}: expected name:AxB") from None
+        if not name or any(d < 1 for d in shapes[name]):
+            raise UsageError(f"--shapes {part!r}: expected name:AxB with positive dimensions")
+    return shapes
+
+
+def random_feeds(inputs, config: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for (name, dtype, shape) triples: dynamic dims -> batch, then sequence."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, dtype, shape in inputs:
+        if name in config.shapes:
+            concrete = config.shapes[name]
+        else:
+            dynamic = iter((config.batch, config.sequence))
+            concrete = tuple(d if isinstance(d, int) and d > 0 else next(dynamic, 1) for d in shape)
+        if np.issubdtype(dtype, np.integer):
+            value = {"attention_mask": np.ones(concrete, dtype), "token_type_ids": np.zeros(concrete, dtype)}.get(
+                name, rng.integers(1, 100, concrete).astype(dtype))  # ids valid for any real vocabulary
+        else:
+            value = rng.standard_normal(concrete).astype(dtype)
+        feeds[name] = value
+    return feeds
+
+
+class OrtRunner:
+    def __init__(self, path: Path, config: BenchConfig):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = config.threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        provider = PROVIDERS[config.provider]
+        if provider not in ort.get_available_providers():
+            raise QdqcError(f"--provider {config.provider}: onnxruntime here has {ort.get_available_providers()}")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=[provider])
+        except Exception as exc:  # onnxruntime's own exception types
+            raise QdqcError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+                 "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
+        self.inputs = [(i.name, np.dtype(types.get(i.type, np.float32)), tuple(i.shape))
+                       for i in self.session.get_inputs()]
+
+    def __call__(self, feeds: dict) -> None:
+        try:
+            self.session.run(None, {name: feeds[name] for name, _, _ in self.inputs})
+        except Exception as exc:  # onnxruntime's own exception types
+            raise QdqcError(f"onnxruntime failed: {str(exc).strip().splitlines()[0]}") from None
+
+
+def make_runner(path: Path, config: BenchConfig):
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.suffix in (".plan", ".engine"):
+        from .trt_engine import EngineRunner
+
+        return EngineRunner(path)
+    return OrtRunner(path, config)
+
+
+def bench(paths: list[Path], config: BenchConfig, data: dict[str, np.ndarray] | None = None) -> list[Summary]:
+    """Run every model interleaved, round by round; one Summary each, in the given order."""
+    runners = [make_runner(p, config) for p in paths]
+    feeds = []
+    for runner in runners:
+        if data is not None:
+            missing = [name for name, _, _ in runner.inputs if name not in data]
+            if missing:
+                raise QdqcError(f"--data has no {missing}")
+            feeds.append({name: data[name][: config.batch] for name, _, _ in runner.inputs})
+        else:
+            feeds.append(random_feeds(runner.inputs, config))
+    for runner, feed in zip(runners, feeds):
+        for _ in range(config.warmup):
+            runner(feed)
+    timings: list[list[float]] = [[] for _ in runners]
+    deadline = None if config.duration is None else time.perf_counter() + config.duration * len(runners)
+    rounds = 0
+    while (rounds < config.iterations) if deadline is None else (time.perf_counter() < deadline or rounds < 2):
+        for runner, feed, times in zip(runners, feeds, timings):
+            start = time.perf_counter()
+            runner(feed)
+            times.append((time.perf_counter() - start) * 1000)
+        rounds += 1
+    batch = config.shapes[next(iter(config.shapes))][0] if config.shapes else config.batch
+    return [Summary(str(p), tuple(t), batch) for p, t in zip(paths, timings)]
+
+
+def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
+    """trtexec's summary layout, one block per model, plus ratios to the first."""
+    lines = [f"=== Performance summary ({config.provider}, intra-op threads {config.threads}, spinning off, "
+             f"{len(summaries[0].latencies_ms)} interleaved iterations) ==="]
+    base = summaries[0].stat("median")
+    for summary in summaries:
+        s = summary.stat
+        lines += [f"[{summary.name}]",
+                  f"Throughput: {summary.throughput:.2f} qps",
+                  f"Latency: min = {s('min'):.3f} ms, max = {s('max'):.3f} ms, mean = {s('mean'):.3f} ms, "
+                  f"median = {s('median'):.3f} ms, percentile(90%) = {s('p90'):.3f} ms, "
+                  f"percentile(95%) = {s('p95'):.3f} ms, percentile(99%) = {s('p99'):.3f} ms",
+                  f"Median vs first model: {base / s('median'):.2f}x faster" if summary is not summaries[0] else ""]
+    return "\n".join(line for line in lines if line)
+
+
+def plot(summaries: list[Summary], path: Path) -> None:
+    from .html_report import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 3))
+    axes.boxplot([s.latencies_ms for s in summaries], vert=False)
+    axes.set_yticks(range(1, len(summaries) + 1), [Path(s.name).name for s in summaries])
+    axes.set_xlabel("latency ms")
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)

@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import onnx
+
+from qdq_compiler.bench import BenchConfig, Summary, parse_shapes, random_feeds
+from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
+
+from conftest import qdqc
+
+
+def test_summary_statistics():
+    summary = Summary("m", tuple(float(v) for v in range(1, 101)), batch=8)
+    assert summary.stat("min") == 1 and summary.stat("max") == 100 and summary.stat("median") == 50.5
+    assert abs(summary.stat("p90") - 90.1) < 1e-9 and abs(summary.throughput - 8000 / 50.5) < 1e-9
+
+
+def test_shapes_and_random_feeds():
+    assert parse_shapes("input_ids:2x16,attention_mask:2x16") == {"input_ids": (2, 16), "attention_mask": (2, 16)}
+    inputs = [("input_ids", np.dtype(np.int64), ("batch", "sequence")),
+              ("attention_mask", np.dtype(np.int64), ("batch", "sequence")),
+              ("x", np.dtype(np.float32), (3, "n"))]
+    feeds = random_feeds(inputs, BenchConfig(batch=4, sequence=16))
+    assert feeds["input_ids"].shape == (4, 16) and feeds["attention_mask"].all()
+    assert feeds["x"].shape == (3, 4) and feeds["x"].dtype == np.float32
+
+
+def test_cli_compares_models_interleaved(tmp_path):
+    spec = BertSpec(layers=1)
+    small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
+    onnx.save(build_bert(spec), small)
+    onnx.save(build_bert(BertSpec(layers=3)), big)
+    out = tmp_path / "bench.json"
+    proc = qdqc("bench", small, big, "--iterations", "5", "--warmup", "1", "--seq", "16",
+                "--sweep", "batch=1,2", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("Throughput:") == 4 and proc.stdout.count("Median vs first model") == 2
+    assert "percentile(99%)" in proc.stdout and "intra-op threads 2" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["batch"], r["iterations"]) for r in rows] == [(1, 5), (1, 5), (2, 5), (2, 5)]
+    data = tmp_path / "d.npz"
+    np.savez(data, **example_inputs(spec, batch=2, seq=8))
+    assert qdqc("bench", small, "--data", data, "--iterations", "3", "--batch", "2").returncode == 0
+
+
+def test_cli_errors(tmp_path, bert_file):
+    fake_engine = tmp_path / "model.plan"
+    fake_engine.write_bytes(b"not an engine")
+    proc = qdqc("bench", fake_engine)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr and proc.stderr.startswith("qdqc: error:")
+    proc = qdqc("bench", bert_file, "--shapes", "input_ids:axb")
+    assert proc.returncode == 2 and "--shapes" in proc.stderr
+    proc = qdqc("bench", bert_file, "--sweep", "threads=1")
+    assert proc.returncode == 2 and "--sweep" in proc.stderr
+    proc = qdqc("bench", bert_file, "--provider", "cuda", "--iterations", "1")
+    assert proc.returncode == 1 and "onnxruntime here has" in proc.stderr
