@@ -118,3 +118,20 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
         chosen.append(ranking[len(chosen)])
         reached = cosine_without(chosen)
     return chosen, reached, ranking
+
+
+def float_gemm_share(graph: gs.Graph, quantizers: list[str]) -> tuple[int, float]:
+    """How many weight GEMMs read the named quantizers, and their share of all weight-GEMM
+    multiply-adds (per token, K·N each): what leaving those sites in float costs in integer work."""
+    from .bert import linear_at
+
+    sizes = {}
+    for node in graph.nodes:
+        linear = linear_at(node)
+        if linear is not None:
+            sizes[node.name] = ir.constant(graph.tensors()[linear.weight]).size
+    chosen = set(quantizers)
+    moved = {reader.name for q in graph.nodes if q.op == "QuantizeLinear" and q.name in chosen
+             for dq in q.outputs[0].outputs for reader in dq.outputs[0].outputs if reader.name in sizes}
+    total = sum(sizes.values())
+    return len(moved), (sum(sizes[n] for n in moved) / total if total else 0.0)

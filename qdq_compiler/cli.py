@@ -336,10 +336,11 @@ def run_compile(args) -> int:
     collectors, reports, samples, seconds = calibrate(graph, dataset, calibration)
     left_out, reached, ranking = [], None, None
     if args.fallback_budget is not None or args.target_cosine is not None:
-        from .analyze import choose_fallback, leave_in_float
+        from .analyze import choose_fallback, float_gemm_share, leave_in_float
 
         left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=args.fallback_budget,
                                                      target_cosine=args.target_cosine)
+        float_gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
         leave_in_float(graph, [s.quantizer for s in left_out])
     records = lower(graph, lower_config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
@@ -356,7 +357,8 @@ def run_compile(args) -> int:
                   "reading it run in float")
         if reached is not None:
             print(f"fallback: {len(left_out)} site(s) in float; mean cosine to the float model on the calibration "
-                  f"samples {reached:.5f}")
+                  f"samples {reached:.5f}; {float_gemms} weight GEMM(s) in float = {100 * share:.1f} % of the "
+                  "weight-GEMM multiply-adds no longer integer")
         for record in records:
             print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
         print(f"wrote {output}")

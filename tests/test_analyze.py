@@ -64,6 +64,7 @@ def test_cli_analyze_and_compile_fallback(tmp_path):
     proc = qdqc("compile", source, "--data", data, "--fallback-budget", "2", "-o", tmp_path / "fb.onnx")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("left in float:") == 2
+    assert "% of the weight-GEMM multiply-adds" in proc.stdout
     ops = [n.op_type for n in onnx.load(tmp_path / "fb.onnx").graph.node]
     assert ops.count("MatMulIntegerToFloat") < 8
 
@@ -105,3 +106,14 @@ def test_html_report_is_self_contained(tmp_path):
     assert proc.returncode == 2 and "--html" in proc.stderr
     proc = qdqc("compile", source, "--data", data, "--eval", evaluation)
     assert proc.returncode == 2 and "--html" in proc.stderr
+
+
+def test_float_gemm_share(tmp_path):
+    from qdq_compiler.analyze import float_gemm_share
+
+    graph, _ = calibrated(tmp_path)
+    sites = activation_sites(graph)
+    qkv = next(q for q in sites if len(q.outputs[0].outputs[0].outputs[0].outputs) == 3)
+    count, share = float_gemm_share(graph, [qkv.name])
+    # hidden 64, FFN 256: Q, K, V are 3 * 64*64 of 4*64*64 + 2*64*256 multiply-adds
+    assert count == 3 and abs(share - 3 * 64 * 64 / (4 * 64 * 64 + 2 * 64 * 256)) < 1e-9
