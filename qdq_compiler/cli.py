@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path, help="latency distribution per model (PNG, needs matplotlib)")
     bench.set_defaults(run=run_bench)
 
+    build = sub.add_parser("build-engine", help="a strongly typed TensorRT engine from a `--target tensorrt` graph")
+    _model_args(build)
+    build.add_argument("-o", "--output", type=Path, required=True, help="the engine (.plan)")
+    build.add_argument("--int8", action="store_true", help="require INT8 Q/DQ in the graph")
+    build.add_argument("--fp16", action="store_true", help="require FP16 tensors in the graph")
+    build.add_argument("--shapes", help="opt shapes name:1x128,... (default batch 1, sequence 128)")
+    build.add_argument("--min-shapes", help="min shapes (default 1 for dynamic dims)")
+    build.add_argument("--opt-shapes", help="same as --shapes")
+    build.add_argument("--max-shapes", help="max shapes (default sequence 512)")
+    build.add_argument("--workspace", type=int, help="workspace pool limit in MiB")
+    build.add_argument("--timing-cache", type=Path, help="read and update this timing cache")
+    build.add_argument("--opt-level", type=int, help="builder optimization level 0..5")
+    build.set_defaults(run=run_build_engine)
+
     check = sub.add_parser("check", help="lint a Q/DQ model against TensorRT's explicit-quantization rules")
     _model_args(check)
     check.add_argument("--json", type=Path, help="also write the violations as JSON here")
@@ -460,6 +474,19 @@ def run_bench(args) -> int:
             plot(summaries, args.plot)
     if args.json:
         ir.write_text_atomic(args.json, json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def run_build_engine(args) -> int:
+    from .bench import parse_shapes
+    from .engine_build import EngineConfig, build_engine
+
+    config = EngineConfig(args.int8, args.fp16, parse_shapes(args.opt_shapes or args.shapes),
+                          parse_shapes(args.min_shapes), parse_shapes(args.max_shapes), args.workspace,
+                          args.timing_cache, args.opt_level)
+    summary = build_engine(args.model, args.output, config)
+    print(f"wrote {args.output}: {summary['layers']} layers {summary['by_precision']}, "
+          f"INT8 attention layers {summary['int8_attention_layers']} (details in {args.output}.layers.json)")
     return 0
 
 

@@ -197,6 +197,18 @@ def _umask() -> int:
     return current
 
 
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=path.parent if str(path.parent) else ".")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise QdqcError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     try:
