@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(run=run_analyze)
 
     bench = sub.add_parser("bench", help="latency of ONNX models (onnxruntime) or TensorRT engines, interleaved")
-    bench.add_argument("models", type=Path, nargs="+", help="one or more .onnx / .plan files (compared to the first)")
+    bench.add_argument("models", type=Path, nargs="*", help="one or more .onnx / .plan files (compared to the first)")
+    bench.add_argument("--compare", type=Path, nargs="+", default=[], help="more models, run interleaved with them")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
     bench.add_argument("--batch", type=int, default=1)
@@ -454,6 +455,9 @@ def run_bench(args) -> int:
 
     base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, args.seq,
                        parse_shapes(args.shapes))
+    models = list(args.models) + list(args.compare)
+    if not models:
+        raise UsageError("bench needs at least one model")
     data = None
     if args.data is not None:
         import numpy as np
@@ -465,7 +469,7 @@ def run_bench(args) -> int:
     results = []
     for batch, seq in _sweep(args.sweep):
         config = replace(base, batch=batch or base.batch, sequence=seq or base.sequence)
-        summaries = bench(args.models, config, data)
+        summaries = bench(models, config, data)
         if len(_sweep(args.sweep)) > 1:
             print(f"\n--- batch {config.batch}, seq {config.sequence}")
         print(format_summary(summaries, config))

@@ -41,6 +41,8 @@ def test_cli_compares_models_interleaved(tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, **example_inputs(spec, batch=2, seq=8))
     assert qdqc("bench", small, "--data", data, "--iterations", "3", "--batch", "2").returncode == 0
+    proc = qdqc("bench", "--compare", small, big, "--iterations", "2", "--seq", "8")
+    assert proc.returncode == 0 and proc.stdout.count("Throughput:") == 2
 
 
 def test_cli_errors(tmp_path, bert_file):
