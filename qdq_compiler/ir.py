@@ -203,22 +203,14 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=path.parent if str(path.parent) else ".")
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report or engine is an ordinary file
         os.replace(tmp, path)
     except OSError as exc:
         raise QdqcError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=path.parent if str(path.parent) else ".")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise QdqcError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    write_bytes_atomic(path, text.encode())
 
 
 # ---------------------------------------------------------------- whole-graph services

@@ -101,32 +101,28 @@ def test_activation_q_must_feed_a_dq():
     assert "q-without-dq" in rules(graph)
 
 
+def wedge_qdq(graph, tensor, prefix):
+    """Put a Q/DQ pair on `tensor` for all its readers."""
+    readers = list(tensor.outputs)
+    q_out, dq_out = gs.Variable(f"{prefix}_q_out", dtype=np.int8), gs.Variable(f"{prefix}_dq_out", dtype=np.float32)
+    scale, zero = gs.Constant(f"{prefix}_s", np.array(0.1, np.float32)), gs.Constant(f"{prefix}_z", np.array(0, np.int8))
+    graph.nodes += [gs.Node("QuantizeLinear", f"{prefix}_q", inputs=[tensor, scale, zero], outputs=[q_out]),
+                    gs.Node("DequantizeLinear", f"{prefix}_dq", inputs=[q_out, scale, zero], outputs=[dq_out])]
+    for reader in readers:
+        reader.inputs[reader.inputs.index(tensor)] = dq_out
+
+
 def test_qdq_inside_a_layer_norm_is_flagged():
     graph = quantized(BertSpec(norm="decomposed"))
     sub = first(graph, lambda n: n.op == "Sub" and n.name.startswith("layer.0/attention/LayerNorm"))
-    inside = sub.outputs[0]
-    readers = list(inside.outputs)
-    q_out, dq_out = gs.Variable("in_q", dtype=np.int8), gs.Variable("in_dq", dtype=np.float32)
-    scale, zero = gs.Constant("in_s", np.array(0.1, np.float32)), gs.Constant("in_z", np.array(0, np.int8))
-    graph.nodes += [gs.Node("QuantizeLinear", "inside_ln_q", inputs=[inside, scale, zero], outputs=[q_out]),
-                    gs.Node("DequantizeLinear", "inside_ln_dq", inputs=[q_out, scale, zero], outputs=[dq_out])]
-    for reader in readers:
-        reader.inputs[reader.inputs.index(inside)] = dq_out
+    wedge_qdq(graph, sub.outputs[0], "inside_ln")
     found = [v for v in check_graph(graph) if v.rule == "float-region"]
     assert [v.node for v in found] == ["inside_ln_q"] and "LayerNorm" in found[0].message
 
 
 def test_qdq_inside_gelu_is_flagged():
     graph = quantized(BertSpec(gelu="erf"))
-    erf = first(graph, lambda n: n.op == "Erf")
-    inside = erf.outputs[0]
-    readers = list(inside.outputs)
-    q_out, dq_out = gs.Variable("g_q", dtype=np.int8), gs.Variable("g_dq", dtype=np.float32)
-    scale, zero = gs.Constant("g_s", np.array(0.1, np.float32)), gs.Constant("g_z", np.array(0, np.int8))
-    graph.nodes += [gs.Node("QuantizeLinear", "inside_gelu_q", inputs=[inside, scale, zero], outputs=[q_out]),
-                    gs.Node("DequantizeLinear", "inside_gelu_dq", inputs=[q_out, scale, zero], outputs=[dq_out])]
-    for reader in readers:
-        reader.inputs[reader.inputs.index(inside)] = dq_out
+    wedge_qdq(graph, first(graph, lambda n: n.op == "Erf").outputs[0], "inside_gelu")
     assert [v.node for v in check_graph(graph) if v.rule == "float-region"] == ["inside_gelu_q"]
 
 
