@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .calibrate import CalibrationConfig, _batch_size, float_network, session
+from .calibrate import CalibrationConfig, batch_size_for, float_network, session
 from .data import Dataset
 
 
@@ -57,22 +57,34 @@ def activation_sites(graph: gs.Graph) -> list[gs.Node]:
     return [n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])]
 
 
+class _Measurement:
+    """The samples, the float network's outputs on them, and the cosine/SNR of any Q/DQ subset."""
+
+    def __init__(self, graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int):
+        self.graph, self.providers = graph, config.providers
+        self.batches = list(dataset.batches(batch_size_for(graph, config), samples, config.trim_padding))
+        self.reference = _outputs(float_network(graph, []), self.batches, self.providers)
+        self.every = frozenset(n.name for n in graph.nodes if n.op == "QuantizeLinear")
+
+    def error(self, keep: frozenset[str]) -> tuple[float, float]:
+        """(cosine, SNR dB) with only the quantizers in `keep` active."""
+        return compare(self.reference, _outputs(float_network(self.graph, [], keep), self.batches, self.providers),
+                       self.batches)
+
+    def ranking(self, progress=None) -> list[Sensitivity]:
+        found = []
+        for q in activation_sites(self.graph):
+            only, without = self.error(frozenset({q.name})), self.error(self.every - {q.name})
+            found.append(Sensitivity(q.name, q.inputs[0].name, *only, *without))
+            if progress is not None:
+                progress.update(1)
+        return sorted(found, key=lambda s: s.only_cosine)
+
+
 def sensitivity(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int = 32,
                 progress=None) -> list[Sensitivity]:
     """Every activation site's cost, worst first (lowest cosine with only that site quantized)."""
-    batches = list(dataset.batches(_batch_size(graph, config), samples, config.trim_padding))
-    reference = _outputs(float_network(graph, []), batches, config.providers)
-    every = {n.name for n in graph.nodes if n.op == "QuantizeLinear"}
-    found = []
-    for q in activation_sites(graph):
-        only = compare(reference, _outputs(float_network(graph, [], frozenset({q.name})), batches,
-                                           config.providers), batches)
-        without = compare(reference, _outputs(float_network(graph, [], frozenset(every - {q.name})), batches,
-                                              config.providers), batches)
-        found.append(Sensitivity(q.name, q.inputs[0].name, *only, *without))
-        if progress is not None:
-            progress.update(1)
-    return sorted(found, key=lambda s: s.only_cosine)
+    return _Measurement(graph, dataset, config, samples).ranking(progress)
 
 
 def leave_in_float(graph: gs.Graph, quantizers: list[str]) -> int:
@@ -99,15 +111,12 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
     """The sites to leave in float, worst first: the `budget` worst, or as few as reach `target_cosine`
     (mean cosine on the calibration samples; at most `budget` when both are given); the cosine
     measured with those sites in float; and the whole ranking."""
-    ranking = sensitivity(graph, dataset, config, samples)
-    batches = list(dataset.batches(_batch_size(graph, config), samples, config.trim_padding))
-    reference = _outputs(float_network(graph, []), batches, config.providers)
-    every = frozenset(n.name for n in graph.nodes if n.op == "QuantizeLinear")
+    measure = _Measurement(graph, dataset, config, samples)
+    ranking = measure.ranking()
     limit = len(ranking) if budget is None else min(budget, len(ranking))
 
     def cosine_without(chosen: list[Sensitivity]) -> float:
-        keep = every - {s.quantizer for s in chosen}
-        return compare(reference, _outputs(float_network(graph, [], keep), batches, config.providers), batches)[0]
+        return measure.error(measure.every - {s.quantizer for s in chosen})[0]
 
     if target_cosine is None:
         chosen = ranking[:limit]

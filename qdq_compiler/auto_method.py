@@ -13,24 +13,20 @@ import onnx_graphsurgeon as gs
 
 from . import ir
 from .bert import float_source, linear_at
-from .calibration import HistogramCollector, compute_amax
+from .calibration import HistogramCollector, amaxes, compute_amax
+from .quant import fake_quantize
 
-CANDIDATES = (("max", None), ("percentile", 99.9), ("percentile", 99.99), ("percentile", 99.999),
-              ("mse", None), ("entropy", None))
+PERCENTILES = (99.9, 99.99, 99.999)
 
 
 def candidates(collector: HistogramCollector) -> dict[str, float]:
-    found = {}
-    for method, percentile in CANDIDATES:
-        label = method if percentile is None else f"percentile {percentile}"
-        found[label] = collector.amax if method == "max" else compute_amax(
-            collector.counts, collector.edges, method, percentile=percentile or 99.99)
+    common = amaxes(collector)   # max (the exact running max), mse, entropy
+    found = {"max": common["max"]}
+    for percentile in PERCENTILES:
+        found[f"percentile {percentile}"] = compute_amax(collector.counts, collector.edges, "percentile",
+                                                         percentile=percentile)
+    found.update(mse=common["mse"], entropy=common["entropy"])
     return found
-
-
-def fake_quantize(values: np.ndarray, amax: float) -> np.ndarray:
-    scale = np.float32(max(amax, 2.0 ** -24) / 127)
-    return np.clip(np.rint(values / scale), -128, 127) * scale
 
 
 def reader_plans(graph: gs.Graph, tensor: str) -> list[tuple[str, object]]:

@@ -120,7 +120,7 @@ def channel_maxima(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
     total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
     maxima: dict[str, np.ndarray] = {}
     first: dict[str, np.ndarray] = {}
-    for feeds in dataset.batches(_batch_size(graph, config), total, config.trim_padding):
+    for feeds in dataset.batches(batch_size_for(graph, config), total, config.trim_padding):
         for name, values in zip(tensors, runner.run(tensors, feeds)):
             rows = values.reshape(-1, values.shape[-1])
             first.setdefault(name, rows)
@@ -160,7 +160,7 @@ def collect(graph: gs.Graph, dataset: Dataset,
     kept = 0
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = None
-        for index, feeds in enumerate(dataset.batches(_batch_size(graph, config), total, config.trim_padding,
+        for index, feeds in enumerate(dataset.batches(batch_size_for(graph, config), total, config.trim_padding,
                                                       select)):
             try:
                 outputs = runner.run(quantizers.tensors, feeds)
@@ -180,7 +180,7 @@ def collect(graph: gs.Graph, dataset: Dataset,
     return collectors, kept
 
 
-def _batch_size(graph: gs.Graph, config: CalibrationConfig) -> int:
+def batch_size_for(graph: gs.Graph, config: CalibrationConfig) -> int:
     """A model exported with a fixed batch dimension gets batches of exactly that size."""
     fixed = {t.shape[0] for t in graph.inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0}
     if len(fixed) == 1:
@@ -281,7 +281,7 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
 
         tensors = needed_tensors(graph, list(collectors))
         runner = session(float_network(graph, tensors), config.providers)
-        first = next(iter(dataset.batches(_batch_size(graph, config), config.num_samples, config.trim_padding)))
+        first = next(iter(dataset.batches(batch_size_for(graph, config), config.num_samples, config.trim_padding)))
         auto_choice = choose(graph, collectors, dict(zip(tensors, runner.run(tensors, first))))
     reports = apply_scales(graph, collectors, config, auto_choice)
     return collectors, reports, samples, time.perf_counter() - start

@@ -30,3 +30,9 @@ def quantize(values: np.ndarray, scale: np.ndarray, axis: int | None = None) -> 
         shape[axis] = scale.size
         scale = scale.reshape(shape)
     return np.clip(np.rint(values / scale), -128, 127).astype(np.int8)
+
+
+def fake_quantize(values: np.ndarray, amax) -> np.ndarray:
+    """Q then DQ with scale amax/127 (amax a scalar, or one per channel on the last axis)."""
+    scale = scale_from_amax(amax)
+    return quantize(values, scale).astype(np.float32) * scale

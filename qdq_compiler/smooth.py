@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
+from .quant import fake_quantize
 from .bert import linear_at
 
 
@@ -82,18 +83,13 @@ class SmoothConfig:
             raise UsageError(f"--smooth {self.alpha}: alpha must be in [0, 1]")
 
 
-def _fake_quantize(values: np.ndarray, amax) -> np.ndarray:
-    scale = np.maximum(np.asarray(amax, np.float32), 2.0 ** -24) / np.float32(127)
-    return np.clip(np.rint(values / scale), -128, 127) * scale
-
-
 def site_error(rows: np.ndarray, weights: list[np.ndarray], factors: np.ndarray) -> float:
     """||x·W − Q(x/s)·Q(s·W)||² over the readers: activation per tensor, weight per output column."""
-    quantized = _fake_quantize(rows / factors, np.abs(rows / factors).max())
+    quantized = fake_quantize(rows / factors, np.abs(rows / factors).max())
     total = 0.0
     for weight in weights:          # [K, N], input channels on axis 0
         scaled = weight * factors[:, None]
-        weight_q = _fake_quantize(scaled, np.abs(scaled).max(axis=0))
+        weight_q = fake_quantize(scaled, np.abs(scaled).max(axis=0))
         total += float(((rows @ weight - quantized @ weight_q).astype(np.float64) ** 2).sum())
     return total
 

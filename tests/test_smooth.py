@@ -42,17 +42,22 @@ def test_sites_are_the_gemm_only_quantizers(setup):
     assert sorted(len(s.readers) for s in sites) == [1, 1, 1, 1, 3, 3]
 
 
+def smooth_keeping_float_output(spec, graph, data, config: SmoothConfig):
+    """Smooth the graph and assert its float network computes what it did before."""
+    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
+    before = run_model(float_network(graph, []), feeds)[0]
+    records = smooth(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False), config,
+                     verify=True)
+    np.testing.assert_allclose(run_model(float_network(graph, []), feeds)[0], before, rtol=1e-4, atol=1e-4)
+    return records
+
+
 @pytest.mark.parametrize("alpha", [0.5, 0.85])
 def test_smoothing_is_exact_in_float(setup, alpha):
     spec, graph, data = setup
-    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
-    before = run_model(float_network(graph, []), feeds)[0]
-    records = smooth(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False),
-                     SmoothConfig(alpha), verify=True)
+    records = smooth_keeping_float_output(spec, graph, data, SmoothConfig(alpha))
     assert records[0].stats["sites_smoothed"] == 6
     assert sum(n.op == "Mul" and n.name.endswith("::smooth") for n in graph.nodes) == 6
-    after = run_model(float_network(graph, []), feeds)[0]
-    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
 
 
 def test_residual_branch_reads_the_unsmoothed_tensor(setup):
@@ -113,13 +118,9 @@ def test_auto_alpha_is_searched_per_site_and_stays_exact(setup):
     from qdq_compiler.smooth import ALPHA_GRID, best_alpha, site_error
 
     spec, graph, data = setup
-    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
-    before = run_model(float_network(graph, []), feeds)[0]
-    records = smooth(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False),
-                     SmoothConfig(None), verify=True)
+    records = smooth_keeping_float_output(spec, graph, data, SmoothConfig(None))
     assert records[0].stats["sites_smoothed"] == 6
     assert set(records[0].stats["alphas"]) <= set(ALPHA_GRID)
-    np.testing.assert_allclose(run_model(float_network(graph, []), feeds)[0], before, rtol=1e-4, atol=1e-4)
     # best_alpha returns the grid minimum of site_error
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((64, 16)).astype(np.float32)
