@@ -36,3 +36,44 @@ def embeddings(session, feeds: dict[str, np.ndarray], batch_size: int = 32) -> n
 def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     dot = (reference * other).sum(axis=1)
     return dot / (np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1))
+
+
+def _dequantized(tensor, data_movement=frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})) -> bool:
+    from . import ir
+
+    node = ir.producer(tensor)
+    while node is not None and node.op in data_movement:
+        node = ir.producer(node.inputs[0])
+    return node is not None and node.op == "DequantizeLinear"
+
+
+def exact_accumulation(graph):
+    """A copy of a fake-quant graph whose quantized GEMMs (both operands dequantized) multiply
+    and accumulate in float64 and round once to float32.
+
+    That is what an integer GEMM computes from the same operands: its int32 sum is exact, while
+    float32 accumulation rounds every partial sum, and a re-quantizer downstream can then land
+    on the neighbouring level. It is the reference against which a lowered model's agreement
+    with its fake-quant model is measured (tools/agreement.py)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from . import ir
+
+    graph = graph.copy()
+    names = ir.Names(graph)
+    for node in list(graph.nodes):
+        if node.op not in ("MatMul", "Gemm") or not all(_dequantized(t) for t in node.inputs[:2]):
+            continue
+        for index, tensor in enumerate(node.inputs):
+            wide = gs.Variable(names.fresh(f"{tensor.name}::f64"), dtype=np.float64)
+            graph.nodes.append(gs.Node("Cast", names.fresh(f"{tensor.name}::to_f64"), {"to": onnx.TensorProto.DOUBLE},
+                                       inputs=[tensor], outputs=[wide]))
+            node.inputs[index] = wide
+        result = node.outputs[0]
+        wide = gs.Variable(names.fresh(f"{result.name}::f64"), dtype=np.float64)
+        node.outputs[0] = wide
+        graph.nodes.append(gs.Node("Cast", names.fresh(f"{result.name}::to_f32"), {"to": onnx.TensorProto.FLOAT},
+                                   inputs=[wide], outputs=[result]))
+    ir.toposort(graph)
+    return graph
