@@ -59,7 +59,7 @@ _REGISTRY: dict[str, PassFn] = {}
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
     "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
-    "lower-onnxruntime": ("lower-onnxruntime", "fold-weight-quantizers"),
+    "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "residual-sum", "fold-weight-quantizers"),
     "lower-tensorrt": ("report-mha", "fold-weight-quantizers", "to-fp16"),
 }
 

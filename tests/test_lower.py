@@ -191,3 +191,56 @@ def test_tensorrt_parser_accepts_the_graph_and_rejects_the_onnxruntime_one(tmp_p
     assert "TensorRT parser: ok" in proc.stdout and "'HALF': 16" in proc.stdout
     proc = qdqc("check", tmp_path / "onnxruntime.onnx", "--parse")
     assert proc.returncode == 1 and "zero point" in proc.stdout
+
+
+def lowered_until(tmp_path, spec: BertSpec, last: str) -> gs.Graph:
+    from qdq_compiler.pipeline import PIPELINES, PassContext, run_pipeline
+
+    graph = calibrated(tmp_path, spec)
+    passes = PIPELINES["lower-onnxruntime"]
+    run_pipeline(graph, passes[:passes.index(last)], PassContext(LowerConfig("onnxruntime")), verify=True)
+    return graph
+
+
+def run_pass(graph: gs.Graph, name: str):
+    from qdq_compiler.pipeline import PassContext, run_pipeline
+
+    return run_pipeline(graph, (name,), PassContext(LowerConfig("onnxruntime")), verify=True)[0]
+
+
+@pytest.mark.parametrize("scale", ["after_mul", "after_div"])
+def test_attention_score_scale_moves_into_the_integer_gemm(tmp_path, scale):
+    spec = BertSpec(layers=2, scale=scale)
+    graph = lowered_until(tmp_path, spec, "fold-output-scale")
+    feeds = example_inputs(spec, batch=4, seq=16, seed=3)
+    before = run_model(graph, feeds)[0]
+    op = "Mul" if scale == "after_mul" else "Div"
+
+    def scalings():
+        return [n for n in graph.nodes if n.op == op and "attention/Scale" in n.name]
+
+    assert len(scalings()) == 2
+    record = run_pass(graph, "fold-output-scale")
+    assert record.stats["scales_folded"] == 2
+    assert scalings() == []
+    after = run_model(graph, feeds)[0]
+    assert cosine(after, before) > 0.99999  # one rounding moved; a rare softmax level may flip
+
+
+def test_residual_adds_become_sum_so_onnxruntime_keeps_its_fast_layernorm(tmp_path):
+    spec = BertSpec(layers=2)
+    graph = lowered_until(tmp_path, spec, "residual-sum")
+    feeds = example_inputs(spec, batch=4, seq=16, seed=3)
+    before, fused = outputs(graph, [], feeds)[0], run_model(graph, feeds)[0]
+    record = run_pass(graph, "residual-sum")
+    assert record.stats["residual_adds"] == 2 * spec.layers + 1  # two per layer and the embeddings
+    np.testing.assert_array_equal(outputs(graph, [], feeds)[0], before)  # Sum of two is Add, bit for bit
+    np.testing.assert_allclose(run_model(graph, feeds)[0], fused, atol=1e-5)  # LayerNorm vs SkipLayerNorm
+    import onnxruntime as ort
+
+    optimized = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(ir.to_model(graph).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(optimized).graph.node]
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 2 * spec.layers + 1

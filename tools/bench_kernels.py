@@ -1,0 +1,115 @@
+"""The onnxruntime CPU kernel facts the onnxruntime lowering is built on, measured side by side.
+
+    python tools/bench_kernels.py [--rounds 30] [--batch 8] [--seq 128] [--hidden 384,768]
+
+One process, variants interleaved round by round, intra-op threads 2, spinning off, graph
+optimizations off (each variant is exactly the graph named), median / p90 ms:
+  residual + LayerNorm: com.microsoft.SkipLayerNormalization (what onnxruntime fuses Add ->
+      LayerNormalization into when shapes are known) vs Add + LayerNormalization vs Sum +
+      LayerNormalization (the `residual-sum` pass);
+  quantizing a smoothed activation: Mul(1/s) + per-tensor QuantizeLinear vs one per-channel
+      QuantizeLinear with the 1/s folded into its scale (why the smoothing Mul stays);
+  attention scores: MatMulIntegerToFloat + Mul(1/sqrt(d)) vs the factor folded into its scale
+      (the `fold-output-scale` pass).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+
+def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], threads: int):
+    def info(name, value):
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+
+    graph = helper.make_graph(nodes, "kernel", [info(k, v) for k, v in inputs.items()],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.UINT8
+                                                             if nodes[-1].op_type == "QuantizeLinear"
+                                                             else TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)], ir_version=9)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), inputs
+
+
+def p90(values):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def race(title: str, variants: dict[str, tuple], rounds: int) -> None:
+    times = {name: [] for name in variants}
+    for sess, feeds in variants.values():
+        sess.run(None, feeds)
+    for _ in range(rounds):
+        for name, (sess, feeds) in variants.items():
+            start = time.perf_counter()
+            sess.run(None, feeds)
+            times[name].append((time.perf_counter() - start) * 1000)
+    first = statistics.median(next(iter(times.values())))
+    print(title)
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:44} {median:7.3f} ms (p90 {p90(values):7.3f})  {first / median:5.2f}x the first")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--hidden", default="384,768")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    node = helper.make_node
+    for hidden in map(int, args.hidden.split(",")):
+        shape = (args.batch, args.seq, hidden)
+        x, r = rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)
+        gamma = {"g": np.ones(hidden, np.float32), "b": np.zeros(hidden, np.float32)}
+        norm = node("LayerNormalization", ["s", "g", "b"], ["y"], axis=-1, epsilon=1e-12)
+        race(f"residual + LayerNorm, {shape}", {
+            "SkipLayerNormalization": session([node("SkipLayerNormalization", ["x", "r", "g", "b"], ["y"],
+                                                    domain="com.microsoft", epsilon=1e-12)],
+                                              {"x": x, "r": r}, gamma, args.threads),
+            "Add + LayerNormalization": session([node("Add", ["x", "r"], ["s"]), norm], {"x": x, "r": r}, gamma,
+                                                args.threads),
+            "Sum + LayerNormalization (residual-sum)": session([node("Sum", ["x", "r"], ["s"]), norm],
+                                                               {"x": x, "r": r}, gamma, args.threads),
+        }, args.rounds)
+        smooth = (rng.random(hidden, np.float32) + 0.5)
+        scale, zero = np.array(0.05, np.float32), np.array(128, np.uint8)
+        race(f"quantize a smoothed activation, {shape}", {
+            "Mul(1/s) + QuantizeLinear": session([node("Mul", ["x", "m"], ["xm"]),
+                                                  node("QuantizeLinear", ["xm", "scale", "zero"], ["y"])],
+                                                 {"x": x}, {"m": smooth, "scale": scale, "zero": zero}, args.threads),
+            "per-channel QuantizeLinear (1/s in scale)": session(
+                [node("QuantizeLinear", ["x", "scale", "zero"], ["y"], axis=2)], {"x": x},
+                {"scale": (scale / smooth).astype(np.float32), "zero": np.full(hidden, 128, np.uint8)}, args.threads),
+        }, args.rounds)
+    heads, head = 12, 32
+    q = rng.integers(0, 256, (args.batch, heads, args.seq, head), dtype=np.uint8)
+    k = rng.integers(-127, 128, (args.batch, heads, head, args.seq), dtype=np.int8)
+    scales = {"sa": np.array(0.02, np.float32), "sb": np.array(0.03, np.float32), "za": np.array(128, np.uint8)}
+    gemm = node("MatMulIntegerToFloat", ["q", "k", "sa", "sb", "za"], ["y"], domain="com.microsoft")
+    race(f"attention scores Q·K^T, {q.shape[:3] + (args.seq,)}", {
+        "MatMulIntegerToFloat + Mul(1/sqrt(d))": session(
+            [node("MatMulIntegerToFloat", ["q", "k", "sa", "sb", "za"], ["s"], domain="com.microsoft"),
+             node("Mul", ["s", "c"], ["y"])], {"q": q, "k": k},
+            scales | {"c": np.array(head ** -0.5, np.float32)}, args.threads),
+        "MatMulIntegerToFloat, factor in its scale": session([gemm], {"q": q, "k": k}, scales, args.threads),
+    }, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
