@@ -40,6 +40,11 @@ class BenchConfig:
             raise UsageError(f"--warmup must be at least 0, got {self.warmup}")
 
 
+def p90(values) -> float:
+    """The 90th percentile of latencies (linear interpolation), as every qdqc benchmark reports it."""
+    return float(np.percentile(values, 90))
+
+
 @dataclass(frozen=True)
 class Summary:
     name: str

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import onnx
 
-from qdq_compiler.bench import BenchConfig, Summary, parse_shapes, random_feeds
+from qdq_compiler.bench import BenchConfig, Summary, p90, parse_shapes, random_feeds
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 
 from conftest import qdqc
@@ -13,6 +13,7 @@ def test_summary_statistics():
     summary = Summary("m", tuple(float(v) for v in range(1, 101)), batch=8)
     assert summary.stat("min") == 1 and summary.stat("max") == 100 and summary.stat("median") == 50.5
     assert abs(summary.stat("p90") - 90.1) < 1e-9 and abs(summary.throughput - 8000 / 50.5) < 1e-9
+    assert p90(summary.latencies_ms) == summary.stat("p90")  # the tools report the same p90 as `qdqc bench`
 
 
 def test_shapes_and_random_feeds():

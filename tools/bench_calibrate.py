@@ -25,13 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qdq_compiler.bench import p90
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-
-def p90(values):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def peak_rss_mib() -> float:

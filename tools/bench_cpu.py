@@ -21,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qdq_compiler.bench import p90
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 SEQ = 128
-
-
-def p90(values):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def gemm_weight_bytes(path: Path) -> int:

@@ -16,16 +16,12 @@ from pathlib import Path
 import onnx
 
 from qdq_compiler import ir
+from qdq_compiler.bench import p90
 from qdq_compiler.config import InsertConfig
 from qdq_compiler.insert import insert
 from qdq_compiler.synthetic import BertSpec, build_bert
 
 TARGET_SECONDS = 3.0
-
-
-def p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def main() -> None:

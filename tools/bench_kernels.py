@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from qdq_compiler.bench import p90
+
 
 def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], threads: int):
     def info(name, value):
@@ -40,11 +42,6 @@ def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarra
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), inputs
-
-
-def p90(values):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
 
 
 def race(title: str, variants: dict[str, tuple], rounds: int) -> None:
