@@ -12,6 +12,7 @@ from qdq_compiler.check import check_graph  # noqa: E402
 from qdq_compiler.config import InsertConfig  # noqa: E402
 from qdq_compiler.hf_export import export  # noqa: E402
 from qdq_compiler.insert import insert  # noqa: E402
+from qdq_compiler.lower import LowerConfig, lower  # noqa: E402
 
 from conftest import run_model  # noqa: E402
 
@@ -83,6 +84,12 @@ def test_bert_family_exports_match(exports, family, exporter, opset):
     assert check_graph(graph) == []
     (out,) = run_model(graph, feeds_for(graph))
     assert np.isfinite(out).all()
+    records = {r.name: r.stats for r in lower(graph, LowerConfig("onnxruntime"), verify=True)}
+    assert records["lower-onnxruntime"]["gemms_lowered"] == 2 * 8  # 6 weight GEMMs + 2 batched per layer
+    assert records["fold-output-scale"]["scales_folded"] == 2  # the score scale of each layer
+    assert records["residual-sum"]["residual_adds"] == 2 * 2 + 1  # two residuals per layer, the embeddings
+    (lowered,) = run_model(graph, feeds_for(graph))
+    assert np.isfinite(lowered).all()
 
 
 def test_minilm_calibrated_on_real_sentences_is_close_to_fp32(exports, tmp_path):
