@@ -38,11 +38,15 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return dot / (np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1))
 
 
-def _dequantized(tensor, data_movement=frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})) -> bool:
+DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def _dequantized(tensor) -> bool:
+    """The tensor is a DequantizeLinear output, possibly reshaped or transposed on the way."""
     from . import ir
 
     node = ir.producer(tensor)
-    while node is not None and node.op in data_movement:
+    while node is not None and node.op in DATA_MOVEMENT:
         node = ir.producer(node.inputs[0])
     return node is not None and node.op == "DequantizeLinear"
 
