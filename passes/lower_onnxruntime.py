@@ -15,12 +15,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
+from qdq_compiler.bert import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 from .fold_weight_quantizers import quantized_weight
 
 MS_DOMAIN = "com.microsoft"
-MOVE_OPS = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 class Operand:
@@ -45,7 +45,7 @@ class Operand:
     def of(cls, tensor: gs.Tensor) -> "Operand | None":
         moves = []  # data-movement ops between the DQ and the GEMM: they run on the integers instead
         dq = ir.producer(tensor)
-        while dq is not None and dq.op in MOVE_OPS and len(dq.outputs[0].outputs) == 1:
+        while dq is not None and dq.op in LAYOUT_OPS and len(dq.outputs[0].outputs) == 1:
             moves.append(dq)
             dq = ir.producer(dq.inputs[0])
         if dq is None or dq.op != "DequantizeLinear":
@@ -80,7 +80,7 @@ class Lowering:
         while True:
             move = ir.producer(source)
             readers = [n for n in source.outputs if n.op != "QuantizeLinear" and (not moves or n is not moves[-1])]
-            if move is None or move.op not in MOVE_OPS or readers:
+            if move is None or move.op not in LAYOUT_OPS or readers:
                 break
             moves.append(move)
             source = move.inputs[0]

@@ -19,6 +19,8 @@ POINTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Si
                            "Sqrt", "Cast", "QuantizeLinear", "DequantizeLinear", "FastGelu", "BiasGelu"})
 GEMM_OPS = frozenset({"MatMul", "Gemm"})
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# only rearrange elements: they commute with per-tensor quantization
+LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
 
 
 # ---------------------------------------------------------------- records

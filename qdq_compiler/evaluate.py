@@ -38,15 +38,13 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return dot / (np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1))
 
 
-DATA_MOVEMENT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
-
-
 def _dequantized(tensor) -> bool:
     """The tensor is a DequantizeLinear output, possibly reshaped or transposed on the way."""
     from . import ir
+    from .bert import LAYOUT_OPS
 
     node = ir.producer(tensor)
-    while node is not None and node.op in DATA_MOVEMENT:
+    while node is not None and node.op in LAYOUT_OPS:
         node = ir.producer(node.inputs[0])
     return node is not None and node.op == "DequantizeLinear"
 
