@@ -239,8 +239,8 @@ def amaxes(collector: HistogramCollector, *, percentile: float = 99.99, **kwargs
 def save_states(path, collectors: dict[str, HistogramCollector]) -> None:
     """Every collector's state in one npz (no pickles): names, then per index counts and scalars."""
     import io
-    import os
-    import tempfile
+
+    from .ir import write_bytes_atomic
 
     arrays = {"names": np.array(list(collectors), dtype=np.str_)}
     for i, c in enumerate(collectors.values()):
@@ -249,14 +249,7 @@ def save_states(path, collectors: dict[str, HistogramCollector]) -> None:
         arrays[f"{i}.integers"] = np.array([c.num_bins, c.zeros, c.elements, c.nonfinite], np.int64)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=directory)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(buffer.getvalue())
-    current = os.umask(0)
-    os.umask(current)
-    os.chmod(tmp, 0o666 & ~current)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def load_states(path) -> dict[str, HistogramCollector]:
