@@ -76,15 +76,6 @@ def check_precisions(graph: gs.Graph, config: EngineConfig) -> None:
         raise UsageError("--fp16: the graph has no FP16 tensors; run `qdqc lower --target tensorrt` first")
 
 
-def tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise QdqcError("build-engine needs TensorRT: pip install 'qdqc[gpu]' "
-                        "(tensorrt and cuda-python, from NVIDIA's index) on a machine with a GPU") from None
-    return trt
-
-
 def _version(trt) -> tuple[int, int]:
     major, minor = (int(p) for p in trt.__version__.split(".")[:2])
     return major, minor
@@ -141,14 +132,9 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     graph = ir.load(model)
     check_precisions(graph, config)
     shapes = profile_shapes(graph, config)
-    trt = tensorrt()
-    try:
-        from cuda.bindings import runtime as cudart
+    from .trt_engine import gpu_modules
 
-        if int(cudart.cudaFree(0)[0]) != 0:
-            raise QdqcError("no usable GPU: TensorRT needs an NVIDIA GPU and driver to build an engine")
-    except ImportError:
-        raise QdqcError("build-engine needs cuda-python: pip install cuda-python") from None
+    trt, _cudart = gpu_modules("build-engine")
     logger = trt.Logger(trt.Logger.WARNING)
     builder, network, _parser = network_from_onnx(trt, model, logger)
     settings = builder_config(trt, builder, shapes, config)

@@ -13,16 +13,19 @@ import numpy as np
 from .errors import QdqcError
 
 
-def _modules():
+def gpu_modules(purpose: str):
+    """tensorrt and cuda-python's runtime on a usable GPU, or one line saying what is missing."""
     try:
         import tensorrt as trt
     except ImportError:
-        raise QdqcError("running a TensorRT engine needs the gpu extra: pip install 'qdqc[gpu]' "
-                        "(tensorrt and cuda-python, from NVIDIA's index)") from None
+        raise QdqcError(f"{purpose} needs TensorRT: pip install 'qdqc[gpu]' (tensorrt and cuda-python, "
+                        "from NVIDIA's index) on a machine with a GPU") from None
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        raise QdqcError("running a TensorRT engine needs cuda-python: pip install cuda-python") from None
+        raise QdqcError(f"{purpose} needs cuda-python: pip install cuda-python") from None
+    if int(cudart.cudaFree(0)[0]) != 0:  # fails fast, in one line, without a usable GPU
+        raise QdqcError(f"no usable GPU: {purpose} needs an NVIDIA GPU and driver")
     return trt, cudart
 
 
@@ -35,8 +38,7 @@ def _check(result):
 
 class EngineRunner:
     def __init__(self, path: Path):
-        trt, self.cudart = _modules()
-        _check(self.cudart.cudaFree(0))  # fails fast, in one line, without a usable GPU
+        trt, self.cudart = gpu_modules("running a TensorRT engine")
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(path).read_bytes())
         if self.engine is None:
