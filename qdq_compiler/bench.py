@@ -45,6 +45,20 @@ def p90(values) -> float:
     return float(np.percentile(values, 90))
 
 
+def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per call of each named zero-argument callable, the calls interleaved round by
+    round after one warm-up call each (the benchmark tools' side-by-side timing)."""
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
 @dataclass(frozen=True)
 class Summary:
     name: str

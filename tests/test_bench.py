@@ -3,7 +3,7 @@ import json
 import numpy as np
 import onnx
 
-from qdq_compiler.bench import BenchConfig, Summary, p90, parse_shapes, random_feeds
+from qdq_compiler.bench import BenchConfig, Summary, interleaved, p90, parse_shapes, random_feeds
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 
 from conftest import qdqc
@@ -14,6 +14,14 @@ def test_summary_statistics():
     assert summary.stat("min") == 1 and summary.stat("max") == 100 and summary.stat("median") == 50.5
     assert abs(summary.stat("p90") - 90.1) < 1e-9 and abs(summary.throughput - 8000 / 50.5) < 1e-9
     assert p90(summary.latencies_ms) == summary.stat("p90")  # the tools report the same p90 as `qdqc bench`
+
+
+def test_interleaved_runs_round_by_round_after_one_warm_up():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b"] * 4  # warm-up, then three rounds
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for values in times.values() for t in values)
 
 
 def test_shapes_and_random_feeds():

@@ -16,12 +16,12 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from qdq_compiler.bench import p90
+from qdq_compiler.bench import interleaved, p90
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -92,18 +92,9 @@ def latency(paths: dict[str, Path], feeds_by_batch: dict[int, dict], rounds: int
     from qdq_compiler.evaluate import open_session
 
     sessions = {name: open_session(path, threads=2) for name, path in paths.items()}
-    results = {}
-    for batch, feeds in feeds_by_batch.items():
-        times = {name: [] for name in sessions}
-        for session in sessions.values():  # warm-up
-            session.run(None, feeds)
-        for _ in range(rounds):
-            for name, session in sessions.items():
-                start = time.perf_counter()
-                session.run(None, feeds)
-                times[name].append((time.perf_counter() - start) * 1000)
-        results[batch] = times
-    return results
+    return {batch: interleaved({name: partial(session.run, None, feeds) for name, session in sessions.items()},
+                               rounds)
+            for batch, feeds in feeds_by_batch.items()}
 
 
 def report(title: str, paths: dict[str, Path], timings: dict, fidelity: dict | None) -> None:

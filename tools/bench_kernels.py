@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from functools import partial
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from qdq_compiler.bench import p90
+from qdq_compiler.bench import interleaved, p90
 
 
 def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], threads: int):
@@ -45,14 +45,7 @@ def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarra
 
 
 def race(title: str, variants: dict[str, tuple], rounds: int) -> None:
-    times = {name: [] for name in variants}
-    for sess, feeds in variants.values():
-        sess.run(None, feeds)
-    for _ in range(rounds):
-        for name, (sess, feeds) in variants.items():
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            times[name].append((time.perf_counter() - start) * 1000)
+    times = interleaved({name: partial(sess.run, None, feeds) for name, (sess, feeds) in variants.items()}, rounds)
     first = statistics.median(next(iter(times.values())))
     print(title)
     for name, values in times.items():
