@@ -36,6 +36,23 @@ def graph_of(spec: BertSpec = BertSpec()) -> gs.Graph:
     return gs.import_onnx(build_bert(spec))
 
 
+def calibrated_bert(tmp_path, spec: BertSpec = BertSpec(), mode: str = "ft1", *, batch: int = 16,
+                    seed: int = 4) -> tuple[gs.Graph, Path]:
+    """A synthetic BERT with Q/DQ inserted and max-calibrated, and its calibration npz."""
+    from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+    from qdq_compiler.config import InsertConfig
+    from qdq_compiler.data import Dataset
+    from qdq_compiler.insert import insert
+    from qdq_compiler.synthetic import example_inputs
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(spec, batch=batch, seq=16, seed=seed))
+    graph = graph_of(spec)
+    insert(graph, InsertConfig(mode))
+    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
+    return graph, data
+
+
 def qdqc(*args, cwd=None):
     """Run the CLI in a subprocess, as a user would."""
     return subprocess.run([sys.executable, "-m", "qdq_compiler.cli", *map(str, args)], capture_output=True,

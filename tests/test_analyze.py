@@ -1,28 +1,20 @@
 import json
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
 from qdq_compiler.analyze import activation_sites, leave_in_float, sensitivity
-from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
-from qdq_compiler.config import InsertConfig
+from qdq_compiler.calibrate import CalibrationConfig, model_inputs
 from qdq_compiler.data import Dataset
-from qdq_compiler.insert import insert
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 
-from conftest import cosine, qdqc, run_model
+from conftest import calibrated_bert, cosine, qdqc, run_model
 
 SPEC = BertSpec(layers=1)
 
 
 def calibrated(tmp_path):
-    data = tmp_path / "calib.npz"
-    np.savez(data, **example_inputs(SPEC, batch=12, seq=16, seed=3))
-    graph = gs.import_onnx(build_bert(SPEC))
-    insert(graph, InsertConfig("ft1"))
-    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
-    return graph, data
+    return calibrated_bert(tmp_path, SPEC, batch=12, seed=3)
 
 
 def test_ranking_covers_every_activation_site_and_is_sorted(tmp_path):

@@ -5,24 +5,15 @@ import pytest
 from onnx import helper
 
 from qdq_compiler import ir
-from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
-from qdq_compiler.config import InsertConfig
-from qdq_compiler.data import Dataset
 from qdq_compiler.evaluate import exact_accumulation
-from qdq_compiler.insert import insert
 from qdq_compiler.lower import LowerConfig, lower
-from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
+from qdq_compiler.synthetic import BertSpec, example_inputs
 
-from conftest import cosine, qdqc, run_model
+from conftest import calibrated_bert, cosine, qdqc, run_model
 
 
 def calibrated(tmp_path, spec: BertSpec, mode="ft1") -> gs.Graph:
-    data = tmp_path / "calib.npz"
-    np.savez(data, **example_inputs(spec, batch=16, seq=16, seed=4))
-    graph = gs.import_onnx(build_bert(spec))
-    insert(graph, InsertConfig(mode))
-    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
-    return graph
+    return calibrated_bert(tmp_path, spec, mode)[0]
 
 
 def outputs(graph_or_model, names, feeds, optimize=False):
@@ -99,10 +90,8 @@ def test_other_modes_lower_their_gemms_and_keep_other_qdq(tmp_path, mode):
 
 
 def test_weight_quantizers_left_are_folded_to_int8(tmp_path):
-    from qdq_compiler.pipeline import PassContext, run_pipeline
-
     graph = calibrated(tmp_path, BertSpec(layers=1))
-    run_pipeline(graph, ("fold-weight-quantizers",), PassContext(None), verify=True)
+    run_pass(graph, "fold-weight-quantizers")
     weight_dq = [n for n in graph.nodes if n.op == "DequantizeLinear" and ir.is_constant(n.inputs[0])]
     assert len(weight_dq) == 6 and all(ir.constant(n.inputs[0]).dtype == np.int8 for n in weight_dq)
     assert not any(n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0]) for n in graph.nodes)
