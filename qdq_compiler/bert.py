@@ -258,6 +258,15 @@ def linear_producing(tensor: gs.Tensor) -> Linear | None:
     return linear if linear is not None and linear.output == float_source(tensor).name else None
 
 
+def is_dequantized(tensor: gs.Tensor) -> bool:
+    """Produced by a DequantizeLinear, possibly reshaped, transposed or cast on the way (data movement
+    commutes with quantization; TensorRT moves Q/DQ across it)."""
+    node = ir.producer(tensor)
+    while node is not None and node.op in LAYOUT_OPS | {"Cast", "Identity"}:
+        node = ir.producer(node.inputs[0])
+    return node is not None and node.op == "DequantizeLinear"
+
+
 def is_nan_guard(node: gs.Node, index: int) -> bool:
     """Where(IsNaN(x), 0, x): torch's SDPA export guards the softmax output this way."""
     if node.op != "Where" or index != 2:

@@ -152,9 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path, help="latency distribution per model (PNG, needs matplotlib)")
     bench.set_defaults(run=run_bench)
 
-    build = sub.add_parser("build-engine", help="a strongly typed TensorRT engine from a `--target tensorrt` graph")
+    build = sub.add_parser("build-engine", help="a strongly typed TensorRT / TensorRT-RTX engine (TensorRT-RTX "
+                                                "builds without a GPU)")
     _model_args(build)
     build.add_argument("-o", "--output", type=Path, required=True, help="the engine (.plan)")
+    build.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
+                       help="auto: TensorRT when it imports and a GPU answers, else TensorRT-RTX (CPU-only AOT build)")
+    build.add_argument("--compute-capability", default="",
+                       help="tensorrt-rtx: target GPUs, e.g. 8.0,8.6,8.9,12.0 (its default) or current")
+    build.add_argument("--baseline", type=Path, help="a float engine built by build-engine: compare weights with it")
     build.add_argument("--int8", action="store_true", help="require INT8 Q/DQ in the graph")
     build.add_argument("--fp16", action="store_true", help="require FP16 tensors in the graph")
     build.add_argument("--shapes", help="opt shapes name:1x128,... (default batch 1, sequence 128)")
@@ -483,14 +489,16 @@ def run_bench(args) -> int:
 
 def run_build_engine(args) -> int:
     from .bench import parse_shapes
-    from .engine_build import EngineConfig, build_engine
+    from .engine_build import EngineConfig, build_engine, summary_line
 
+    capabilities = tuple(c.strip() for c in args.compute_capability.split(",") if c.strip())
     config = EngineConfig(args.int8, args.fp16, parse_shapes(args.opt_shapes or args.shapes),
                           parse_shapes(args.min_shapes), parse_shapes(args.max_shapes), args.workspace,
-                          args.timing_cache, args.opt_level)
+                          args.timing_cache, args.opt_level, args.backend, capabilities, args.baseline)
     summary = build_engine(args.model, args.output, config)
-    print(f"wrote {args.output}: {summary['layers']} layers {summary['by_precision']}, "
-          f"INT8 attention layers {summary['int8_attention_layers']} (details in {args.output}.layers.json)")
+    print(summary_line(summary))
+    print(f"backend {summary['backend']}: {summary['chosen_because']}; layers and evidence in "
+          f"{args.output}.layers.json")
     return 0
 
 

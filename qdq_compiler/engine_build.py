@@ -1,24 +1,40 @@
-"""`qdqc build-engine`: a strongly typed TensorRT 10/11 engine from a lowered (`--target tensorrt`) graph.
+"""`qdqc build-engine`: a strongly typed engine from an ONNX graph, by TensorRT or TensorRT-RTX.
 
-TensorRT is imported lazily. TensorRT 11 is strongly typed only (no precision flags, no
-calibrator); on 10.x the network is created STRONGLY_TYPED, and before 10.12 the FP16/INT8
-builder flags are set when asked (REFERENCE.md §0, §9). The optimization profile covers dynamic
-batch and sequence: min 1, opt from --shapes (or 1x128), max from --max-shapes (or 1x512: INT8
-fused attention needs sequence <= 512).
+Two backends share one Python API. **TensorRT** 10/11 builds on (and for) the GPU it runs on.
+**TensorRT-RTX** (PyPI `tensorrt-rtx`) builds ahead of time with no GPU present ("The CPU-only
+Ahead Of Time (AOT) feature is enabled by default": NVIDIA's TensorRT-RTX docs, "CPU-Only AOT and
+TensorRT-RTX Engines") for compute capabilities 8.0, 8.6, 8.9 and 12.0 unless told otherwise; the
+engine is JIT-compiled on its first run. `auto` takes TensorRT when it imports and a GPU answers,
+else TensorRT-RTX.
+
+Both are strongly typed: the graph's own types decide precision (INT8 where Q/DQ says so, FP16
+where `qdqc lower --target tensorrt` typed it). TensorRT 11 has no precision flags; on 10.x the
+network is created STRONGLY_TYPED and the FP16/INT8 flags are set only before 10.12, where they
+still mattered. The optimization profile covers dynamic batch and sequence: min 1, opt from
+--shapes (or 1x128), max from --max-shapes (or 1x512: INT8 fused attention needs sequence <= 512).
+
+The summary is the builder's evidence (`engine_evidence`): its log at VERBOSE with DETAILED
+profiling verbosity, and the engine inspector where a GPU can deserialize the engine.
 """
 from __future__ import annotations
 
 import json
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ir
+from . import engine_evidence, ir
 from .errors import QdqcError, UsageError
 
 DEFAULT_OPT, DEFAULT_MAX_SEQUENCE = (1, 128), 512
+BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
+# TensorRT-RTX's ComputeCapability members by "major.minor"
+COMPUTE_CAPABILITIES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120",
+                        "12.1": "SM121", "current": "CURRENT"}
 
 
 @dataclass(frozen=True)
@@ -31,12 +47,68 @@ class EngineConfig:
     workspace_mib: int | None = None
     timing_cache: Path | None = None
     opt_level: int | None = None
+    backend: str = "auto"
+    compute_capabilities: tuple[str, ...] = ()
+    baseline: Path | None = None         # a float engine's .plan (its .layers.json) to compare weights with
 
     def __post_init__(self):
         if self.workspace_mib is not None and self.workspace_mib < 1:
             raise UsageError(f"--workspace must be at least 1 MiB, got {self.workspace_mib}")
         if self.opt_level is not None and not 0 <= self.opt_level <= 5:
             raise UsageError(f"--opt-level must be 0..5, got {self.opt_level}")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        unknown = [c for c in self.compute_capabilities if c not in COMPUTE_CAPABILITIES]
+        if unknown:
+            raise UsageError(f"--compute-capability {unknown[0]!r}: expected some of "
+                             f"{', '.join(COMPUTE_CAPABILITIES)}")
+        if self.compute_capabilities and self.backend == "tensorrt":
+            raise UsageError("--compute-capability is a TensorRT-RTX setting; TensorRT builds for the GPU it runs on")
+        if "current" in self.compute_capabilities and len(self.compute_capabilities) > 1:
+            raise UsageError("--compute-capability current cannot be combined with others")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str           # "tensorrt" or "tensorrt-rtx"
+    trt: object         # the imported module
+    reason: str         # why this one was chosen
+
+    @property
+    def version(self) -> str:
+        return self.trt.__version__
+
+    @property
+    def rtx(self) -> bool:
+        return self.name == "tensorrt-rtx"
+
+
+def _import_rtx():
+    try:
+        import tensorrt_rtx
+    except ImportError:
+        raise QdqcError("the tensorrt-rtx backend needs TensorRT-RTX: pip install tensorrt-rtx "
+                        "(builds engines without a GPU)") from None
+    return tensorrt_rtx
+
+
+def select_backend(choice: str) -> Backend:
+    """TensorRT on a usable GPU, else TensorRT-RTX's CPU-only ahead-of-time builder (for `auto`)."""
+    from .trt_engine import gpu_modules
+
+    if choice == "tensorrt-rtx":
+        return Backend("tensorrt-rtx", _import_rtx(), "asked for")
+    if choice == "tensorrt":
+        return Backend("tensorrt", gpu_modules("build-engine --backend tensorrt")[0], "asked for")
+    try:
+        return Backend("tensorrt", gpu_modules("build-engine")[0], "TensorRT and a GPU are present")
+    except QdqcError as missing:
+        why = "TensorRT is not installed" if "needs TensorRT" in str(missing) else "no GPU for TensorRT"
+    try:
+        return Backend("tensorrt-rtx", _import_rtx(), f"{why}; TensorRT-RTX builds ahead of time without a GPU")
+    except QdqcError:
+        raise QdqcError("build-engine needs TensorRT (pip install 'qdqc[gpu]', with a GPU) or TensorRT-RTX "
+                        "(pip install tensorrt-rtx, no GPU needed)") from None
 
 
 def profile_shapes(graph: gs.Graph, config: EngineConfig) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -81,72 +153,158 @@ def _version(trt) -> tuple[int, int]:
     return major, minor
 
 
-def network_from_onnx(trt, path: Path, logger):
+def build_logger(trt):
+    """A `trt.ILogger` that keeps every message, VERBOSE included: the build's evidence. Errors are kept
+    apart and end up in the one-line error a failed parse or build raises, not echoed line by line."""
+
+    class BuildLog(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+            self.errors: list[str] = []
+
+        def log(self, severity, message):
+            self.messages.append(message)
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(" ".join(message.split()))
+
+    return BuildLog()
+
+
+def network_from_onnx(trt, path: Path, logger, rtx: bool = False):
     """Builder, network and parser for `path`; parser errors listed with their node names."""
     builder = trt.Builder(logger)
     flags = 0
-    if _version(trt) < (11, 0) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+    if not rtx and _version(trt) < (11, 0) and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(flags)  # TensorRT-RTX and TensorRT 11: strongly typed always
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(path)):
         errors = [f"{parser.get_error(i).node_name() or '<model>'}: {parser.get_error(i).desc()}"
                   for i in range(parser.num_errors)]
-        raise QdqcError(f"{path}: TensorRT's parser failed: " + "; ".join(errors[:5]))
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise QdqcError(f"{path}: TensorRT's parser failed: " + "; ".join(errors[:5]) + more)
     return builder, network, parser
 
 
-def builder_config(trt, builder, shapes: dict, config: EngineConfig):
+def builder_config(trt, builder, shapes: dict, config: EngineConfig, rtx: bool = False):
     settings = builder.create_builder_config()
+    settings.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer metadata: the ONNX nodes each covers
     if config.workspace_mib:
         settings.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_mib << 20)
     if config.opt_level is not None:
         settings.builder_optimization_level = config.opt_level
-    if _version(trt) < (10, 12):  # before strong typing superseded them
+    if not rtx and _version(trt) < (10, 12):  # before strong typing superseded them
         for wanted, name in ((config.fp16, "FP16"), (config.int8, "INT8")):
             if wanted and hasattr(trt.BuilderFlag, name):
                 settings.set_flag(getattr(trt.BuilderFlag, name))
+    if rtx and config.compute_capabilities:
+        settings.num_compute_capabilities = len(config.compute_capabilities)
+        for index, capability in enumerate(config.compute_capabilities):
+            member = getattr(trt.ComputeCapability, COMPUTE_CAPABILITIES[capability])
+            if not settings.set_compute_capability(member, index):
+                raise UsageError(f"--compute-capability {capability}: TensorRT-RTX {trt.__version__} refused it")
     profile = builder.create_optimization_profile()
     for name, (low, opt, high) in shapes.items():
         profile.set_shape(name, low, opt, high)
     settings.add_optimization_profile(profile)
     if config.timing_cache is not None:
-        cached = config.timing_cache.read_bytes() if config.timing_cache.exists() else b""
-        settings.set_timing_cache(settings.create_timing_cache(cached), ignore_mismatch=False)
+        if rtx:  # its docs: a timing cache makes the builder query a GPU
+            print(f"warning: --timing-cache ignored: TensorRT-RTX would need a GPU to use {config.timing_cache}",
+                  file=sys.stderr)
+        else:
+            cached = config.timing_cache.read_bytes() if config.timing_cache.exists() else b""
+            settings.set_timing_cache(settings.create_timing_cache(cached), ignore_mismatch=False)
     return settings
 
 
-def layer_summary(layers: list[dict]) -> dict:
-    """Counts by precision and whether attention fused, from the inspector's JSON layers."""
-    precisions: dict[str, int] = {}
-    fused_attention = 0
-    for layer in layers:
-        text = json.dumps(layer).lower()
-        kind = "INT8" if "int8" in text else "FP16" if ("half" in text or "fp16" in text) else "FP32"
-        precisions[kind] = precisions.get(kind, 0) + 1
-        fused_attention += ("mha" in text or "fmha" in text or "attention" in text) and "int8" in text
-    return {"layers": len(layers), "by_precision": precisions, "int8_attention_layers": fused_attention}
+def _inspector_layers(backend: Backend, logger, serialized: bytes) -> tuple[list, dict | None]:
+    """The engine inspector's layers, where the engine deserializes (TensorRT on its GPU)."""
+    if backend.rtx:  # deserializing needs a CUDA driver; the AOT build log carries the layers instead
+        return [], None
+    trt = backend.trt
+    engine = trt.Runtime(logger).deserialize_cuda_engine(serialized)
+    if engine is None:
+        return [], None
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    return [engine_evidence.layer_from_inspector(layer) for layer in info.get("Layers", [])], info
+
+
+def sidecar(engine: Path) -> Path:
+    return engine.with_suffix(engine.suffix + ".layers.json")
+
+
+def read_summary(engine: Path) -> dict | None:
+    """The summary `build-engine` wrote beside an engine, or None."""
+    path = sidecar(engine)
+    try:
+        return json.loads(path.read_text())["summary"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     graph = ir.load(model)
     check_precisions(graph, config)
     shapes = profile_shapes(graph, config)
-    from .trt_engine import gpu_modules
-
-    trt, _cudart = gpu_modules("build-engine")
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder, network, _parser = network_from_onnx(trt, model, logger)
-    settings = builder_config(trt, builder, shapes, config)
+    baseline = None
+    if config.baseline is not None and (baseline := read_summary(config.baseline)) is None:
+        raise UsageError(f"--baseline {config.baseline}: no {sidecar(config.baseline).name} beside it "
+                         "(build that engine with `qdqc build-engine` first)")
+    backend = select_backend(config.backend)
+    trt = backend.trt
+    logger = build_logger(trt)
+    builder, network, _parser = network_from_onnx(trt, model, logger, backend.rtx)
+    settings = builder_config(trt, builder, shapes, config, backend.rtx)
+    started = time.perf_counter()
     serialized = builder.build_serialized_network(network, settings)
+    seconds = time.perf_counter() - started
     if serialized is None:
-        raise QdqcError(f"{model}: TensorRT could not build an engine (see its log above)")
-    ir.write_bytes_atomic(output, bytes(serialized))
-    if config.timing_cache is not None:
+        detail = "; ".join(logger.errors[-3:]) or "see its log above"
+        raise QdqcError(f"{model}: {backend.name} could not build an engine: {detail}")
+    payload = bytes(serialized)
+    ir.write_bytes_atomic(output, payload)
+    if config.timing_cache is not None and not backend.rtx:
         ir.write_bytes_atomic(config.timing_cache, bytes(settings.get_timing_cache().serialize()))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
-    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
-    summary = layer_summary(info.get("Layers", []))
-    ir.write_text_atomic(output.with_suffix(output.suffix + ".layers.json"),
-                         json.dumps({"summary": summary, "inspector": info}, indent=1) + "\n")
+    log = engine_evidence.read_log(logger.messages)
+    layers, inspector = _inspector_layers(backend, logger, payload)
+    layers = layers or log["layers"]
+    summary = {"backend": backend.name, "version": backend.version, "chosen_because": backend.reason,
+               "engine": str(output), "engine_bytes": len(payload), "build_seconds": round(seconds, 3),
+               **engine_evidence.summarize(graph, log, layers)}
+    if backend.rtx:
+        summary["compute_capabilities"] = list(config.compute_capabilities) or ["default (8.0, 8.6, 8.9, 12.0)"]
+    if baseline is not None and baseline.get("weights_bytes") and summary["weights_bytes"]:
+        summary["baseline"] = {"engine": str(config.baseline), "weights_bytes": baseline["weights_bytes"],
+                               "engine_bytes": baseline.get("engine_bytes"),
+                               "weights_ratio": round(summary["weights_bytes"] / baseline["weights_bytes"], 4)}
+    record = {"summary": summary, "layers": [layer.to_json() for layer in layers],
+              "attention": [{"scores": b.scores, "softmax": b.softmax, "context": b.context, "quantized": b.quantized}
+                            for b in engine_evidence.attention_blocks(graph)],
+              "self_attention_pattern_nodes": log["attention_pattern_nodes"]}
+    if inspector is not None:
+        record["inspector"] = inspector
+    ir.write_text_atomic(sidecar(output), json.dumps(record, indent=1) + "\n")
     return summary
+
+
+def _mib(count: int | None) -> str:
+    return "?" if count is None else f"{count / 2**20:.1f} MiB"
+
+
+def summary_line(summary: dict) -> str:
+    """One line: who built it, sizes, attention fused, INT8 GEMMs, and the float baseline when given."""
+    def ratio(done, total):
+        return "unknown (no layer records)" if done is None else f"{done}/{total}"
+
+    text = (f"{summary['backend']} {summary['version']} built {summary['engine']} in {summary['build_seconds']:.1f} s: "
+            f"engine {_mib(summary['engine_bytes'])}, weights {_mib(summary['weights_bytes'])}, "
+            f"activations {_mib(summary['activation_bytes'])}, {summary['engine_layers']} engine layers; "
+            f"attention fused {ratio(summary['attention_fused'], summary['attention_blocks'])}")
+    if summary["attention_quantized"]:
+        text += (f" (INT8 {ratio(summary['attention_fused_int8'], summary['attention_quantized'])}), "
+                 f"quantized GEMMs in INT8 {ratio(summary['int8_gemms'], summary['quantized_gemms'])}")
+    if "baseline" in summary:
+        base = summary["baseline"]
+        text += f"; weights {base['weights_ratio']:.2f}x of {base['engine']}'s {_mib(base['weights_bytes'])}"
+    return text

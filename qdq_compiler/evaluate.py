@@ -38,17 +38,6 @@ def cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     return dot / (np.linalg.norm(reference, axis=1) * np.linalg.norm(other, axis=1))
 
 
-def _dequantized(tensor) -> bool:
-    """The tensor is a DequantizeLinear output, possibly reshaped or transposed on the way."""
-    from . import ir
-    from .bert import LAYOUT_OPS
-
-    node = ir.producer(tensor)
-    while node is not None and node.op in LAYOUT_OPS:
-        node = ir.producer(node.inputs[0])
-    return node is not None and node.op == "DequantizeLinear"
-
-
 def exact_accumulation(graph):
     """A copy of a fake-quant graph whose quantized GEMMs (both operands dequantized) multiply
     and accumulate in float64 and round once to float32.
@@ -61,11 +50,12 @@ def exact_accumulation(graph):
     import onnx_graphsurgeon as gs
 
     from . import ir
+    from .bert import is_dequantized
 
     graph = graph.copy()
     names = ir.Names(graph)
     for node in list(graph.nodes):
-        if node.op not in ("MatMul", "Gemm") or not all(_dequantized(t) for t in node.inputs[:2]):
+        if node.op not in ("MatMul", "Gemm") or not all(is_dequantized(t) for t in node.inputs[:2]):
             continue
         for index, tensor in enumerate(node.inputs):
             wide = gs.Variable(names.fresh(f"{tensor.name}::f64"), dtype=np.float64)

@@ -1,13 +1,23 @@
+"""build-engine: real engines built here by TensorRT-RTX's ahead-of-time builder (no GPU), the summary
+read from the builder's own log, backend and device-library choice, and the one-line errors."""
+import json
+import sys
+import types
+
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 
-from qdq_compiler.engine_build import (EngineConfig, builder_config, check_precisions, layer_summary,
-                                       network_from_onnx, profile_shapes)
-from qdq_compiler.errors import UsageError
+from qdq_compiler import engine_evidence, ir
+from qdq_compiler.engine_build import (EngineConfig, build_engine, builder_config, check_precisions,
+                                       network_from_onnx, profile_shapes, select_backend, summary_line)
+from qdq_compiler.errors import QdqcError, UsageError
 from qdq_compiler.synthetic import BertSpec, build_bert
 
-from conftest import qdqc
+from conftest import calibrated_bert, qdqc
+
+rtx = pytest.importorskip("tensorrt_rtx")  # in the dev extra: these tests build real engines
 
 
 def graph():
@@ -37,63 +47,222 @@ def test_precision_promises_are_checked():
     check_precisions(plain, EngineConfig())
 
 
-def test_layer_summary_counts_precisions_and_attention():
-    layers = [{"Name": "gemm", "Outputs": [{"Format/Datatype": "Int8"}]},
-              {"Name": "fmha", "LayerType": "CaskMHA", "Inputs": [{"Format/Datatype": "Int8"}]},
-              {"Name": "ln", "Outputs": [{"Format/Datatype": "Half"}]},
-              {"Name": "cast", "Outputs": [{"Format/Datatype": "Float"}]}]
-    assert layer_summary(layers) == {"layers": 4, "by_precision": {"INT8": 2, "FP16": 1, "FP32": 1},
-                                     "int8_attention_layers": 1}
+def test_config_validation():
+    with pytest.raises(UsageError, match="--backend"):
+        EngineConfig(backend="cuda")
+    with pytest.raises(UsageError, match="--compute-capability '9.9'"):
+        EngineConfig(compute_capabilities=("9.9",))
+    with pytest.raises(UsageError, match="TensorRT-RTX setting"):
+        EngineConfig(backend="tensorrt", compute_capabilities=("8.6",))
 
 
-def test_network_and_profile_with_tensorrts_parser(tmp_path):
-    """The TensorRT-RTX Python API matches TensorRT's for parsing and builder configuration."""
-    trt = pytest.importorskip("tensorrt_rtx")
-    import onnx
+# ---------------------------------------------------------------- reading the builder's evidence
 
-    path = tmp_path / "m.onnx"
-    onnx.save(build_bert(BertSpec(layers=1)), path)
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder, network, _ = network_from_onnx(trt, path, logger)
-    assert network.num_inputs == 3 and network.num_layers > 10
-    settings = builder_config(trt, builder, profile_shapes(graph(), EngineConfig()), EngineConfig(workspace_mib=64))
-    assert settings.num_optimization_profiles == 1
+LOG_LAYER = ("Name: _gemm_mha_v2_myl0_7, LayerType: kgen, Inputs: [ { Name: a, Dimensions: [4,-1,16], Datatype: Int8, "
+             "Format: (Arbitrary) x }, { Name: m, Dimensions: [1,1,1,-1], Datatype: Half, Format: (Linear) y }], "
+             "Constants: [ { Name: c, Datatype: Float, Format: z }], Outputs: [ { Name: o, Datatype: Int8, Format: w }], "
+             "TacticName: _gemm_mha_v2_0x3c, StreamId: 0, Metadata: [ONNX Layer: l0/QK][ONNX Layer: l0/Softmax]"
+             "[ONNX Layer: l0/AV]")
 
 
-def test_cli_without_tensorrt_is_one_line(tmp_path, bert_file):
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
-    proc = qdqc("build-engine", bert_file, "-o", tmp_path / "m.plan")
-    assert proc.returncode == 1 and "pip install 'qdqc[gpu]'" in proc.stderr and "Traceback" not in proc.stderr
+def test_log_layer_line_is_parsed_field_by_field():
+    layer = engine_evidence.layer_from_text(LOG_LAYER)
+    assert layer == engine_evidence.EngineLayer("_gemm_mha_v2_myl0_7", "kgen", ("INT8", "FP16"), ("INT8",),
+                                                "_gemm_mha_v2_0x3c", ("l0/QK", "l0/Softmax", "l0/AV"))
+    assert layer.int8  # constants (Float) are not inputs
+
+
+def test_read_log_takes_memory_attention_and_layers():
+    messages = ["Total Activation Memory: 8717312 bytes", "Total Weights Memory: 140164 bytes",
+                "Found l0/QK to be part of self-attention pattern.", "Found l0/QK to be part of self-attention pattern.",
+                "Layers:\n" + LOG_LAYER + "\nName: x, LayerType: gemm, Inputs: [], Constants: [], Outputs: [], "
+                "TacticName: t, StreamId: 0, Metadata: "]
+    log = engine_evidence.read_log(messages)
+    assert (log["weights_bytes"], log["activation_bytes"]) == (140164, 8717312)
+    assert log["attention_pattern_nodes"] == ["l0/QK"] and [layer.name for layer in log["layers"]] == \
+        ["_gemm_mha_v2_myl0_7", "x"]
+
+
+def test_inspector_json_layers_read_like_log_lines():
+    record = {"Name": "fmha", "LayerType": "CaskMHA", "Inputs": [{"Name": "q", "Format/Datatype": "Int8"}],
+              "Outputs": [{"Name": "o", "Format/Datatype": "Row major linear FP16 format"}],
+              "TacticName": "t", "Metadata": "[ONNX Layer: a][ONNX Layer: b]"}
+    layer = engine_evidence.layer_from_inspector(record)
+    assert (layer.inputs, layer.outputs, layer.onnx_nodes) == (("INT8",), ("FP16",), ("a", "b"))
+
+
+def test_a_plain_dense_layer_named_attention_is_not_fused_attention(tmp_path):
+    """The old heuristic counted any INT8 layer mentioning 'attention'; coverage of Q·K^T, softmax and ·V
+    by one engine layer is what counts now."""
+    g, _ = calibrated_bert(tmp_path, BertSpec(layers=1))
+    block = engine_evidence.attention_blocks(g)[0]
+    assert block.quantized
+    dense = engine_evidence.EngineLayer("layer.0/attention/output/MatMul", "gemm", ("INT8",), ("FP16",), "t",
+                                        ("layer.0/attention/output/MatMul", block.scores))
+    split = [engine_evidence.EngineLayer("a", "gemm", ("INT8",), ("FP16",), "t", (block.scores, block.softmax)),
+             engine_evidence.EngineLayer("b", "gemm", ("INT8",), ("FP16",), "t", (block.context,))]
+    fused = engine_evidence.EngineLayer("mha", "kgen", ("INT8",), ("INT8",), "t", tuple(block.nodes()))
+    assert engine_evidence.summarize(g, {}, [dense])["attention_fused"] == 0
+    assert engine_evidence.summarize(g, {}, split)["attention_fused"] == 0
+    summary = engine_evidence.summarize(g, {}, [fused])
+    assert (summary["attention_fused"], summary["attention_fused_int8"]) == (1, 1)
+    assert engine_evidence.summarize(g, {}, [])["attention_fused"] is None  # no records: unknown, not zero
+
+
+# ---------------------------------------------------------------- real builds (TensorRT-RTX, CPU only)
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """FP32 and lowered INT8 engines of a 2-layer synthetic BERT, built by TensorRT-RTX here."""
+    from qdq_compiler.lower import LowerConfig, lower
+
+    folder = tmp_path_factory.mktemp("engines")
+    spec = BertSpec(layers=2, hidden=128, heads=2, vocab=512)
+    fp32 = folder / "bert.onnx"
+    onnx.save(build_bert(spec), fp32)
+    g, _ = calibrated_bert(folder, spec)
+    lower(g, LowerConfig("tensorrt"))
+    int8 = ir.save(g, folder / "bert.trt.onnx")
+    fp32_summary = build_engine(fp32, folder / "fp32.plan", EngineConfig(backend="tensorrt-rtx"))
+    int8_summary = build_engine(int8, folder / "int8.plan",
+                                EngineConfig(int8=True, fp16=True, baseline=folder / "fp32.plan"))
+    return folder, fp32_summary, int8_summary
+
+
+def test_int8_engine_is_built_with_attention_fused_in_every_layer(engines):
+    folder, _, summary = engines
+    plan = folder / "int8.plan"
+    assert plan.stat().st_size == summary["engine_bytes"] > 100_000
+    assert summary["backend"] == "tensorrt-rtx" and summary["version"] == rtx.__version__
+    assert summary["attention_blocks"] == summary["attention_quantized"] == 2
+    assert summary["attention_fused"] == summary["attention_fused_int8"] == 2
+    assert summary["quantized_gemms"] == 2 * 8 and summary["int8_gemms"] == summary["quantized_gemms"]
+    record = json.loads((folder / "int8.plan.layers.json").read_text())
+    assert record["summary"] == summary
+    mha = [layer for layer in record["layers"] if {"QK", "Softmax", "AV"} <= {n.rsplit("/", 1)[-1].split("_")[0]
+                                                                                  for n in layer["onnx_nodes"]}]
+    assert len(mha) == 2 and all("INT8" in layer["inputs"] for layer in mha)
+
+
+def test_int8_weights_are_under_half_of_the_fp32_engines(engines):
+    _, fp32, int8 = engines
+    assert fp32["weights_bytes"] > 0 and fp32["attention_quantized"] == 0 and fp32["int8_layers"] == 0
+    assert int8["weights_bytes"] < 0.5 * fp32["weights_bytes"]
+    assert int8["baseline"]["weights_ratio"] == pytest.approx(int8["weights_bytes"] / fp32["weights_bytes"], abs=1e-4)
+    assert "weights 0." in summary_line(int8) and "attention fused 2/2 (INT8 2/2)" in summary_line(int8)
+
+
+def test_cli_builds_and_prints_the_summary_line(tmp_path, engines):
+    folder, _, _ = engines
+    proc = qdqc("build-engine", folder / "bert.trt.onnx", "-o", tmp_path / "m.plan", "--int8",
+                "--compute-capability", "8.6,8.9", "--timing-cache", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    assert "tensorrt-rtx" in proc.stdout and "attention fused 2/2 (INT8 2/2)" in proc.stdout
+    assert "--timing-cache ignored" in proc.stderr and not (tmp_path / "cache").exists()
+    summary = json.loads((tmp_path / "m.plan.layers.json").read_text())["summary"]
+    assert summary["compute_capabilities"] == ["8.6", "8.9"]
+
+
+def test_int8_on_an_unlowered_graph_is_refused(tmp_path, bert_file):
     proc = qdqc("build-engine", bert_file, "-o", tmp_path / "m.plan", "--int8")
-    assert proc.returncode == 2 and "lower --target tensorrt" in proc.stderr
+    assert proc.returncode == 2 and "lower --target tensorrt" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.plan").exists()
     proc = qdqc("build-engine", bert_file, "-o", tmp_path / "m.plan", "--opt-level", "9")
     assert proc.returncode == 2 and "--opt-level" in proc.stderr
 
 
-@pytest.mark.tensorrt
-def test_builds_an_int8_engine_on_a_gpu(tmp_path):
-    """Runs only where TensorRT and a GPU exist."""
-    pytest.importorskip("tensorrt")
-    from qdq_compiler import ir
-    from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
-    from qdq_compiler.config import InsertConfig
-    from qdq_compiler.data import Dataset
-    from qdq_compiler.engine_build import build_engine
-    from qdq_compiler.insert import insert
-    from qdq_compiler.lower import LowerConfig, lower
-    from qdq_compiler.synthetic import example_inputs
+def test_parser_errors_name_their_nodes(tmp_path):
+    g, _ = calibrated_bert(tmp_path, BertSpec(layers=1))
+    q = next(n for n in g.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0]))
+    q.inputs[2] = gs.Constant(f"{q.name}::bad_zp", np.array(3, dtype=np.int8))  # TensorRT: symmetric only
+    bad = ir.save(g, tmp_path / "bad.onnx")
+    proc = qdqc("build-engine", bad, "-o", tmp_path / "m.plan")
+    assert proc.returncode == 1 and "parser failed" in proc.stderr and q.name in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.plan").exists()
 
-    spec = BertSpec(layers=2)
-    data = tmp_path / "d.npz"
-    np.savez(data, **example_inputs(spec, batch=8, seq=16))
-    g = gs.import_onnx(build_bert(spec))
-    insert(g, InsertConfig("ft1"))
-    calibrate(g, Dataset(data, model_inputs(g)), CalibrationConfig(progress=False))
+
+def test_network_and_profile_with_tensorrts_parser(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(build_bert(BertSpec(layers=1)), path)
+    logger = rtx.Logger(rtx.Logger.ERROR)
+    builder, network, _ = network_from_onnx(rtx, path, logger, rtx=True)
+    assert network.num_inputs == 3 and network.num_layers > 10
+    settings = builder_config(rtx, builder, profile_shapes(graph(), EngineConfig()),
+                              EngineConfig(workspace_mib=64, compute_capabilities=("8.0", "12.0")), rtx=True)
+    assert settings.num_optimization_profiles == 1 and settings.num_compute_capabilities == 2
+    assert settings.get_compute_capability(1) == rtx.ComputeCapability.SM120
+
+
+# ---------------------------------------------------------------- backend and device library choice
+
+def hide(monkeypatch, *modules):
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
+
+
+def test_auto_falls_back_to_tensorrt_rtx_and_says_why(monkeypatch):
+    hide(monkeypatch, "tensorrt")
+    backend = select_backend("auto")
+    assert backend.name == "tensorrt-rtx" and "TensorRT is not installed" in backend.reason
+    with pytest.raises(QdqcError, match="needs TensorRT: pip install 'qdqc\\[gpu\\]'"):
+        select_backend("tensorrt")
+    hide(monkeypatch, "tensorrt_rtx")
+    with pytest.raises(QdqcError, match="TensorRT .* or TensorRT-RTX"):
+        select_backend("auto")
+
+
+def test_auto_takes_tensorrt_only_with_a_gpu(monkeypatch):
+    from qdq_compiler import trt_engine
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setattr(trt_engine, "device_library", lambda: types.SimpleNamespace(usable=lambda: False))
+    assert select_backend("auto").reason.startswith("no GPU for TensorRT")
+    monkeypatch.setattr(trt_engine, "device_library", lambda: types.SimpleNamespace(usable=lambda: True))
+    assert select_backend("auto").name == "tensorrt"
+
+
+def fake_pycuda(monkeypatch):
+    package, driver = types.ModuleType("pycuda"), types.ModuleType("pycuda.driver")
+    package.driver = driver
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    return driver
+
+
+def test_device_library_prefers_cuda_python_then_pycuda(monkeypatch):
+    from qdq_compiler.trt_engine import CudaPython, PyCuda, device_library
+
+    pytest.importorskip("cuda.bindings.runtime")
+    driver = fake_pycuda(monkeypatch)
+    assert isinstance(device_library(), CudaPython)  # both installed: cuda-python, the default
+    hide(monkeypatch, "cuda", "cuda.bindings", "cuda.bindings.runtime")
+    chosen = device_library()
+    assert isinstance(chosen, PyCuda) and chosen.driver is driver
+    hide(monkeypatch, "pycuda", "pycuda.driver")
+    with pytest.raises(QdqcError, match="cuda-python .* or pycuda"):
+        device_library()
+
+
+def test_running_an_engine_without_a_gpu_is_one_line_naming_the_backend(engines):
+    pytest.importorskip("cuda.bindings.runtime")
+    from cuda.bindings import runtime
+
+    if int(runtime.cudaFree(0)[0]) == 0:
+        pytest.skip("a GPU is present")
+    folder, _, _ = engines
+    proc = qdqc("bench", folder / "int8.plan", "--iterations", "1")
+    assert proc.returncode == 1 and "no usable GPU" in proc.stderr and "(tensorrt-rtx)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.tensorrt
+def test_builds_an_int8_engine_with_datacenter_tensorrt_on_a_gpu(tmp_path):
+    """Runs only where TensorRT and a GPU exist: the inspector then supplies the layers."""
+    pytest.importorskip("tensorrt")
+    from qdq_compiler.lower import LowerConfig, lower
+
+    g, _ = calibrated_bert(tmp_path, BertSpec(layers=2))
     lower(g, LowerConfig("tensorrt"))
     model = ir.save(g, tmp_path / "m.trt.onnx")
-    summary = build_engine(model, tmp_path / "m.plan", EngineConfig(int8=True, fp16=True))
-    assert summary["by_precision"].get("INT8", 0) > 0
+    summary = build_engine(model, tmp_path / "m.plan", EngineConfig(int8=True, fp16=True, backend="tensorrt"))
+    assert summary["backend"] == "tensorrt" and summary["int8_layers"] > 0

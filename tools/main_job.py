@@ -5,9 +5,10 @@ the FasterTransformer sites (`qdqc insert`), lints the result (`qdqc check`),
 calibrates on 256 real sentences shipped with qdqc (`qdqc calibrate`, one pass, all
 methods from the saved statistics, and SmoothQuant), measures fidelity against FP32 on
 1000 other real sentences (cosine of mean-pooled embeddings), lowers for onnxruntime
-(integer GEMMs) and TensorRT (FP16 + INT8, checked by TensorRT's parser), and ends with
-the table of fidelity and CPU latency for FP32, qdqc and onnxruntime's own quantizers
-(tools/bench_cpu.py). Artifacts go to ./artifacts.
+(integer GEMMs) and TensorRT (FP16 + INT8, checked by TensorRT's parser), prints the table of
+fidelity and CPU latency for FP32, qdqc and onnxruntime's own quantizers (tools/bench_cpu.py; the
+TensorRT graph's fidelity as onnxruntime runs it), and ends by building the FP32 and INT8 engines
+with TensorRT-RTX (no GPU needed). Artifacts go to ./artifacts.
 """
 from __future__ import annotations
 
@@ -100,7 +101,18 @@ def main() -> None:
     run("check", str(out / "minilm.trt.onnx"), "--parse")
     import bench_cpu  # tools/: FP32, qdqc (insert -> mse -> lower), ORT dynamic and static, side by side
 
-    bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128))
+    bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128),
+                         tensorrt_graph=out / "minilm.trt.onnx")
+    build_engines(out)
+
+
+def build_engines(out: Path) -> None:
+    """The last step: real engines, FP32 and INT8, built by TensorRT-RTX ahead of time (no GPU needed)."""
+    print("\nengines (TensorRT-RTX builds ahead of time on this CPU; running them needs a GPU):", flush=True)
+    fp32 = out / "minilm.fp32.plan"
+    run("build-engine", str(out / "minilm.onnx"), "-o", str(fp32))
+    run("build-engine", str(out / "minilm.trt.onnx"), "-o", str(out / "minilm.int8.plan"), "--int8",
+        "--baseline", str(fp32))
 
 
 if __name__ == "__main__":
