@@ -180,7 +180,7 @@ def network_from_onnx(trt, path: Path, logger, rtx: bool = False):
     network = builder.create_network(flags)  # TensorRT-RTX and TensorRT 11: strongly typed always
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(path)):
-        errors = [f"{parser.get_error(i).node_name() or '<model>'}: {parser.get_error(i).desc()}"
+        errors = [f"{parser.get_error(i).node_name() or '<model>'}: {' '.join(parser.get_error(i).desc().split())}"
                   for i in range(parser.num_errors)]
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise QdqcError(f"{path}: TensorRT's parser failed: " + "; ".join(errors[:5]) + more)
@@ -244,6 +244,11 @@ def read_summary(engine: Path) -> dict | None:
 
 
 def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
+    """Build `model` into the engine `output`; returns the summary also written to `<output>.layers.json`."""
+    model, output = Path(model), Path(output)
+    for kept in (model, config.baseline):
+        if kept is not None and (ir.same_file(output, kept) or ir.same_file(sidecar(output), kept)):
+            raise UsageError(f"{output}: the engine or its .layers.json would overwrite {kept}")
     graph = ir.load(model)
     check_precisions(graph, config)
     shapes = profile_shapes(graph, config)
