@@ -159,16 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "tensorrt-rtx"],
                        help="auto: TensorRT when it imports and a GPU answers, else TensorRT-RTX (CPU-only AOT build)")
     build.add_argument("--compute-capability", default="",
-                       help="tensorrt-rtx: target GPUs, e.g. 8.0,8.6,8.9,12.0 (its default) or current")
+                       help="tensorrt-rtx: target GPUs among 7.5,8.0,8.6,8.9,12.0,12.1 (default "
+                            "8.0,8.6,8.9,12.0) or current")
     build.add_argument("--baseline", type=Path, help="a float engine built by build-engine: compare weights with it")
-    build.add_argument("--int8", action="store_true", help="require INT8 Q/DQ in the graph")
-    build.add_argument("--fp16", action="store_true", help="require FP16 tensors in the graph")
+    build.add_argument("--int8", action="store_true", help="check the graph carries INT8 Q/DQ (strongly typed: "
+                                                         "the graph's types decide precision)")
+    build.add_argument("--fp16", action="store_true", help="check the graph carries FP16 tensors")
     build.add_argument("--shapes", help="opt shapes name:1x128,... (default batch 1, sequence 128)")
     build.add_argument("--min-shapes", help="min shapes (default 1 for dynamic dims)")
     build.add_argument("--opt-shapes", help="same as --shapes")
     build.add_argument("--max-shapes", help="max shapes (default sequence 512)")
     build.add_argument("--workspace", type=int, help="workspace pool limit in MiB")
-    build.add_argument("--timing-cache", type=Path, help="read and update this timing cache")
+    build.add_argument("--timing-cache", type=Path, help="tensorrt: read and update this timing cache "
+                                                           "(tensorrt-rtx: ignored, it would need a GPU)")
     build.add_argument("--opt-level", type=int, help="builder optimization level 0..5")
     build.set_defaults(run=run_build_engine)
 
@@ -489,7 +492,7 @@ def run_bench(args) -> int:
 
 def run_build_engine(args) -> int:
     from .bench import parse_shapes
-    from .engine_build import EngineConfig, build_engine, summary_line
+    from .engine_build import EngineConfig, build_engine, profile_line, summary_line
 
     capabilities = tuple(c.strip() for c in args.compute_capability.split(",") if c.strip())
     config = EngineConfig(args.int8, args.fp16, parse_shapes(args.opt_shapes or args.shapes),
@@ -497,8 +500,8 @@ def run_build_engine(args) -> int:
                           args.timing_cache, args.opt_level, args.backend, capabilities, args.baseline)
     summary = build_engine(args.model, args.output, config)
     print(summary_line(summary))
-    print(f"backend {summary['backend']}: {summary['chosen_because']}; layers and evidence in "
-          f"{args.output}.layers.json")
+    print(f"{profile_line(summary)}; backend {summary['backend']}: {summary['chosen_because']}; layers and "
+          f"evidence in {args.output}.layers.json")
     return 0
 
 

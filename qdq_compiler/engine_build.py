@@ -52,6 +52,19 @@ class EngineConfig:
     baseline: Path | None = None         # a float engine's .plan (its .layers.json) to compare weights with
 
     def __post_init__(self):
+        from .bench import parse_shapes
+
+        for name in ("opt_shapes", "min_shapes", "max_shapes"):  # the API takes "8x128" as the CLI does
+            given = getattr(self, name)
+            object.__setattr__(self, name, {k: parse_shapes(f"{k}:{v}")[k] if isinstance(v, str) else tuple(v)
+                                            for k, v in (given or {}).items()})
+        capabilities = self.compute_capabilities
+        if isinstance(capabilities, str):
+            capabilities = capabilities.split(",")
+        object.__setattr__(self, "compute_capabilities", tuple(c.strip() for c in capabilities if c.strip()))
+        for name in ("timing_cache", "baseline"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         if self.workspace_mib is not None and self.workspace_mib < 1:
             raise UsageError(f"--workspace must be at least 1 MiB, got {self.workspace_mib}")
         if self.opt_level is not None and not 0 <= self.opt_level <= 5:
@@ -60,8 +73,9 @@ class EngineConfig:
             raise UsageError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
         unknown = [c for c in self.compute_capabilities if c not in COMPUTE_CAPABILITIES]
         if unknown:
-            raise UsageError(f"--compute-capability {unknown[0]!r}: expected some of "
-                             f"{', '.join(COMPUTE_CAPABILITIES)}")
+            raise UsageError(f"--compute-capability {unknown[0]!r}: TensorRT-RTX targets {', '.join(COMPUTE_CAPABILITIES)} "
+                             "(Turing to Blackwell RTX GPUs); for datacenter GPUs such as Hopper (9.0) build with "
+                             "--backend tensorrt on that GPU")
         if self.compute_capabilities and self.backend == "tensorrt":
             raise UsageError("--compute-capability is a TensorRT-RTX setting; TensorRT builds for the GPU it runs on")
         if "current" in self.compute_capabilities and len(self.compute_capabilities) > 1:
@@ -111,8 +125,36 @@ def select_backend(choice: str) -> Backend:
                         "(pip install tensorrt-rtx, no GPU needed)") from None
 
 
+def _dimension_names(graph: gs.Graph) -> dict[str, str]:
+    """Symbolic dimension name -> the first input that has it ('batch' -> 'input_ids')."""
+    names = {}
+    for tensor in graph.inputs:
+        for d in tensor.shape or ():
+            if isinstance(d, str) and d:
+                names.setdefault(d, tensor.name)
+    return names
+
+
 def profile_shapes(graph: gs.Graph, config: EngineConfig) -> dict[str, tuple[tuple, tuple, tuple]]:
-    """(min, opt, max) for every input: fixed dims as they are, dynamic ones from the options."""
+    """(min, opt, max) for every input: fixed dims as they are; a dynamic dim from the option naming its
+    input, else from another input sharing its symbolic name (batch, sequence), else the defaults."""
+    inputs = {t.name: t for t in graph.inputs}
+    for option, given in (("--shapes", config.opt_shapes), ("--min-shapes", config.min_shapes),
+                          ("--max-shapes", config.max_shapes)):
+        unknown = sorted(set(given) - set(inputs))
+        if unknown:
+            raise UsageError(f"{option}: the model has no input '{unknown[0]}'; its inputs are {', '.join(inputs)}")
+
+    def shared(given: dict) -> dict[str, int]:
+        """Values of symbolic dims fixed by the shapes given for some input."""
+        values = {}
+        for name, shape in given.items():
+            dims = inputs[name].shape or ()
+            for d, value in zip(dims, shape):
+                if isinstance(d, str) and d:
+                    values.setdefault(d, value)
+        return values
+
     shapes = {}
     for tensor in graph.inputs:
         dims = tuple(tensor.shape or ())
@@ -125,14 +167,17 @@ def profile_shapes(graph: gs.Graph, config: EngineConfig) -> dict[str, tuple[tup
                                                   for d, s in zip(dims, shape)):
                     raise UsageError(f"shape {shape} for input '{tensor.name}' contradicts the model's {list(dims)}")
                 return shape
-            values = iter(fallback)
-            return tuple(d if i not in dynamic else next(values, 1) for i, d in enumerate(dims))
+            known, values = shared(given), iter(fallback)
+            return tuple(d if i not in dynamic else known.get(d) or next(values, 1) if isinstance(d, str)
+                         else next(values, 1) for i, d in enumerate(dims))
 
         opt = fill(config.opt_shapes, DEFAULT_OPT)
         low = fill(config.min_shapes, tuple(1 for _ in dynamic))
         high = fill(config.max_shapes, (opt[dynamic[0]] if dynamic else 1, DEFAULT_MAX_SEQUENCE))
         if any(a > b or b > c for a, b, c in zip(low, opt, high)):
-            raise UsageError(f"input '{tensor.name}': need min <= opt <= max, got {low}, {opt}, {high}")
+            hint = "" if tensor.name in config.max_shapes else \
+                f" (max is the default: batch of --shapes, sequence {DEFAULT_MAX_SEQUENCE}; set --max-shapes)"
+            raise UsageError(f"input '{tensor.name}': need min <= opt <= max, got {low}, {opt}, {high}{hint}")
         shapes[tensor.name] = (low, opt, high)
     return shapes
 
@@ -180,7 +225,13 @@ def network_from_onnx(trt, path: Path, logger, rtx: bool = False):
     network = builder.create_network(flags)  # TensorRT-RTX and TensorRT 11: strongly typed always
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(path)):
-        errors = [f"{parser.get_error(i).node_name() or '<model>'}: {' '.join(parser.get_error(i).desc().split())}"
+        def where(error) -> str:
+            if error.node_name():
+                return error.node_name()
+            index, op = error.node(), error.node_operator()
+            return f"node #{index} ({op})" if index >= 0 and op else "<model>"
+
+        errors = [f"{where(parser.get_error(i))}: {' '.join(parser.get_error(i).desc().split())}"
                   for i in range(parser.num_errors)]
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise QdqcError(f"{path}: TensorRT's parser failed: " + "; ".join(errors[:5]) + more)
@@ -249,14 +300,29 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     for kept in (model, config.baseline):
         if kept is not None and (ir.same_file(output, kept) or ir.same_file(sidecar(output), kept)):
             raise UsageError(f"{output}: the engine or its .layers.json would overwrite {kept}")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: no such folder {output.parent}")
     graph = ir.load(model)
     check_precisions(graph, config)
     shapes = profile_shapes(graph, config)
     baseline = None
-    if config.baseline is not None and (baseline := read_summary(config.baseline)) is None:
-        raise UsageError(f"--baseline {config.baseline}: no {sidecar(config.baseline).name} beside it "
-                         "(build that engine with `qdqc build-engine` first)")
+    if config.baseline is not None:
+        baseline = read_summary(config.baseline)
+        if baseline is None:
+            raise UsageError(f"--baseline {config.baseline}: no {sidecar(config.baseline).name} beside it "
+                             "(build that engine with `qdqc build-engine` first)")
+        if baseline.get("inputs") not in (None, [t.name for t in graph.inputs]):
+            raise UsageError(f"--baseline {config.baseline}: built from a model with inputs {baseline['inputs']}, "
+                             f"not {[t.name for t in graph.inputs]}")
     backend = select_backend(config.backend)
+    if backend.rtx and "current" in config.compute_capabilities:
+        from .trt_engine import device_library
+
+        if not device_library().usable():
+            raise UsageError("--compute-capability current targets the GPU of this machine, and it has none")
+    warnings = long_sequence_warning(graph, shapes)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     trt = backend.trt
     logger = build_logger(trt)
     builder, network, _parser = network_from_onnx(trt, model, logger, backend.rtx)
@@ -275,13 +341,17 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     layers, inspector = _inspector_layers(backend, logger, payload)
     layers = layers or log["layers"]
     summary = {"backend": backend.name, "version": backend.version, "chosen_because": backend.reason,
-               "engine": str(output), "engine_bytes": len(payload), "build_seconds": round(seconds, 3),
-               **engine_evidence.summarize(graph, log, layers)}
+               "engine": str(output), "model": str(model), "inputs": [t.name for t in graph.inputs],
+               "profile": {name: {"min": list(low), "opt": list(opt), "max": list(high)}
+                           for name, (low, opt, high) in shapes.items()},
+               "engine_bytes": len(payload), "build_seconds": round(seconds, 3),
+               **engine_evidence.summarize(graph, log, layers), "warnings": warnings}
     if backend.rtx:
         summary["compute_capabilities"] = list(config.compute_capabilities) or ["default (8.0, 8.6, 8.9, 12.0)"]
     if baseline is not None and baseline.get("weights_bytes") and summary["weights_bytes"]:
         summary["baseline"] = {"engine": str(config.baseline), "weights_bytes": baseline["weights_bytes"],
                                "engine_bytes": baseline.get("engine_bytes"),
+                               "float": not baseline.get("int8_layers") and not baseline.get("attention_quantized"),
                                "weights_ratio": round(summary["weights_bytes"] / baseline["weights_bytes"], 4)}
     record = {"summary": summary, "layers": [layer.to_json() for layer in layers],
               "attention": [{"scores": b.scores, "softmax": b.softmax, "context": b.context, "quantized": b.quantized}
@@ -291,6 +361,17 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
         record["inspector"] = inspector
     ir.write_text_atomic(sidecar(output), json.dumps(record, indent=1) + "\n")
     return summary
+
+
+def long_sequence_warning(graph: gs.Graph, shapes: dict) -> list[str]:
+    """TensorRT documents its INT8 fused attention for sequences up to 512 ("mha-fusion" in its developer
+    guide); a longer max builds, but the attention may run unfused or as the builder alone decides."""
+    quantized = any(block.quantized for block in engine_evidence.attention_blocks(graph))
+    longest = max((max(high[1:], default=0) for _, _, high in shapes.values()), default=0)
+    if quantized and longest > DEFAULT_MAX_SEQUENCE:
+        return [f"max sequence {longest} > {DEFAULT_MAX_SEQUENCE}: TensorRT documents INT8 fused attention "
+                f"for sequences up to {DEFAULT_MAX_SEQUENCE}"]
+    return []
 
 
 def _mib(count: int | None) -> str:
@@ -307,9 +388,16 @@ def summary_line(summary: dict) -> str:
             f"activations {_mib(summary['activation_bytes'])}, {summary['engine_layers']} engine layers; "
             f"attention fused {ratio(summary['attention_fused'], summary['attention_blocks'])}")
     if summary["attention_quantized"]:
-        text += (f" (INT8 {ratio(summary['attention_fused_int8'], summary['attention_quantized'])}), "
-                 f"quantized GEMMs in INT8 {ratio(summary['int8_gemms'], summary['quantized_gemms'])}")
+        text += f" (INT8 {ratio(summary['attention_fused_int8'], summary['attention_quantized'])})"
+    if summary["quantized_gemms"]:
+        text += f", quantized GEMMs in INT8 {ratio(summary['int8_gemms'], summary['quantized_gemms'])}"
     if "baseline" in summary:
         base = summary["baseline"]
-        text += f"; weights {base['weights_ratio']:.2f}x of {base['engine']}'s {_mib(base['weights_bytes'])}"
+        kind = "float" if base["float"] else "quantized"
+        text += f"; weights {base['weights_ratio']:.2f}x of the {kind} {base['engine']}'s {_mib(base['weights_bytes'])}"
     return text
+
+
+def profile_line(summary: dict) -> str:
+    return "profile " + "; ".join(f"{name} min {'x'.join(map(str, p['min']))} opt {'x'.join(map(str, p['opt']))} "
+                                  f"max {'x'.join(map(str, p['max']))}" for name, p in summary["profile"].items())

@@ -123,10 +123,11 @@ def read_log(messages: list[str]) -> dict:
 
 
 def _forward(tensor: gs.Tensor) -> list[gs.Node]:
-    """Readers of `tensor`, looking through Cast and Q/DQ."""
+    """Readers of `tensor`, looking through Cast, Q/DQ and a softmax NaN guard (SDPA exports)."""
     found = []
     for node in tensor.outputs:
-        if node.op in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+        guard = node.op == "Where" and len(node.inputs) == 3 and node.inputs[2] is tensor and bert.is_nan_guard(node, 2)
+        if node.op in ("Cast", "QuantizeLinear", "DequantizeLinear") or guard:
             found += _forward(node.outputs[0])
         else:
             found.append(node)

@@ -69,3 +69,38 @@ def exact_accumulation(graph):
                                    inputs=[wide], outputs=[result]))
     ir.toposort(graph)
     return graph
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.float64)
+    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-30)
+
+
+def recall_at_k(reference: np.ndarray, other: np.ndarray, k: int = 10) -> float:
+    """Each sample queries all the others by cosine similarity: the mean share of the reference's k
+    nearest neighbours that `other`'s k nearest neighbours keep (1 = the same neighbours)."""
+    count = len(reference)
+    if count <= k:
+        raise ValueError(f"recall@{k} needs more than {k} samples, got {count}")
+
+    def neighbours(rows):
+        similarity = _unit(rows) @ _unit(rows).T
+        np.fill_diagonal(similarity, -np.inf)
+        return np.argpartition(-similarity, k, axis=1)[:, :k]
+
+    found, expected = neighbours(other), neighbours(reference)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, expected)]))
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    ranks = np.empty(len(values), np.float64)
+    ranks[np.argsort(values, kind="stable")] = np.arange(len(values))
+    return ranks
+
+
+def similarity_spearman(reference: np.ndarray, other: np.ndarray) -> float:
+    """Spearman rank correlation of all pairwise cosine similarities (upper triangle)."""
+    upper = np.triu_indices(len(reference), 1)
+    a = _ranks((_unit(reference) @ _unit(reference).T)[upper])
+    b = _ranks((_unit(other) @ _unit(other).T)[upper])
+    return float(np.corrcoef(a, b)[0, 1])

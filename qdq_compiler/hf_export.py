@@ -83,6 +83,8 @@ def export(family: str, out: Path, *, exporter: str = "torchscript", opset: int 
     """Export `family` to `out`; returns the path written."""
     import torch
 
+    out = Path(out)
+
     model = build_model(family, attn)
     names = input_names(model)
     ids = torch.randint(5, 500, (2, seq))

@@ -8,6 +8,7 @@ this project's CI does not have, so only the choice of libraries and the error p
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +124,17 @@ def gpu_modules(purpose: str, backend: str = "tensorrt"):
 
 
 def engine_backend(path: Path) -> str:
-    """Which runtime reads this engine: the one `build-engine` recorded beside it, else TensorRT."""
+    """Which runtime reads this engine: the one `build-engine` recorded beside it, else the one installed
+    (TensorRT first)."""
     from .engine_build import read_summary
 
-    summary = read_summary(path) or {}
-    return summary.get("backend", "tensorrt") if summary.get("backend") in RUNTIME_MODULES else "tensorrt"
+    recorded = (read_summary(path) or {}).get("backend")
+    if recorded in RUNTIME_MODULES:
+        return recorded
+    for backend, module in RUNTIME_MODULES.items():
+        if importlib.util.find_spec(module) is not None:
+            return backend
+    return "tensorrt"
 
 
 class EngineRunner:

@@ -27,8 +27,17 @@ def graph():
 def test_profiles_default_to_batch_1_seq_128_and_512():
     shapes = profile_shapes(graph(), EngineConfig())
     assert shapes["input_ids"] == ((1, 1), (1, 128), (1, 512))
-    shapes = profile_shapes(graph(), EngineConfig(opt_shapes={"input_ids": (8, 384)}))
-    assert shapes["input_ids"] == ((1, 1), (8, 384), (8, 512)) and shapes["attention_mask"][1] == (1, 128)
+    shapes = profile_shapes(graph(), EngineConfig(opt_shapes={"input_ids": "8x384"}))
+    assert shapes["input_ids"] == ((1, 1), (8, 384), (8, 512))
+    # the other inputs share the symbolic dims (batch, sequence): one --shapes entry sets them all
+    assert shapes["attention_mask"] == shapes["token_type_ids"] == shapes["input_ids"]
+
+
+def test_profiles_refuse_unknown_inputs_and_say_where_a_default_came_from():
+    with pytest.raises(UsageError, match="--max-shapes: the model has no input 'ids'; its inputs are input_ids"):
+        profile_shapes(graph(), EngineConfig(max_shapes={"ids": (1, 128)}))
+    with pytest.raises(UsageError, match="set --max-shapes"):
+        profile_shapes(graph(), EngineConfig(opt_shapes={"input_ids": (8, 1024)}))
 
 
 def test_profiles_refuse_contradictions():
@@ -47,11 +56,18 @@ def test_precision_promises_are_checked():
     check_precisions(plain, EngineConfig())
 
 
+def test_config_takes_strings_as_the_cli_does(tmp_path):
+    config = EngineConfig(baseline=str(tmp_path / "f.plan"), compute_capabilities="8.6, 8.9,",
+                          max_shapes={"input_ids": "8x256"})
+    assert config.baseline == tmp_path / "f.plan" and config.compute_capabilities == ("8.6", "8.9")
+    assert config.max_shapes == {"input_ids": (8, 256)}
+
+
 def test_config_validation():
     with pytest.raises(UsageError, match="--backend"):
         EngineConfig(backend="cuda")
-    with pytest.raises(UsageError, match="--compute-capability '9.9'"):
-        EngineConfig(compute_capabilities=("9.9",))
+    with pytest.raises(UsageError, match="--compute-capability '9.0'.*Hopper"):
+        EngineConfig(compute_capabilities=("9.0",))
     with pytest.raises(UsageError, match="TensorRT-RTX setting"):
         EngineConfig(backend="tensorrt", compute_capabilities=("8.6",))
 
@@ -163,6 +179,33 @@ def test_cli_builds_and_prints_the_summary_line(tmp_path, engines):
     assert summary["compute_capabilities"] == ["8.6", "8.9"]
 
 
+def test_baseline_from_another_model_is_refused_and_quantized_baselines_are_named(tmp_path, engines):
+    folder, _, _ = engines
+    other = tmp_path / "other.onnx"
+    model = build_bert(BertSpec(layers=1))
+    model.graph.input[0].name = "ids"
+    for node in model.graph.node:
+        node.input[:] = ["ids" if name == "input_ids" else name for name in node.input]
+    onnx.save(model, other)
+    with pytest.raises(UsageError, match="built from a model with inputs"):
+        build_engine(other, tmp_path / "o.plan", EngineConfig(baseline=folder / "fp32.plan"))
+    summary = build_engine(folder / "bert.trt.onnx", tmp_path / "q.plan", EngineConfig(baseline=folder / "int8.plan"))
+    assert summary["baseline"]["float"] is False and "of the quantized" in summary_line(summary)
+    assert summary["profile"]["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [1, 512]}
+
+
+def test_long_sequences_warn_about_int8_fused_attention(tmp_path, engines):
+    folder, _, _ = engines
+    proc = qdqc("build-engine", folder / "bert.trt.onnx", "-o", tmp_path / "m.plan", "--max-shapes", "input_ids:1x640")
+    assert proc.returncode == 0 and "warning: max sequence 640 > 512" in proc.stderr
+    assert "max 1x640" in proc.stdout  # the profile line shows every input's (shared) dims
+
+
+def test_output_folder_is_checked_before_building(tmp_path, bert_file):
+    proc = qdqc("build-engine", bert_file, "-o", tmp_path / "missing" / "m.plan")
+    assert proc.returncode == 2 and "no such folder" in proc.stderr
+
+
 def test_int8_on_an_unlowered_graph_is_refused(tmp_path, bert_file):
     proc = qdqc("build-engine", bert_file, "-o", tmp_path / "m.plan", "--int8")
     assert proc.returncode == 2 and "lower --target tensorrt" in proc.stderr and "Traceback" not in proc.stderr
@@ -243,6 +286,17 @@ def test_device_library_prefers_cuda_python_then_pycuda(monkeypatch):
         device_library()
 
 
+def test_engine_backend_comes_from_the_sidecar_else_what_is_installed(tmp_path, engines, monkeypatch):
+    from qdq_compiler.trt_engine import engine_backend
+
+    folder, _, _ = engines
+    assert engine_backend(folder / "int8.plan") == "tensorrt-rtx"
+    bare = tmp_path / "bare.plan"
+    bare.write_bytes((folder / "int8.plan").read_bytes())
+    hide(monkeypatch, "tensorrt")
+    assert engine_backend(bare) == "tensorrt-rtx"  # TensorRT missing: the runtime that is installed
+
+
 def test_running_an_engine_without_a_gpu_is_one_line_naming_the_backend(engines):
     pytest.importorskip("cuda.bindings.runtime")
     from cuda.bindings import runtime
@@ -266,3 +320,47 @@ def test_builds_an_int8_engine_with_datacenter_tensorrt_on_a_gpu(tmp_path):
     model = ir.save(g, tmp_path / "m.trt.onnx")
     summary = build_engine(model, tmp_path / "m.plan", EngineConfig(int8=True, fp16=True, backend="tensorrt"))
     assert summary["backend"] == "tensorrt" and summary["int8_layers"] > 0
+
+
+def with_nan_guards(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Softmax output guarded as torch's SDPA export does: Where(IsNaN(p), 0, p)."""
+    g = gs.import_onnx(model)
+    for index, softmax in enumerate([n for n in g.nodes if n.op == "Softmax"]):
+        probabilities, readers = softmax.outputs[0], list(softmax.outputs[0].outputs)
+        nan = gs.Variable(f"guard{index}/isnan", dtype=np.bool_)
+        guarded = gs.Variable(f"guard{index}/out", dtype=np.float32)
+        g.nodes += [gs.Node("IsNaN", f"guard{index}/IsNaN", inputs=[probabilities], outputs=[nan]),
+                    gs.Node("Where", f"guard{index}/Where", inputs=[nan, gs.Constant(f"guard{index}/zero",
+                            np.zeros((), np.float32)), probabilities], outputs=[guarded])]
+        for reader in readers:
+            reader.inputs[reader.inputs.index(probabilities)] = guarded
+    ir.toposort(g)
+    return gs.export_onnx(g)
+
+
+def test_sdpa_nan_guards_are_counted_and_dropped_so_attention_fuses(tmp_path):
+    from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+    from qdq_compiler.config import InsertConfig
+    from qdq_compiler.data import Dataset
+    from qdq_compiler.insert import insert
+    from qdq_compiler.lower import LowerConfig, lower
+    from qdq_compiler.synthetic import example_inputs
+
+    from conftest import run_model
+
+    spec = BertSpec(layers=2, hidden=128, heads=2, vocab=512)
+    g = gs.import_onnx(with_nan_guards(build_bert(spec)))
+    data = tmp_path / "d.npz"
+    np.savez(data, **example_inputs(spec, batch=8, seq=16))
+    insert(g, InsertConfig("ft1"))
+    calibrate(g, Dataset(data, model_inputs(g)), CalibrationConfig("max", progress=False))
+    assert [b.quantized for b in engine_evidence.attention_blocks(g)] == [True, True]  # seen through the guard
+    feeds = example_inputs(spec, batch=2, seq=16, seed=1)
+    (before,) = run_model(g, feeds)
+    records = {r.name: r.stats for r in lower(g, LowerConfig("tensorrt"))}
+    assert records["drop-nan-guard"]["nan_guards_dropped"] == 2
+    assert not any(n.op in ("IsNaN", "Where") for n in g.nodes)
+    (after,) = run_model(g, feeds)
+    assert np.isfinite(after).all() and np.abs(after - before).max() < 0.05 * np.abs(before).max()  # FP16 graph
+    summary = build_engine(ir.save(g, tmp_path / "m.trt.onnx"), tmp_path / "m.plan", EngineConfig(int8=True))
+    assert summary["attention_fused_int8"] == 2 and summary["int8_gemms"] == summary["quantized_gemms"] == 16
