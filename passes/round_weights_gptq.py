@@ -1,0 +1,14 @@
+"""Round INT8 weights with GPTQ on the calibration activations (qdq_compiler/weight_rounding.py)."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from qdq_compiler.pipeline import PassContext, PassResult, register
+from qdq_compiler.weight_rounding import gptq_targets, round_weights
+
+
+@register("round-weights-gptq")
+def round_weights_gptq(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    targets = gptq_targets(graph)
+    rounded = round_weights(graph, ctx.analyses["hessians"], targets)
+    return PassResult(rounded > 0, {"weights_rounded": rounded, "linear_layers": len(targets)})

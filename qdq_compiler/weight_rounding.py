@@ -1,0 +1,142 @@
+"""GPTQ weight rounding (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", Algorithm 1): each INT8 weight is rounded knowing the calibration
+activations, and the rounding error of every input row is compensated on the rows not yet rounded.
+
+For a GEMM y = x·W with W [K, N] and per-output-column scales s, nearest rounding minimizes
+|W − Q(W)| element by element; GPTQ minimizes ||X·W − X·Q(W)||² over the calibration rows X,
+whose Hessian is H = XᵀX. Rows are taken in decreasing diag(H) ("act order"), H is damped by 1 %
+of its mean diagonal, and updates are applied in blocks of 128 rows (the paper's lazy batch).
+X is the GEMM's input *as quantized* (the activation scales are known by then): the product the
+integer GEMM computes is Q(x)·Q(W).
+
+Measured on all-MiniLM-L6-v2 with smoothing (which moves activation outliers into weight rows and
+so makes weight rounding matter as much as activation rounding): weight rounding alone cost as
+much cosine as all 48 activation quantizers together; GPTQ halves the weight part.
+
+Scales do not change, and every output column keeps an element at ±127, so recomputing weight
+scales from the new weights (`refresh_weight_scales`) gives the same scales and the same integers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .bert import RESHAPE_OPS, linear_at
+from .quant import QMAX, fake_quantize
+
+DAMP, BLOCK = 0.01, 128
+
+
+def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, damp: float = DAMP,
+         block: int = BLOCK) -> np.ndarray:
+    """Integer-valued weights [K, N] (as float, multiples of `scale`) for `weight` [K, N] (input rows),
+    `hessian` [K, K] = XᵀX and `scale` per output column [N] (or one scalar)."""
+    w = np.array(weight, np.float64).T.copy()                    # [N, K]: the paper's layout
+    h = np.array(hessian, np.float64).copy()
+    rows = h.shape[0]
+    dead = np.diag(h) == 0                                        # inputs never active: weight irrelevant
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[:, order], h[order][:, order]
+    h[np.diag_indices(rows)] += damp * np.mean(np.diag(h))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T                # H⁻¹ = UᵀU
+    step = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],))
+    quantized = np.zeros_like(w)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        part, errors = w[:, start:stop].copy(), np.zeros((w.shape[0], stop - start))
+        for i in range(stop - start):
+            column = part[:, i]
+            rounded = np.clip(np.rint(column / step), -QMAX, QMAX) * step
+            quantized[:, start + i] = rounded
+            errors[:, i] = (column - rounded) / upper[start + i, start + i]
+            part[:, i:] -= np.outer(errors[:, i], upper[start + i, start:stop][i:])
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    result = quantized[:, np.argsort(order)].T                    # back to [K, N], original row order
+    nearest = fake_quantize(np.asarray(weight, np.float32), np.asarray(step * QMAX, np.float32))
+    # keep the scale a fixed point: a column whose largest integer fell below 127 keeps nearest rounding
+    shrunk = np.abs(result).max(axis=0) < (QMAX - 0.5) * step
+    result[:, shrunk] = nearest[:, shrunk]
+    return result.astype(np.float32)
+
+
+def _activation_quantizer(tensor: gs.Tensor) -> gs.Node | None:
+    """The activation QuantizeLinear behind a GEMM input (through the head-merging Reshape)."""
+    node = ir.producer(tensor)
+    while node is not None and node.op in RESHAPE_OPS:
+        node = ir.producer(node.inputs[0])
+    if node is None or node.op != "DequantizeLinear":
+        return None
+    q = ir.producer(node.inputs[0])
+    return q if q is not None and q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) else None
+
+
+def gptq_targets(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
+    """(weight QuantizeLinear, activation QuantizeLinear) of every linear layer with both quantized,
+    its weight a constant read only through that quantizer."""
+    found = []
+    for node in graph.nodes:
+        linear = linear_at(node) if node.op in ("MatMul", "Gemm") else None
+        if linear is None:
+            continue
+        dq = ir.producer(node.inputs[1])
+        q = ir.producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+        if q is None or q.op != "QuantizeLinear" or not isinstance(q.inputs[0], gs.Constant):
+            continue
+        activation = _activation_quantizer(node.inputs[0])
+        if activation is not None and len(q.inputs[0].outputs) == 1 and q.inputs[0].values.ndim == 2:
+            found.append((q, activation))
+    return found
+
+
+def input_hessians(graph: gs.Graph, dataset, config, activations: list[gs.Node]) -> dict[str, np.ndarray]:
+    """XᵀX of each activation quantizer's output as the GEMM sees it (quantized at its scale), over the
+    calibration tokens the attention mask keeps."""
+    from .calibrate import batch_size_for, float_network, session
+
+    tensors = sorted({q.inputs[0].name for q in activations})
+    amax = {q.inputs[0].name: float(np.max(q.inputs[1].values)) * QMAX for q in activations}
+    runner = session(float_network(graph, tensors), config.providers)
+    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    hessians: dict[str, np.ndarray] = {}
+    for feeds in dataset.batches(batch_size_for(graph, config), total, config.trim_padding):
+        mask = feeds.get("attention_mask")
+        for name, values in zip(tensors, runner.run(tensors, feeds)):
+            tokens = int(np.prod(mask.shape)) if mask is not None else values.shape[0]
+            rows = values.reshape(tokens, -1)  # [B, S, heads, d] before the head merge: same tokens
+            if mask is not None and rows.shape[0] == mask.size:
+                rows = rows[mask.reshape(-1).astype(bool)]
+            rows = fake_quantize(rows, amax[name]).astype(np.float64)
+            hessians[name] = hessians.get(name, 0.0) + rows.T @ rows
+    return hessians
+
+
+def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
+                  targets: list[tuple[gs.Node, gs.Node]]) -> int:
+    """Replace each target weight by its GPTQ-rounded values (on the INT8 grid of its scale)."""
+    rounded = 0
+    for weight_q, activation_q in targets:
+        hessian = hessians.get(activation_q.inputs[0].name)
+        constant, scale = weight_q.inputs[0], weight_q.inputs[1].values
+        axis = weight_q.attrs.get("axis", 1)                      # ONNX's default for per-channel
+        transposed = scale.size > 1 and axis % 2 == 0             # [N, K] (Gemm transB=1): rows are outputs
+        weight = constant.values.T if transposed else constant.values
+        if hessian is None or hessian.shape[0] != weight.shape[0]:
+            continue
+        result = gptq(weight, hessian, scale)
+        constant.values = (result.T if transposed else result).astype(constant.values.dtype)
+        rounded += 1
+    return rounded
+
+
+def apply_gptq(graph: gs.Graph, dataset, config, *, verify: bool = False):
+    """Measure the GEMM input Hessians on the calibration data, then round (pass `round-weights-gptq`).
+    Runs after calibration: the Hessians are of the activations as quantized."""
+    from .pipeline import PassContext, run_pipeline
+
+    ctx = PassContext(config)
+    targets = gptq_targets(graph)
+    ctx.analyses["hessians"] = input_hessians(graph, dataset, config, [a for _, a in targets])
+    return run_pipeline(graph, ("round-weights-gptq",), ctx, verify=verify)
