@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
+from .errors import UsageError
 from .quant import fake_quantize
 from .bert import linear_at
 
@@ -78,9 +79,26 @@ class SmoothConfig:
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            from .errors import UsageError
-
             raise UsageError(f"--smooth {self.alpha}: alpha must be in [0, 1]")
+
+    @classmethod
+    def parse(cls, value) -> "SmoothConfig | None":
+        """`--smooth` as the CLI and the API spell it: "off" (or False) -> None, "auto" -> alpha searched
+        per site, an alpha in [0, 1] (number or text) -> that alpha."""
+        if value is False or value == "off":
+            return None
+        if value == "auto":
+            return cls(None)
+        try:
+            return cls(float(value))
+        except (TypeError, ValueError):
+            raise UsageError(f"--smooth {value!r}: expected off, auto or an alpha such as 0.85") from None
+
+    def describe(self) -> str:
+        return "smooth auto" if self.alpha is None else f"smooth {self.alpha:g}"
+
+
+DEFAULT_SMOOTH = "auto"   # with calibration data; calibrating from saved statistics cannot smooth
 
 
 def site_error(rows: np.ndarray, weights: list[np.ndarray], factors: np.ndarray) -> float:
