@@ -32,7 +32,7 @@ class Mode(str, Enum):
 
 
 class SiteKind(str, Enum):
-    """Where a quantizer sits, in FasterTransformer's terms (REFERENCE.md §1.1)."""
+    """Where a quantizer sits, in FasterTransformer's terms (its BERT `quant_utils.py`)."""
 
     GEMM_INPUT = "gemm_input"          # LinearActivation._input_quantizer
     GEMM_WEIGHT = "gemm_weight"        # _weight_quantizer
