@@ -11,6 +11,7 @@ arguments into these calls and prints.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -31,7 +32,7 @@ from .insert import InsertResult  # also loads the submodule before __init__ bin
 from .lower import LowerConfig
 from .pipeline import PassRecord
 from .smooth import DEFAULT_SMOOTH, SmoothConfig
-from .text import calibration_data
+from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
 
 __all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower"]
 
@@ -96,11 +97,18 @@ def _data(data, graph, tokenizer, max_length, field_name) -> Dataset:
 
 
 class _Clock:
+    """Seconds per stage, for report["timings"]: `with clock("insert"): ...`."""
+
     def __init__(self):
         self.timings: dict[str, float] = {}
 
-    def __call__(self, stage: str, start: float) -> None:
-        self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 4)
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 4)
 
 
 def insert(model, *, mode: str = InsertConfig.mode.value, verify: bool = False) -> Result:
@@ -108,12 +116,10 @@ def insert(model, *, mode: str = InsertConfig.mode.value, verify: bool = False) 
     from .insert import insert as run_insert, report
 
     config, clock = InsertConfig(mode), _Clock()
-    start = time.perf_counter()
-    graph, source = load(model)
-    clock("load", start)
-    start = time.perf_counter()
-    inserted = run_insert(graph, config, verify=verify)
-    clock("insert", start)
+    with clock("load"):
+        graph, source = load(model)
+    with clock("insert"):
+        inserted = run_insert(graph, config, verify=verify)
     return Result(graph, {"sites": report(inserted, config), "timings": clock.timings}, source, inserted,
                   records=list(inserted.records))
 
@@ -124,13 +130,11 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
 
     found: dict[str, Any] = {"smoothing": {"smooth": "off"}}
     if smoothing is not None:
-        start = time.perf_counter()
-        records = smooth(graph, dataset, config, smoothing, verify=verify)
-        clock("smooth", start)
+        with clock("smooth"):
+            records = smooth(graph, dataset, config, smoothing, verify=verify)
         found["smoothing"] = {"smooth": "auto" if smoothing.alpha is None else smoothing.alpha, **records[0].stats}
-    start = time.perf_counter()
-    collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
-    clock("calibrate", start)
+    with clock("calibrate"):
+        collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
     found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
     return found
 
@@ -138,7 +142,7 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, tokenizer=None,
-              max_length: int = 128, field: str = "text", quiet: bool = False) -> Result:
+              max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
@@ -155,13 +159,11 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if stats is not None and data is None and not Path(stats).exists():
         raise UsageError(f"{stats}: no such file")
     clock = _Clock()
-    start = time.perf_counter()
-    graph, source = load(model)
-    clock("load", start)
+    with clock("load"):
+        graph, source = load(model)
     if data is not None:
-        start = time.perf_counter()
-        dataset = _data(data, graph, tokenizer, max_length, field)
-        clock("data", start)
+        with clock("data"):
+            dataset = _data(data, graph, tokenizer, max_length, field)
         found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock)
         if stats is not None:
             save_states(stats, found["collectors"])
@@ -170,9 +172,8 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
             collectors = load_states(stats)
         except (OSError, ValueError, KeyError) as exc:
             raise QdqcError(f"{stats}: not a qdqc statistics file ({exc})") from None
-        start = time.perf_counter()
-        tensors = apply_scales(graph, collectors, config)
-        clock("calibrate", start)
+        with clock("calibrate"):
+            tensors = apply_scales(graph, collectors, config)
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
     report = {"smoothing": found["smoothing"], "calibration": found["calibration"], "timings": clock.timings}
@@ -186,18 +187,16 @@ def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfi
     from .lower import lower as run_lower
 
     config, clock = LowerConfig(target, keep_fp32), _Clock()
-    start = time.perf_counter()
-    graph, source = load(model)
-    clock("load", start)
-    start = time.perf_counter()
-    records = run_lower(graph, config, verify=verify)
-    clock("lower", start)
+    with clock("load"):
+        graph, source = load(model)
+    with clock("lower"):
+        records = run_lower(graph, config, verify=verify)
     return Result(graph, {"lowering": [r.to_json() for r in records], "timings": clock.timings}, source,
                   records=records)
 
 
 def analyze(model, data, *, samples: int = FallbackConfig.samples, providers=_CAL.providers, tokenizer=None,
-            max_length: int = 128, field: str = "text", quiet: bool = False) -> list[Sensitivity]:
+            max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> list[Sensitivity]:
     """Every activation site of a calibrated Q/DQ model, worst first (`qdqc analyze`): the cosine and
     SNR with only that site quantized, and with every site but that one."""
     from .analyze import activation_sites, sensitivity
@@ -222,7 +221,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
             keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
-            tokenizer=None, max_length: int = 128, field: str = "text", html: str | os.PathLike | None = None,
+            tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
 
@@ -241,17 +240,17 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
     if eval is not None and html is None:
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
     clock = _Clock()
-    start = time.perf_counter()
-    graph, source = load(model)
-    clock("load", start)
-    start = time.perf_counter()
-    dataset = _data(data, graph, tokenizer, max_length, field)   # validated before any work
-    evaluation = _data(eval, graph, tokenizer, max_length, field) if eval is not None else None
-    reference = ir.to_model(graph) if evaluation is not None else None
-    clock("data", start)
-    start = time.perf_counter()
-    inserted = run_insert(graph, insert_config, verify=verify)
-    clock("insert", start)
+    with clock("load"):
+        graph, source = load(model)
+    with clock("data"):
+        dataset = _data(data, graph, tokenizer, max_length, field)   # validated before any work
+        evaluation = None
+        if eval is not None:   # the tokenizer serves a text --eval too, and is not asked of an npz one
+            text = isinstance(eval, (str, os.PathLike)) and Path(eval).suffix in TEXT_SUFFIXES
+            evaluation = _data(eval, graph, tokenizer if text else None, max_length, field)
+        reference = ir.to_model(graph) if evaluation is not None else None
+    with clock("insert"):
+        inserted = run_insert(graph, insert_config, verify=verify)
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
@@ -260,31 +259,29 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
               "calibration": found["calibration"], "fallbacks": None}
     left_out, ranking = [], None
     if fallback.active:
-        start = time.perf_counter()
-        left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=fallback.budget,
-                                                     target_cosine=fallback.target_cosine, samples=fallback.samples)
-        gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
-        leave_in_float(graph, [s.quantizer for s in left_out])
-        clock("fallback", start)
+        with clock("fallback"):
+            left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=fallback.budget,
+                                                         target_cosine=fallback.target_cosine, samples=fallback.samples)
+            gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
+            leave_in_float(graph, [s.quantizer for s in left_out])
         report["fallbacks"] = {"left_in_float": [vars(s) for s in left_out], "cosine": reached,
                                "float_weight_gemms": gemms, "float_multiply_add_share": share,
                                "ranking": [vars(s) for s in ranking]}
-    start = time.perf_counter()
-    records = run_lower(graph, lower_config, verify=verify)
-    clock("lower", start)
+    with clock("lower"):
+        records = run_lower(graph, lower_config, verify=verify)
     report["lowering"] = [r.to_json() for r in records]
     report["timings"] = clock.timings
     result = Result(graph, report, source, inserted, found["tensors"], found["collectors"], left_out, ranking,
                     list(inserted.records) + records)
     if html is not None:
-        start = time.perf_counter()
-        write_html(result, html, reference=reference, evaluation=evaluation, data=data)
-        clock("html", start)
+        with clock("html"):
+            label = str(data) if isinstance(data, (str, os.PathLike)) else f"{dataset.samples} samples given in memory"
+            write_html(result, html, reference=reference, evaluation=evaluation, data_label=label)
     return result
 
 
 def write_html(result: Result, path: str | os.PathLike, *, reference: onnx.ModelProto | None = None,
-               evaluation: Dataset | None = None, data=None) -> Path:
+               evaluation: Dataset | None = None, data_label: str = "") -> Path:
     """The self-contained HTML report of a compile (histograms, sensitivity, and with `evaluation`
     and the FP32 `reference` model, the cosine distribution)."""
     import numpy as np
@@ -299,7 +296,7 @@ def write_html(result: Result, path: str | os.PathLike, *, reference: onnx.Model
         cosines = cosine_of(embeddings(open_session(reference), feeds), embeddings(open_session(result.model), feeds))
     options = result.report["options"]
     settings = {"model": result.source or "(in memory)", **options,
-                "calibration samples": data if isinstance(data, (str, os.PathLike)) else "(in memory)",
+                "calibration samples": data_label,
                 "left in float": ", ".join(s.tensor for s in result.left_out) or "none"}
     chosen = {r.tensor: r.chosen for r in result.tensors}
     name = result.source.name if result.source is not None else "model"

@@ -20,6 +20,22 @@ def _output_args(parser: argparse.ArgumentParser, suffix: str) -> None:
     parser.set_defaults(default_suffix=suffix)
 
 
+def _mode_args(parser: argparse.ArgumentParser) -> None:
+    from .config import InsertConfig, Mode
+
+    parser.add_argument("--mode", default=InsertConfig.mode.value, choices=[m.value for m in Mode],
+                        help=f"FasterTransformer quantization mode (default {InsertConfig.mode.value})")
+
+
+def _target_args(parser: argparse.ArgumentParser) -> None:
+    from .lower import FP32_CHOICES, LowerConfig, Target
+
+    parser.add_argument("--target", default=LowerConfig.target.value, choices=[t.value for t in Target])
+    parser.add_argument("--keep-fp32", default=",".join(sorted(LowerConfig.keep_fp32)),
+                        help=f"tensorrt: comma-separated {','.join(sorted(FP32_CHOICES))} kept in FP32 "
+                             f"(default {','.join(sorted(LowerConfig.keep_fp32))})")
+
+
 def _data_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--data", type=Path, required=required,
                         help="npz (or folder of npz shards) keyed by model input name, or a .txt/.jsonl of "
@@ -30,7 +46,10 @@ def _data_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
 def _text_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument("--tokenizer", type=Path,
                         help=f"{prefix}the model's Hugging Face folder (tokenizer.json or vocab.txt)")
-    parser.add_argument("--max-length", type=int, default=128, help=f"{prefix}tokens per sample (default 128)")
+    from .text import MAX_LENGTH
+
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                        help=f"{prefix}tokens per sample (default {MAX_LENGTH})")
     parser.add_argument("--field", default="text", help=f"{prefix}the .jsonl field holding the text (default text)")
 
 
@@ -65,10 +84,9 @@ def _calibration_options(args) -> dict:
 def _compile_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
     _output_args(parser, ".int8.onnx")
-    parser.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"])
+    _mode_args(parser)
     _calibration_args(parser)
-    parser.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    parser.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
+    _target_args(parser)
     parser.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
     parser.add_argument("--fallback-budget", type=int,
                         help="leave the K most sensitive activation sites in float (measured by `analyze`)")
@@ -108,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     insert = sub.add_parser("insert", help="insert Q/DQ at the FasterTransformer BERT sites")
     _model_args(insert)
     _output_args(insert, ".qdq.onnx")
-    insert.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"],
-                        help="FasterTransformer quantization mode (default ft1)")
+    _mode_args(insert)
     insert.add_argument("--report", type=Path, help="write the site report (JSON) here")
     insert.add_argument("--explain", action="store_true", help="say why each unmatched GEMM was not taken")
     insert.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
@@ -145,9 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     lower = sub.add_parser("lower", help="lower a calibrated Q/DQ model for a backend (INT8 weights, integer GEMMs)")
     _model_args(lower)
     _output_args(lower, ".int8.onnx")
-    lower.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    lower.add_argument("--keep-fp32", default="LayerNorm",
-                       help="tensorrt: comma-separated LayerNorm,Softmax,Gelu kept in FP32 (default LayerNorm)")
+    _target_args(lower)
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
@@ -254,7 +269,9 @@ def _calibration_line(result) -> str:
         smooth = "no smoothing" + (" (it needs --data)" if samples is None else "")
     else:
         smooth = f"smooth {smooth}: {smoothing.get('sites_smoothed', 0)} sites"
-    method = calibration["method"] + (f" {calibration['percentile']:g}" if calibration["method"] == "percentile" else "")
+    method = calibration["method"]
+    if method == "percentile":
+        method += f" {calibration['percentile']:g}"
     return f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method})"
 
 

@@ -150,7 +150,7 @@ def trim(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: (array[:, :length] if array.shape == mask.shape else array) for name, array in feeds.items()}
 
 
-def open_data(source, graph: gs.Graph, *, tokenizer=None, max_length: int = 128, field: str = "text",
+def open_data(source, graph: gs.Graph, *, tokenizer=None, max_length: int | None = None, field: str = "text",
               option: str = "--data") -> Dataset:
     """A validated dataset for `graph` from any of the accepted sources:
 
@@ -159,7 +159,7 @@ def open_data(source, graph: gs.Graph, *, tokenizer=None, max_length: int = 128,
     `calibration_data`'s result is fitted to the model too); an iterable of feed dicts, or an object
     with `get_next()` returning feed dicts then None (onnxruntime's CalibrationDataReader): each
     feed dict is one shard, so batches never mix them."""
-    from .text import TEXT_SUFFIXES, TextData, calibration_data, fit_to_model
+    from .text import MAX_LENGTH, TEXT_SUFFIXES, TextData, calibration_data, fit_to_model
 
     inputs = [InputSpec.of(t) for t in graph.inputs]
     if isinstance(source, Dataset):
@@ -175,7 +175,7 @@ def open_data(source, graph: gs.Graph, *, tokenizer=None, max_length: int = 128,
             return Dataset(path, inputs)
         if tokenizer is None:
             raise UsageError(f"{path}: text data needs a tokenizer (--tokenizer DIR, the model's Hugging Face folder)")
-        source = calibration_data(path, tokenizer, max_length=max_length, field=field)
+        source = calibration_data(path, tokenizer, max_length=max_length or MAX_LENGTH, field=field)
     elif tokenizer is not None:
         raise UsageError("--tokenizer: applies to text files only (pass the text file's path as the data)")
     if isinstance(source, Mapping):

@@ -32,6 +32,9 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
     for q in graph.nodes:
         if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]).size != 1:
             continue
+        source = ir.producer(q.inputs[0])
+        if source is not None and source.op == "Mul" and "::smooth" in source.name:
+            continue   # smoothed by an earlier run: recalibrating a calibrated model never smooths twice
         dequantizers = q.outputs[0].outputs
         if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
             continue

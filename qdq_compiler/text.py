@@ -19,6 +19,7 @@ import numpy as np
 from .errors import QdqcError, UsageError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
+MAX_LENGTH = 128                                                     # tokens per sample by default
 DEFAULT_NAMES = ("input_ids", "token_type_ids", "attention_mask")   # transformers' BERT tokenizers
 _SPECIAL = {"unk_token": "[UNK]", "sep_token": "[SEP]", "cls_token": "[CLS]", "pad_token": "[PAD]"}
 
@@ -169,7 +170,7 @@ class _Tokenizer:
                 for name in self.names if name in fields}
 
 
-def calibration_data(texts: Iterable[str] | str | os.PathLike, tokenizer, *, max_length: int = 128,
+def calibration_data(texts: Iterable[str] | str | os.PathLike, tokenizer, *, max_length: int = MAX_LENGTH,
                      pairs: Iterable[str] | None = None, field: str = "text") -> TextData:
     """Token arrays for calibration: name -> int64 [samples, max_length], named as the tokenizer names them.
 

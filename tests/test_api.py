@@ -47,6 +47,23 @@ def test_compile_round_trip(tmp_path):
     assert [p["pass"] for p in report["lowering"]][0] == "lower-onnxruntime"
 
 
+def test_save_is_atomic_refuses_the_input_and_writes_external_data_past_the_threshold(tmp_path, monkeypatch):
+    from qdq_compiler import ir
+
+    source = tmp_path / "bert.onnx"
+    onnx.save(build_bert(SPEC), source)
+    result = qdq_compiler.insert(source)
+    with pytest.raises(UsageError, match="would overwrite the input model"):
+        result.save(source)
+    monkeypatch.setattr(ir, "EXTERNAL_DATA_THRESHOLD", 1024)
+    path = result.save(tmp_path / "bert.qdq.onnx")
+    assert (tmp_path / "bert.qdq.onnx.data").stat().st_size > 1024
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".qdqc-")]   # no temp file left
+    onnx.checker.check_model(str(path))
+    feeds = example_inputs(SPEC)
+    np.testing.assert_allclose(run_model(path, feeds)[0], run_model(result.model, feeds)[0], rtol=1e-6, atol=1e-6)
+
+
 def test_the_steps_compose_to_compile():
     model, feeds = build_bert(SPEC), example_inputs(SPEC, batch=12, seq=16, seed=1)
     inserted = qdq_compiler.insert(model)
