@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import QdqcError, UsageError
+from .errors import QdqcError, QdqcNote, UsageError
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -476,8 +476,6 @@ def run_check(args) -> int:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
-    from .text import QdqcNote
-
     return f"qdqc: {'note' if issubclass(category, QdqcNote) else 'warning'}: {message}\n"
 
 

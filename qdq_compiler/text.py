@@ -16,16 +16,12 @@ from typing import Iterable
 
 import numpy as np
 
-from .errors import QdqcError, UsageError
+from .errors import QdqcError, QdqcNote, UsageError
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 MAX_LENGTH = 128                                                     # tokens per sample by default
 DEFAULT_NAMES = ("input_ids", "token_type_ids", "attention_mask")   # transformers' BERT tokenizers
 _SPECIAL = {"unk_token": "[UNK]", "sep_token": "[SEP]", "cls_token": "[CLS]", "pad_token": "[PAD]"}
-
-
-class QdqcNote(UserWarning):
-    """Something qdqc did on the user's behalf that they should know about (the CLI prints `qdqc: note:`)."""
 
 
 class TextData(dict):
