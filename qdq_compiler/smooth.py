@@ -86,11 +86,11 @@ class SmoothConfig:
 
     @classmethod
     def parse(cls, value) -> "SmoothConfig | None":
-        """`--smooth` as the CLI and the API spell it: "off" (or False) -> None, "auto" -> alpha searched
-        per site, an alpha in [0, 1] (number or text) -> that alpha."""
+        """`--smooth` as the CLI and the API spell it: "off" (or False) -> None, "auto" (or True) -> alpha
+        searched per site, an alpha in [0, 1] (number or text) -> that alpha."""
         if value is False or value == "off":
             return None
-        if value == "auto":
+        if value is True or value == "auto":
             return cls(None)
         try:
             return cls(float(value))

@@ -178,8 +178,8 @@ def calibration_data(texts: Iterable[str] | str | os.PathLike, tokenizer, *, max
         raise UsageError(f"--max-length must be at least 2, got {max_length}")
     source = "texts"
     if isinstance(texts, (str, os.PathLike)):
-        if isinstance(texts, str) and "\n" in texts:
-            raise UsageError("texts: pass a list of sentences or a path, not one string with newlines")
+        if isinstance(texts, str) and ("\n" in texts or not Path(texts).exists()):
+            raise UsageError(f"texts: {texts[:40]!r} is not a file: pass sentences as a list, or a file's path")
         source = str(texts)
         texts, skipped = read_texts(texts, field)
         if pairs is not None:
