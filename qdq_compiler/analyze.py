@@ -8,6 +8,7 @@ attention mask both are of mask-averaged embeddings, so padding never counts.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,11 @@ class FallbackConfig:
     samples: int = 32
 
     def __post_init__(self):
+        for option, value, kind in (("--fallback-budget", self.budget, numbers.Integral),
+                                    ("--target-cosine", self.target_cosine, numbers.Real),
+                                    ("--samples", self.samples, numbers.Integral)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise UsageError(f"{option}: expected a number, got {value!r}")
         if self.budget is not None and self.budget < 0:
             raise UsageError(f"--fallback-budget must be at least 0, got {self.budget}")
         if self.target_cosine is not None and not 0 < self.target_cosine <= 1:

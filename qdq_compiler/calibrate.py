@@ -44,10 +44,12 @@ class CalibrationConfig:
         object.__setattr__(self, "providers", names(self.providers, "--providers"))
         if not self.providers:
             raise UsageError("--providers: name at least one onnxruntime execution provider")
-        for option, value in (("--percentile", self.percentile), ("--batch-size", self.batch_size),
-                              ("--num-samples", self.num_samples)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise UsageError(f"{option}: expected a number, got {value!r}")
+        for option, value, kind in (("--percentile", self.percentile, numbers.Real),
+                                    ("--batch-size", self.batch_size, numbers.Integral),
+                                    ("--num-samples", self.num_samples, numbers.Integral)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise UsageError(f"{option}: expected {'an integer' if kind is numbers.Integral else 'a number'}, "
+                                 f"got {value!r}")
         if not 0 < self.percentile <= 100:
             raise UsageError(f"--percentile must be in (0, 100], got {self.percentile}")
         if self.batch_size < 1:

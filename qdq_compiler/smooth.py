@@ -97,9 +97,6 @@ class SmoothConfig:
         except (TypeError, ValueError):
             raise UsageError(f"--smooth {value!r}: expected off, auto or an alpha such as 0.85") from None
 
-    def describe(self) -> str:
-        return "smooth auto" if self.alpha is None else f"smooth {self.alpha:g}"
-
 
 DEFAULT_SMOOTH = "auto"   # with calibration data; calibrating from saved statistics cannot smooth
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 import qdq_compiler
-from qdq_compiler.errors import QdqcError, UsageError
+from qdq_compiler.errors import QdqcError, QdqcNote, UsageError
 from qdq_compiler.synthetic import BertSpec, build_bert
 
 from conftest import ROOT, qdqc
@@ -145,8 +145,11 @@ def test_inputs_the_model_does_not_take_are_dropped_with_a_note(tmp_path):
     assert "24 samples" in proc.stdout and "smooth auto" in proc.stdout
     assert [i.name for i in onnx.load(out).graph.input] == ["input_ids", "attention_mask"]
     calibrated = tmp_path / "distil.calib.onnx"
-    qdq_compiler.calibrate(qdq_compiler.insert(model), texts, tokenizer=minilm_dir(), max_length=32,
-                           quiet=True).save(calibrated)
+    with pytest.warns(QdqcNote) as notes:                           # in Python the notes are warnings
+        qdq_compiler.calibrate(qdq_compiler.insert(model), texts, tokenizer=minilm_dir(), max_length=32,
+                               quiet=True).save(calibrated)
+    assert sorted(str(n.message).split(": ", 1)[1] for n in notes) == [
+        "skipped 1 empty line(s); 24 samples", "the model takes no token_type_ids: dropped"]
     proc = qdqc("analyze", calibrated, "--data", texts, "--tokenizer", minilm_dir(), "--samples", "4")
     assert proc.returncode == 0 and "only this site" in proc.stdout, proc.stderr
     proc = qdqc("compile", model, "--data", texts)
