@@ -8,6 +8,7 @@ attention mask both are of mask-averaged embeddings, so padding never counts.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,33 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .calibrate import CalibrationConfig, batch_size_for, float_network, session
 from .data import Dataset
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """Which sites `compile` leaves in float: the `budget` worst, or as few as reach `target_cosine`."""
+
+    budget: int | None = None
+    target_cosine: float | None = None
+    samples: int = 32
+
+    def __post_init__(self):
+        for option, value, kind in (("--fallback-budget", self.budget, numbers.Integral),
+                                    ("--target-cosine", self.target_cosine, numbers.Real),
+                                    ("--samples", self.samples, numbers.Integral)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise UsageError(f"{option}: expected a number, got {value!r}")
+        if self.budget is not None and self.budget < 0:
+            raise UsageError(f"--fallback-budget must be at least 0, got {self.budget}")
+        if self.target_cosine is not None and not 0 < self.target_cosine <= 1:
+            raise UsageError(f"--target-cosine must be in (0, 1], got {self.target_cosine}")
+        if self.samples < 1:
+            raise UsageError(f"--samples must be at least 1, got {self.samples}")
+
+    @property
+    def active(self) -> bool:
+        return self.budget is not None or self.target_cosine is not None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ is handed to that tensor's collector and dropped.
 """
 from __future__ import annotations
 
+import numbers
 import sys
 import time
 import warnings
@@ -18,14 +19,19 @@ import onnx_graphsurgeon as gs
 
 from . import ir, quant
 from .calibration import HistogramCollector, Method, amaxes
+from .config import choice, names
 from .data import Dataset, InputSpec
 from .errors import QdqcError, UsageError
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
+    """How activation scales are computed; the defaults are the CLI's and the API's (smoothing aside,
+    which is `SmoothConfig`). Percentile 99.999 with smoothing is the best recipe measured (README);
+    pytorch-quantization's own default is percentile 99.99 without smoothing."""
+
     method: Method = Method.PERCENTILE
-    percentile: float = 99.99
+    percentile: float = 99.999
     batch_size: int = 16
     num_samples: int | None = None
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
@@ -34,13 +40,28 @@ class CalibrationConfig:
     progress: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "method", Method(self.method))
+        object.__setattr__(self, "method", choice(Method, self.method, "--method"))
+        object.__setattr__(self, "providers", names(self.providers, "--providers"))
+        if not self.providers:
+            raise UsageError("--providers: name at least one onnxruntime execution provider")
+        for option, value, kind in (("--percentile", self.percentile, numbers.Real),
+                                    ("--batch-size", self.batch_size, numbers.Integral),
+                                    ("--num-samples", self.num_samples, numbers.Integral)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+                raise UsageError(f"{option}: expected {'an integer' if kind is numbers.Integral else 'a number'}, "
+                                 f"got {value!r}")
         if not 0 < self.percentile <= 100:
             raise UsageError(f"--percentile must be in (0, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.num_samples is not None and self.num_samples < 1:
             raise UsageError(f"--num-samples must be at least 1, got {self.num_samples}")
+        if isinstance(self.shard, str):
+            try:
+                index, count = (int(part) for part in self.shard.split("/"))
+            except ValueError:
+                raise UsageError(f"--shard {self.shard!r}: expected K/N, e.g. 0/4") from None
+            object.__setattr__(self, "shard", (index, count))
         if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
             raise UsageError(f"--shard must be K/N with 0 <= K < N, got {self.shard[0]}/{self.shard[1]}")
 
@@ -218,7 +239,8 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
     missing = [t for t in quantizers.tensors if t not in collectors]
     if missing:
         raise QdqcError(f"calibration statistics have no entry for {len(missing)} quantized tensors "
-                        f"(first: '{missing[0]}'); were they collected on another model?")
+                        f"(first: '{missing[0]}'); were they collected on another model? (statistics of a "
+                        "smoothed run describe the smoothed model: recompute from that run's output)")
     found = {t: amaxes(collectors[t], percentile=config.percentile) for t in quantizers.tensors}
     if config.method is Method.AUTO:
         if auto_choice is None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import QdqcError, UsageError
+from .errors import QdqcError, QdqcNote, UsageError
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -20,37 +20,73 @@ def _output_args(parser: argparse.ArgumentParser, suffix: str) -> None:
     parser.set_defaults(default_suffix=suffix)
 
 
+def _mode_args(parser: argparse.ArgumentParser) -> None:
+    from .config import InsertConfig, Mode
+
+    parser.add_argument("--mode", default=InsertConfig.mode.value, choices=[m.value for m in Mode],
+                        help=f"FasterTransformer quantization mode (default {InsertConfig.mode.value})")
+
+
+def _target_args(parser: argparse.ArgumentParser) -> None:
+    from .lower import FP32_CHOICES, LowerConfig, Target
+
+    parser.add_argument("--target", default=LowerConfig.target.value, choices=[t.value for t in Target])
+    parser.add_argument("--keep-fp32", default=",".join(sorted(LowerConfig.keep_fp32)),
+                        help=f"tensorrt: comma-separated {','.join(sorted(FP32_CHOICES))} kept in FP32 "
+                             f"(default {','.join(sorted(LowerConfig.keep_fp32))})")
+
+
+def _data_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--data", type=Path, required=required,
+                        help="npz (or folder of npz shards) keyed by model input name, or a .txt/.jsonl of "
+                             "sentences with --tokenizer")
+    _text_args(parser, "with a text --data: ")
+
+
+def _text_args(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    parser.add_argument("--tokenizer", type=Path,
+                        help=f"{prefix}the model's Hugging Face folder (tokenizer.json or vocab.txt)")
+    from .text import MAX_LENGTH
+
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                        help=f"{prefix}tokens per sample (default {MAX_LENGTH})")
+    parser.add_argument("--field", default="text", help=f"{prefix}the .jsonl field holding the text (default text)")
+
+
 def _calibration_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, help="npz (or folder of npz shards) keyed by model input name")
-    parser.add_argument("--method", default="percentile", choices=["max", "percentile", "mse", "entropy", "auto"],
-                        help="auto: per tensor, the candidate minimizing its layer's output error")
-    parser.add_argument("--percentile", type=float, default=99.99)
-    parser.add_argument("--batch-size", type=int, default=16)
+    from .calibrate import CalibrationConfig as defaults
+
+    _data_args(parser)
+    parser.add_argument("--method", default=defaults.method.value,
+                        choices=["max", "percentile", "mse", "entropy", "auto"],
+                        help=f"default {defaults.method.value}; auto: per tensor, the candidate minimizing its "
+                             "layer's output error")
+    parser.add_argument("--percentile", type=float, default=defaults.percentile,
+                        help=f"default {defaults.percentile} (pytorch-quantization's is 99.99)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--num-samples", type=int, help="use only the first N samples")
-    parser.add_argument("--providers", default="CPUExecutionProvider",
+    parser.add_argument("--providers", default=",".join(defaults.providers),
                         help="onnxruntime execution providers, comma-separated")
     parser.add_argument("--no-trim", action="store_true",
                         help="keep trailing padding positions no sample in the batch attends to")
-    parser.add_argument("--smooth", default="off",
-                        help="SmoothQuant outlier migration before calibration: off, auto (alpha searched per site) "
-                             "or an alpha in [0, 1] (0.85 works for BERT); needs --data")
+    parser.add_argument("--smooth", help="SmoothQuant outlier migration before calibration: off, auto (alpha searched "
+                                         "per site) or an alpha in [0, 1]; default auto with --data, off when "
+                                         "recomputing from --stats (smoothing measures the data)")
 
 
-def _calibration_config(args):
-    from .calibrate import CalibrationConfig
-
-    return CalibrationConfig(args.method, args.percentile, args.batch_size, args.num_samples,
-                             tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-                             not args.no_trim, _shard(args.shard), not args.quiet)
+def _calibration_options(args) -> dict:
+    """The calibration options as the API's keyword arguments."""
+    return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
+                num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
+                tokenizer=args.tokenizer, max_length=args.max_length, field=args.field, quiet=args.quiet)
 
 
 def _compile_args(parser: argparse.ArgumentParser) -> None:
     _model_args(parser)
     _output_args(parser, ".int8.onnx")
-    parser.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"])
+    _mode_args(parser)
     _calibration_args(parser)
-    parser.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    parser.add_argument("--keep-fp32", default="LayerNorm", help="tensorrt: LayerNorm,Softmax,Gelu kept in FP32")
+    _target_args(parser)
     parser.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
     parser.add_argument("--fallback-budget", type=int,
                         help="leave the K most sensitive activation sites in float (measured by `analyze`)")
@@ -60,7 +96,7 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--html", type=Path, help="also write the HTML report (histograms, sensitivity, fidelity)")
     parser.add_argument("--eval", type=Path, help="with --html: samples for the FP32-vs-INT8 cosine distribution")
     parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(run=run_compile, stats=None, shard=None, report_command=False)
+    parser.set_defaults(run=run_compile, report_command=False)
 
 
 def _checked_output(args) -> Path:
@@ -90,13 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     insert = sub.add_parser("insert", help="insert Q/DQ at the FasterTransformer BERT sites")
     _model_args(insert)
     _output_args(insert, ".qdq.onnx")
-    insert.add_argument("--mode", default="ft1", choices=["ft1", "ft2", "ft3", "trt", "generic"],
-                        help="FasterTransformer quantization mode (default ft1)")
+    _mode_args(insert)
     insert.add_argument("--report", type=Path, help="write the site report (JSON) here")
     insert.add_argument("--explain", action="store_true", help="say why each unmatched GEMM was not taken")
     insert.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     insert.add_argument("--quiet", action="store_true", help="print nothing but errors")
     insert.set_defaults(run=run_insert)
+
+    data = sub.add_parser("data", help="calibration data from text: tokenize sentences into an npz",
+                          description="qdqc data texts.txt|texts.jsonl --tokenizer DIR [-o calib.npz]")
+    data.add_argument("texts", type=Path, help="one sentence per line (.txt) or JSON objects per line (.jsonl)")
+    data.add_argument("-o", "--output", type=Path, help="the npz (default: <texts>.npz)")
+    _text_args(data)
+    data.add_argument("--model", type=Path, help="check against this ONNX model: its embedding table, its inputs")
+    data.set_defaults(run=run_data)
 
     calibrate = sub.add_parser("calibrate", help="calibrate activation scales with onnxruntime over npz data",
                                description="calibrate MODEL --data D | calibrate MODEL --stats S (no rerun) | "
@@ -119,16 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     lower = sub.add_parser("lower", help="lower a calibrated Q/DQ model for a backend (INT8 weights, integer GEMMs)")
     _model_args(lower)
     _output_args(lower, ".int8.onnx")
-    lower.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    lower.add_argument("--keep-fp32", default="LayerNorm",
-                       help="tensorrt: comma-separated LayerNorm,Softmax,Gelu kept in FP32 (default LayerNorm)")
+    _target_args(lower)
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
 
     analyze = sub.add_parser("analyze", help="per-site sensitivity of a calibrated Q/DQ model (cosine, SNR)")
     _model_args(analyze)
-    analyze.add_argument("--data", type=Path, required=True, help="npz keyed by model input name")
+    _data_args(analyze, required=True)
     analyze.add_argument("--samples", type=int, default=32, help="samples to measure on (default 32)")
     analyze.add_argument("--json", type=Path, help="write the ranking as JSON here")
     analyze.add_argument("--providers", default="CPUExecutionProvider")
@@ -185,98 +226,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_insert(args) -> int:
-    from . import ir
+    from . import api
     from .config import InsertConfig
-    from .insert import insert, report, summary
+    from .insert import summary
 
     output = _checked_output(args)
-    config = InsertConfig(args.mode)
-    graph = ir.load(args.model)
-    result = insert(graph, config, verify=args.verify)
-    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    result = api.insert(args.model, mode=args.mode, verify=args.verify)
+    result.save(output, overwrite=args.overwrite)
     if args.report:
-        ir.write_text_atomic(args.report, json.dumps(report(result, config), indent=1) + "\n")
+        _write_json(args.report, result.report["sites"])
+    text = summary(result.inserted, InsertConfig(args.mode))
     if not args.quiet:
-        print(summary(result, config))
+        print(text)
         if args.explain:
-            for node, why in result.match.unmatched_gemms.items():
+            for node, why in result.inserted.match.unmatched_gemms.items():
                 print(f"  unmatched {node}: {why}")
         print(f"wrote {output}")
-    elif result.plan.fallback:
-        print(summary(result, config).splitlines()[0], file=sys.stderr)
+    elif result.inserted.plan.fallback:
+        print(text.splitlines()[0], file=sys.stderr)
     return 0
 
 
-def _names(text: str) -> frozenset[str]:
-    return frozenset(part.strip() for part in text.split(",") if part.strip())
+def _write_json(path: Path, payload) -> None:
+    from . import ir
+
+    ir.write_text_atomic(path, json.dumps(payload, indent=1) + "\n")
 
 
-def _smooth(text: str):
-    from .smooth import SmoothConfig
+def run_data(args) -> int:
+    from . import ir
+    from .text import calibration_data, fit_to_model, save_npz
 
-    if text == "off":
-        return None
-    if text == "auto":
-        return SmoothConfig(None)
-    try:
-        return SmoothConfig(float(text))
-    except ValueError:
-        raise UsageError(f"--smooth {text!r}: expected off, auto or an alpha such as 0.85") from None
+    output = args.output or args.texts.with_suffix(".npz")
+    if args.tokenizer is None:
+        raise UsageError("data needs --tokenizer DIR (the model's Hugging Face folder)")
+    graph = ir.load(args.model) if args.model is not None else None
+    data = calibration_data(args.texts, args.tokenizer, max_length=args.max_length, field=args.field)
+    arrays = fit_to_model(data, graph) if graph is not None else dict(data)
+    save_npz(output, arrays)
+    print(f"wrote {output}: {data.samples} samples x {args.max_length} tokens ({', '.join(arrays)}); "
+          f"{data.skipped} empty line(s) skipped")
+    return 0
 
 
-def _shard(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UsageError(f"--shard {text!r}: expected K/N, e.g. 0/4") from None
-    return index, count
+def _calibration_line(result) -> str:
+    calibration, smoothing = result.report["calibration"], result.report["smoothing"]
+    samples = calibration["samples"]
+    seen = f"{samples} samples in {calibration['seconds']:.1f} s" if samples is not None else "from saved statistics"
+    smooth = smoothing["smooth"]
+    if smooth == "off":
+        smooth = "no smoothing" + (" (it needs --data)" if samples is None else "")
+    else:
+        smooth = f"smooth {smooth}: {smoothing.get('sites_smoothed', 0)} sites"
+    method = calibration["method"]
+    if method == "percentile":
+        method += f" {calibration['percentile']:g}"
+    return f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method})"
 
 
 def run_calibrate(args) -> int:
-    from . import ir
-    from .calibrate import apply_scales, calibrate, model_inputs
-    from .calibration import load_states, save_states
-    from .data import Dataset
+    from . import api
 
     if args.data is None and args.stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
-    config = _calibration_config(args)
-    smoothing = _smooth(args.smooth)
-    if smoothing is not None and args.data is None:
-        raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
-    if args.method == "auto" and args.data is None:
-        raise UsageError("--method auto needs --data (it measures each layer's error)")
-    if args.stats is not None and args.data is None and not args.stats.exists():
-        raise UsageError(f"{args.stats}: no such file")
     output = _checked_output(args)
-    graph = ir.load(args.model)
-    if args.data is not None:
-        dataset = Dataset(args.data, model_inputs(graph))
-        if smoothing is not None:
-            from .smooth import smooth
-
-            smooth(graph, dataset, config, smoothing)
-        collectors, reports, samples, seconds = calibrate(graph, dataset, config)
-        if args.stats is not None:
-            save_states(args.stats, collectors)
-    else:
-        try:
-            collectors = load_states(args.stats)
-        except (OSError, ValueError, KeyError) as exc:
-            raise QdqcError(f"{args.stats}: not a qdqc statistics file ({exc})") from None
-        samples, seconds = None, 0.0
-        reports = apply_scales(graph, collectors, config)
-    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    result = api.calibrate(args.model, args.data, stats=args.stats, shard=args.shard, **_calibration_options(args))
+    result.save(output, overwrite=args.overwrite)
     if args.report:
-        from .calibrate import report_json
-
-        ir.write_text_atomic(args.report, json.dumps(report_json(reports, config, samples, seconds), indent=1) + "\n")
+        _write_json(args.report, result.report["calibration"])
     if not args.quiet:
-        seen = f"{samples} samples in {seconds:.1f} s, " if samples is not None else "from saved statistics, "
-        print(f"calibrated {len(reports)} activation tensors ({seen}method {config.method.value}"
-              + (f" {config.percentile}" if config.method.value == "percentile" else "") + ")")
+        print(_calibration_line(result))
         print(f"wrote {output}")
     return 0
 
@@ -313,134 +332,70 @@ def run_merge(argv: list[str]) -> int:
 
 
 def run_lower(args) -> int:
-    from . import ir
-    from .lower import LowerConfig, lower
+    from . import api
 
-    config = LowerConfig(args.target, _names(args.keep_fp32))
     output = _checked_output(args)
-    graph = ir.load(args.model)
-    records = lower(graph, config, verify=args.verify)
-    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
+    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify)
+    result.save(output, overwrite=args.overwrite)
     if not args.quiet:
-        for record in records:
-            print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
+        _print_records(result.records)
         print(f"wrote {output}")
     return 0
 
 
+def _print_records(records) -> None:
+    for record in records:
+        print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
+
+
 def run_compile(args) -> int:
-    from . import ir
-    from .calibrate import calibrate, model_inputs
+    from . import api
     from .config import InsertConfig
-    from .data import Dataset
-    from .insert import insert, report, summary
-    from .lower import LowerConfig, lower
+    from .insert import summary
 
     if args.data is None:
-        raise UsageError("compile needs --data (calibration samples)")
+        raise UsageError(f"{'report' if args.report_command else 'compile'} needs --data (calibration samples)")
     if args.report_command and args.html is None:
         raise UsageError("report needs --html FILE (where to write the report)")
-    if args.eval is not None and args.html is None:
-        raise UsageError("--eval only feeds the HTML report: add --html FILE")
-    lower_config = LowerConfig(args.target, _names(args.keep_fp32))
-    insert_config, calibration = InsertConfig(args.mode), _calibration_config(args)
-    if args.fallback_budget is not None and args.fallback_budget < 0:
-        raise UsageError(f"--fallback-budget must be at least 0, got {args.fallback_budget}")
-    if args.target_cosine is not None and not 0 < args.target_cosine <= 1:
-        raise UsageError(f"--target-cosine must be in (0, 1], got {args.target_cosine}")
     output = _checked_output(args)
-    graph = ir.load(args.model)
-    dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
-    smoothing = _smooth(args.smooth)
-    inserted = insert(graph, insert_config)
-    if smoothing is not None:
-        from .smooth import smooth
-
-        smooth(graph, dataset, calibration, smoothing)
-    collectors, reports, samples, seconds = calibrate(graph, dataset, calibration)
-    left_out, reached, ranking = [], None, None
-    if args.fallback_budget is not None or args.target_cosine is not None:
-        from .analyze import choose_fallback, float_gemm_share, leave_in_float
-
-        left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=args.fallback_budget,
-                                                     target_cosine=args.target_cosine)
-        float_gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
-        leave_in_float(graph, [s.quantizer for s in left_out])
-    records = lower(graph, lower_config)
-    ir.save(graph, output, source=args.model, overwrite=args.overwrite)
-    if args.html is not None:
-        _html_report(args, output, collectors, reports, calibration, left_out, ranking)
+    result = api.compile(args.model, args.data, target=args.target, mode=args.mode, keep_fp32=args.keep_fp32,
+                         fallback_budget=args.fallback_budget, target_cosine=args.target_cosine, html=args.html,
+                         eval=args.eval, **_calibration_options(args))
+    result.save(output, overwrite=args.overwrite)
     if args.report:
-        ir.write_text_atomic(args.report, json.dumps(report(inserted, insert_config), indent=1) + "\n")
+        _write_json(args.report, result.report["sites"])
     if not args.quiet:
-        print(summary(inserted, insert_config))
-        print(f"calibrated {len(reports)} activation tensors ({samples} samples in {seconds:.1f} s, "
-              f"method {calibration.method.value})")
-        for site in left_out:
+        print(summary(result.inserted, InsertConfig(args.mode)))
+        print(_calibration_line(result))
+        for site in result.left_out:
             print(f"left in float: {site.tensor} (alone it costs cosine {1 - site.only_cosine:.2e}); the GEMMs "
                   "reading it run in float")
-        if reached is not None:
-            print(f"fallback: {len(left_out)} site(s) in float; mean cosine to the float model on the calibration "
-                  f"samples {reached:.5f}; {float_gemms} weight GEMM(s) in float = {100 * share:.1f} % of the "
-                  "weight-GEMM multiply-adds no longer integer")
-        for record in records:
-            print(f"{record.name}: " + ", ".join(f"{k} {v}" for k, v in record.stats.items()))
+        fallbacks = result.report["fallbacks"]
+        if fallbacks is not None:
+            print(f"fallback: {len(result.left_out)} site(s) in float; mean cosine to the float model on the "
+                  f"calibration samples {fallbacks['cosine']:.5f}; {fallbacks['float_weight_gemms']} weight GEMM(s) "
+                  f"in float = {100 * fallbacks['float_multiply_add_share']:.1f} % of the weight-GEMM multiply-adds "
+                  "no longer integer")
+        _print_records(result.records[-len(result.report["lowering"]):])
+        if args.html is not None:
+            print(f"wrote {args.html}")
         print(f"wrote {output}")
     return 0
 
 
 def run_analyze(args) -> int:
-    from . import ir
-    from .analyze import activation_sites, sensitivity
-    from .calibrate import CalibrationConfig, model_inputs
-    from .data import Dataset
+    from . import api
 
-    if args.samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {args.samples}")
-    graph = ir.load(args.model)
-    if not activation_sites(graph):
-        raise UsageError("the model has no activation QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
-    config = CalibrationConfig(providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()),
-                               progress=False)
-    dataset = Dataset(args.data, model_inputs(graph))
-    from tqdm import tqdm
-
-    with tqdm(total=len(activation_sites(graph)), unit="site", desc="analyzing", file=sys.stderr,
-              disable=args.quiet or not sys.stderr.isatty()) as bar:
-        ranking = sensitivity(graph, dataset, config, args.samples, bar)
+    ranking = api.analyze(args.model, args.data, samples=args.samples, providers=args.providers,
+                          tokenizer=args.tokenizer, max_length=args.max_length, field=args.field, quiet=args.quiet)
     if args.json:
-        ir.write_text_atomic(args.json, json.dumps([vars(s) for s in ranking], indent=1) + "\n")
+        _write_json(args.json, [vars(s) for s in ranking])
     if not args.quiet:
         print(f"{'rank':>4}  {'only this site: cos':>19} {'SNR dB':>7}  {'all but this: cos':>17} {'SNR dB':>7}  tensor")
         for rank, site in enumerate(ranking, 1):
             print(f"{rank:>4}  {site.only_cosine:19.6f} {site.only_snr_db:7.1f}  {site.without_cosine:17.6f} "
                   f"{site.without_snr_db:7.1f}  {site.tensor}")
     return 0
-
-
-def _html_report(args, output: Path, collectors, reports, calibration, left_out, ranking) -> None:
-    from . import ir
-    from .calibrate import model_inputs
-    from .data import Dataset
-    from .html_report import write_report
-
-    cosines = None
-    if args.eval is not None:
-        import numpy as np
-
-        from .evaluate import cosines as cosine_of, embeddings, open_session
-
-        batches = list(Dataset(args.eval, model_inputs(ir.load(args.model))).batches(256, trim_padding=False))
-        feeds = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-        cosines = cosine_of(embeddings(open_session(args.model), feeds), embeddings(open_session(output), feeds))
-    settings = {"model": args.model, "output": output, "mode": args.mode, "target": args.target,
-                "method": calibration.method.value, "percentile": calibration.percentile, "smooth": args.smooth,
-                "calibration samples": args.data, "left in float": ", ".join(s.tensor for s in left_out) or "none"}
-    chosen = {r.tensor: r.chosen for r in reports}
-    write_report(args.html, title=f"qdqc report: {args.model.name}", settings=settings, collectors=collectors,
-                 chosen=chosen, percentile=calibration.percentile, ranking=ranking, cosines=cosines)
-    if not args.quiet:
-        print(f"wrote {args.html}")
 
 
 def _sweep(items: list[str]) -> list[tuple[int, int]]:
@@ -532,7 +487,7 @@ def run_check(args) -> int:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
-    return f"qdqc: warning: {message}\n"
+    return f"qdqc: {'note' if issubclass(category, QdqcNote) else 'warning'}: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from .errors import UsageError
+
+
+def choice(kind: type[Enum], value, option: str):
+    """`value` as a member of `kind`, or a UsageError naming the option and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise UsageError(f"{option} {value!r}: expected one of {', '.join(m.value for m in kind)}") from None
+
+
+def names(value, option: str) -> tuple[str, ...]:
+    """A comma-separated string or a sequence of strings as a tuple (CLI and API spell lists either way)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(item, str) for item in items):
+        raise UsageError(f"{option}: expected names, got {value!r}")
+    return tuple(item.strip() for item in items if item.strip())
+
 
 class Mode(str, Enum):
     FT1 = "ft1"
@@ -14,7 +32,7 @@ class Mode(str, Enum):
 
 
 class SiteKind(str, Enum):
-    """Where a quantizer sits, in FasterTransformer's terms (REFERENCE.md §1.1)."""
+    """Where a quantizer sits, in FasterTransformer's terms (its BERT `quant_utils.py`)."""
 
     GEMM_INPUT = "gemm_input"          # LinearActivation._input_quantizer
     GEMM_WEIGHT = "gemm_weight"        # _weight_quantizer
@@ -43,7 +61,7 @@ class InsertConfig:
     mode: Mode = Mode.FT1
 
     def __post_init__(self):
-        object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "mode", choice(Mode, self.mode, "--mode"))
 
     @property
     def sites(self) -> frozenset[SiteKind]:

@@ -19,3 +19,7 @@ class ModelError(QdqcError):
 
 class PassError(QdqcError):
     """A pass failed or left the graph invalid."""
+
+
+class QdqcNote(UserWarning):
+    """Something qdqc did on the user's behalf that they should know about (the CLI prints `qdqc: note: ...`)."""

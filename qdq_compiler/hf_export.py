@@ -59,15 +59,11 @@ def corpus(split: str) -> list[str]:
 
 def encode(sentences: list[str], seq: int = 128, token_types: bool = True) -> dict:
     """Tokenize with MiniLM's own tokenizer, padded to `seq`: model feeds with a leading sample axis."""
-    import numpy as np
-    from transformers import AutoTokenizer
+    from .text import calibration_data
 
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    batch = tokenizer(sentences, padding="max_length", truncation=True, max_length=seq, return_tensors="np")
-    feeds = {"input_ids": batch["input_ids"].astype(np.int64),
-             "attention_mask": batch["attention_mask"].astype(np.int64)}
-    if token_types:
-        feeds["token_type_ids"] = batch["token_type_ids"].astype(np.int64)
+    feeds = dict(calibration_data(sentences, minilm_dir(), max_length=seq))
+    if not token_types:
+        del feeds["token_type_ids"]
     return feeds
 
 

@@ -39,12 +39,19 @@ def load(path: str | os.PathLike) -> gs.Graph:
         raise ModelError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc})") from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: cannot read ONNX model ({exc})") from None
+    return from_model(model, str(path))
+
+
+def from_model(model: onnx.ModelProto, where: str = "model") -> gs.Graph:
+    """A graph from an in-memory model, with `load`'s checks (`where` names it in errors)."""
+    if not isinstance(model, onnx.ModelProto):
+        raise UsageError(f"{where}: expected an onnx.ModelProto, got {type(model).__name__}")
     if not model.graph.node or model.ir_version == 0:
-        raise ModelError(f"{path}: not an ONNX model (no graph nodes or IR version)")
+        raise ModelError(f"{where}: not an ONNX model (no graph nodes or IR version)")
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if opset < MIN_OPSET or opset > newest:
-        raise ModelError(f"{path}: opset {opset} is unsupported (need {MIN_OPSET}..{newest}; "
+        raise ModelError(f"{where}: opset {opset} is unsupported (need {MIN_OPSET}..{newest}; "
                          f"convert with onnx.version_converter.convert_version)")
     return gs.import_onnx(model)
 

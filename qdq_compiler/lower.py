@@ -6,6 +6,7 @@ from enum import Enum
 
 import onnx_graphsurgeon as gs
 
+from .config import choice, names
 from .errors import UsageError
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 
@@ -24,11 +25,8 @@ class LowerConfig:
     keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # tensorrt: what stays FP32
 
     def __post_init__(self):
-        try:
-            object.__setattr__(self, "target", Target(self.target))
-        except ValueError:
-            raise UsageError(f"--target {self.target!r}: expected onnxruntime or tensorrt") from None
-        keep = frozenset(self.keep_fp32)
+        object.__setattr__(self, "target", choice(Target, self.target, "--target"))
+        keep = frozenset(names(self.keep_fp32, "--keep-fp32"))
         if keep - FP32_CHOICES:
             raise UsageError(f"--keep-fp32 {','.join(sorted(keep - FP32_CHOICES))}: expected any of "
                              f"{','.join(sorted(FP32_CHOICES))}")

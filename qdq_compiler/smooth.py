@@ -15,6 +15,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
+from .errors import UsageError
 from .quant import fake_quantize
 from .bert import linear_at
 
@@ -31,6 +32,9 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
     for q in graph.nodes:
         if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]).size != 1:
             continue
+        source = ir.producer(q.inputs[0])
+        if source is not None and source.op == "Mul" and "::smooth" in source.name:
+            continue   # smoothed by an earlier run: recalibrating a calibrated model never smooths twice
         dequantizers = q.outputs[0].outputs
         if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
             continue
@@ -78,9 +82,23 @@ class SmoothConfig:
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            from .errors import UsageError
-
             raise UsageError(f"--smooth {self.alpha}: alpha must be in [0, 1]")
+
+    @classmethod
+    def parse(cls, value) -> "SmoothConfig | None":
+        """`--smooth` as the CLI and the API spell it: "off" (or False) -> None, "auto" (or True) -> alpha
+        searched per site, an alpha in [0, 1] (number or text) -> that alpha."""
+        if value is False or value == "off":
+            return None
+        if value is True or value == "auto":
+            return cls(None)
+        try:
+            return cls(float(value))
+        except (TypeError, ValueError):
+            raise UsageError(f"--smooth {value!r}: expected off, auto or an alpha such as 0.85") from None
+
+
+DEFAULT_SMOOTH = "auto"   # with calibration data; calibrating from saved statistics cannot smooth
 
 
 def site_error(rows: np.ndarray, weights: list[np.ndarray], factors: np.ndarray) -> float:

@@ -50,7 +50,8 @@ def tensor_max(model_path, tensor, feeds):
 def test_max_calibration_writes_max_over_127(files, tmp_path):
     model, qdq, data = files
     out = tmp_path / "max.onnx"
-    assert qdqc("calibrate", qdq, "--data", data, "--method", "max", "-o", out, "--batch-size", "5").returncode == 0
+    assert qdqc("calibrate", qdq, "--data", data, "--smooth", "off", "--method", "max", "-o", out,
+                "--batch-size", "5").returncode == 0
     graph = ir.load(out)
     feeds = dict(np.load(data))
     q = next(n for n in graph.nodes if n.op == "QuantizeLinear" and n.inputs[0].name.startswith("layer.0/ffn/gelu"))
@@ -63,7 +64,7 @@ def test_max_calibration_writes_max_over_127(files, tmp_path):
 def test_fused_qkv_group_takes_the_largest_member(files, tmp_path):
     model, qdq, data = files
     out = tmp_path / "max.onnx"
-    assert qdqc("calibrate", qdq, "--data", data, "--method", "max", "-o", out).returncode == 0
+    assert qdqc("calibrate", qdq, "--data", data, "--smooth", "off", "--method", "max", "-o", out).returncode == 0
     graph = ir.load(out)
     groups = activation_quantizers(graph).groups
     qkv = next(members for name, members in groups.items() if name.startswith("layer0.qkv.bmm_input"))
@@ -78,18 +79,38 @@ def test_stats_recompute_equals_a_direct_run_and_report_has_every_method(files, 
     _, qdq, data = files
     stats, report = tmp_path / "stats.npz", tmp_path / "calib.json"
     direct = tmp_path / "direct.onnx"
-    assert qdqc("calibrate", qdq, "--data", data, "--method", "entropy", "-o", direct, "--stats", stats,
-                "--report", report).returncode == 0
+    assert qdqc("calibrate", qdq, "--data", data, "--smooth", "off", "--method", "entropy", "-o", direct,
+                "--stats", stats, "--report", report).returncode == 0
     again = tmp_path / "again.onnx"
-    assert qdqc("calibrate", qdq, "--stats", stats, "--method", "entropy", "-o", again).returncode == 0
-    scales = [{t.name: t.values.tolist() for t in ir.load(p).tensors().values()
-               if isinstance(t, gs.Constant) and t.name.endswith("::scale")} for p in (direct, again)]
-    assert scales[0] == scales[1]
+    proc = qdqc("calibrate", qdq, "--stats", stats, "--method", "entropy", "-o", again)
+    assert proc.returncode == 0 and "no smoothing (it needs --data)" in proc.stdout
+    assert scales_of(direct) == scales_of(again)
     data_report = json.loads(report.read_text())
     entry = data_report["tensors"][0]
     assert set(entry["amax"]) == {"max", "percentile", "mse", "entropy"} and entry["samples"] == 24
     assert entry["chosen_amax"] >= entry["amax"]["entropy"] - 1e-12
     assert entry["max"] == entry["amax"]["max"]
+
+
+def scales_of(path):
+    return {t.name: t.values.tolist() for t in ir.load(path).tensors().values()
+            if isinstance(t, gs.Constant) and t.name.endswith("::scale")}
+
+
+def test_statistics_of_a_smoothed_run_describe_the_smoothed_model(files, tmp_path):
+    """By default calibrate smooths, so its statistics are of the smoothed model's tensors: recomputing
+    works from its output, and the unsmoothed model is refused with the reason."""
+    _, qdq, data = files
+    stats, direct, again = tmp_path / "stats.npz", tmp_path / "direct.onnx", tmp_path / "again.onnx"
+    proc = qdqc("calibrate", qdq, "--data", data, "--method", "mse", "-o", direct, "--stats", stats)
+    assert proc.returncode == 0 and "smooth auto" in proc.stdout and "percentile" not in proc.stdout
+    assert any(n.op_type == "Mul" and n.name.endswith("::smooth") for n in onnx.load(direct).graph.node)
+    assert qdqc("calibrate", direct, "--stats", stats, "--method", "mse", "-o", again).returncode == 0
+    assert scales_of(direct) == scales_of(again)
+    proc = qdqc("calibrate", qdq, "--stats", stats, "-o", tmp_path / "x.onnx")
+    assert proc.returncode == 1 and "smoothed" in proc.stderr and "Traceback" not in proc.stderr
+    proc = qdqc("calibrate", direct, "--stats", stats, "--smooth", "auto", "-o", tmp_path / "y.onnx")
+    assert proc.returncode == 2 and "--smooth needs --data" in proc.stderr
 
 
 def test_shards_merge_exactly(files, tmp_path):

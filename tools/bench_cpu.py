@@ -1,5 +1,5 @@
-"""CPU INT8 side by side: FP32, qdqc (compile: insert ft1 -> [smooth] -> calibrate -> lower), onnxruntime's
-quantize_dynamic (per-channel) and quantize_static (QDQ, FasterTransformer placement:
+"""CPU INT8 side by side: FP32, qdqc (`qdq_compiler.compile`: insert ft1 -> [smooth] -> calibrate -> lower),
+onnxruntime's quantize_dynamic (per-channel) and quantize_static (QDQ, FasterTransformer placement:
 MatMul inputs only, Percentile) — on the real all-MiniLM-L6-v2 (fidelity + latency) and a
 BERT-base-shaped model (latency).
 
@@ -44,17 +44,15 @@ def gemm_weight_bytes(path: Path) -> int:
     return total
 
 
-OURS = {"qdqc ft1 mse, lowered": ["--method", "mse"],
-        "qdqc ft1 smooth auto p99.999": ["--smooth", "auto", "--method", "percentile", "--percentile", "99.999"]}
+OURS = {"qdqc ft1 mse, lowered": {"smooth": "off", "method": "mse"},
+        "qdqc ft1 defaults (smooth auto p99.999)": {}}
 
 
-def build_ours(model: Path, calibration: Path, folder: Path, options: list[str]) -> Path:
-    from qdq_compiler.cli import main as qdqc
+def build_ours(model: Path, calibration: Path, folder: Path, options: dict) -> Path:
+    import qdq_compiler
 
     lowered = folder / f"qdqc{len(options)}.int8.onnx"
-    if qdqc(["compile", str(model), "--data", str(calibration), *options, "-o", str(lowered), "--overwrite",
-             "--quiet"]):
-        raise SystemExit("qdqc compile failed")
+    qdq_compiler.compile(model, calibration, quiet=True, **options).save(lowered, overwrite=True)
     return lowered
 
 
@@ -100,7 +98,7 @@ def latency(paths: dict[str, Path], feeds_by_batch: dict[int, dict], rounds: int
 def report(title: str, paths: dict[str, Path], timings: dict, fidelity: dict | None,
            fidelity_only: dict[str, Path] | None = None) -> None:
     print(f"\n{title}")
-    header = f"{'variant':28}"
+    header = f"{'variant':40}"
     if fidelity:
         header += f" {'cos mean':>9} {'cos min':>8}"
     for batch in timings:
@@ -108,7 +106,7 @@ def report(title: str, paths: dict[str, Path], timings: dict, fidelity: dict | N
     header += f" {'GEMM weights MiB':>17}"
     print(header)
     for name, path in paths.items():
-        line = f"{name:28}"
+        line = f"{name:40}"
         if fidelity:
             mean, low = fidelity[name]
             line += f" {mean:9.4f} {low:8.4f}"

@@ -1,14 +1,15 @@
-"""The main job on the embedded default: the real all-MiniLM-L6-v2 through qdqc.
+"""The main job on the embedded default: the real all-MiniLM-L6-v2 through qdqc's Python API.
 
-Exports the model with torch.onnx (TorchScript exporter, opset 17), inserts Q/DQ at
-the FasterTransformer sites (`qdqc insert`), lints the result (`qdqc check`),
-calibrates on 256 real sentences shipped with qdqc (`qdqc calibrate`, one pass, all
-methods from the saved statistics, and SmoothQuant), measures fidelity against FP32 on
-1000 other real sentences (cosine of mean-pooled embeddings), lowers for onnxruntime
-(integer GEMMs) and TensorRT (FP16 + INT8, checked by TensorRT's parser), prints the table of
-fidelity and CPU latency for FP32, qdqc and onnxruntime's own quantizers (tools/bench_cpu.py; the
-TensorRT graph's fidelity as onnxruntime runs it), and ends by building the FP32 and INT8 engines
-with TensorRT-RTX (no GPU needed). Artifacts go to ./artifacts.
+Exports the model with torch.onnx (TorchScript exporter, opset 17), tokenizes the real sentences
+shipped with qdqc with the model's own tokenizer (`qdq_compiler.calibration_data`: 256 to
+calibrate, 1000 others to evaluate), inserts Q/DQ at the FasterTransformer sites and lints the
+result, calibrates (one pass, every method from the saved statistics, and SmoothQuant), compiles
+with the defaults (text -> data -> `qdq_compiler.compile`), measures fidelity against FP32 on the
+1000 evaluation sentences (cosine of mean-pooled embeddings), lowers for TensorRT (FP16 + INT8,
+checked by TensorRT's parser), prints the table of fidelity and CPU latency for FP32, qdqc and
+onnxruntime's own quantizers (tools/bench_cpu.py; the TensorRT graph's fidelity as onnxruntime runs
+it), and ends by building the FP32 and INT8 engines with TensorRT-RTX (no GPU needed). Artifacts
+go to ./artifacts.
 """
 from __future__ import annotations
 
@@ -17,22 +18,36 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from qdq_compiler.cli import main as qdqc
+import qdq_compiler
 from qdq_compiler.evaluate import cosines, embeddings, open_session
-from qdq_compiler.hf_export import corpus, encode, export
+from qdq_compiler.hf_export import corpus, export, minilm_dir
+from qdq_compiler.text import save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = [("max", []), ("percentile", ["--percentile", "99.99"]), ("percentile", ["--percentile", "99.999"]),
-           ("mse", []), ("entropy", [])]
+METHODS = [("max", {}), ("percentile", {"percentile": 99.99}), ("percentile", {"percentile": 99.999}),
+           ("mse", {}), ("entropy", {})]
 
 
-def run(*args: str) -> None:
-    print("$ qdqc " + " ".join(args), flush=True)
-    code = qdqc(list(args))
-    if code:
-        sys.exit(code)
+def lint(path: Path, parse: bool = False) -> None:
+    """`qdqc check [--parse]`: TensorRT's explicit-quantization rules (and its ONNX parser); stops on a violation."""
+    from qdq_compiler import ir
+    from qdq_compiler.check import check_graph
+
+    violations = check_graph(ir.load(path))
+    for violation in violations:
+        print(violation)
+    print(f"check {path.name}: {len(violations)} violation(s)", flush=True)
+    if parse:
+        from qdq_compiler.trt_parse import parse as trt_parse
+
+        result = trt_parse(path)
+        for error in result.errors:
+            print(f"parser: {error}")
+        matmuls = {k.split(":")[1]: v for k, v in result.layers.items() if k.startswith("MATRIX_MULTIPLY:")}
+        print(f"TensorRT parser: {'ok' if result.ok else 'FAILED'}; matrix multiplies by output type {matmuls}")
+        violations = violations or not result.ok
+    if violations:
+        sys.exit(1)
 
 
 def print_sites(report_path: Path) -> None:
@@ -61,45 +76,50 @@ def main() -> None:
     if not model.exists():
         print(f"exporting all-MiniLM-L6-v2 (real weights) to {model}", flush=True)
         export("minilm", model, exporter="torchscript", opset=17)
-    calibration, evaluation = out / "calib.npz", out / "eval.npz"
-    np.savez(calibration, **encode(corpus("calibration")))
-    np.savez(evaluation, **encode(corpus("evaluation")))
+    # text -> data, with the model's own tokenizer folder
+    calibration = qdq_compiler.calibration_data(corpus("calibration"), minilm_dir())
+    evaluation = qdq_compiler.calibration_data(corpus("evaluation"), minilm_dir())
+    save_npz(out / "calib.npz", calibration)
+    save_npz(out / "eval.npz", evaluation)
 
     qdq, report = out / "minilm.qdq.onnx", out / "minilm.sites.json"
-    run("insert", str(model), "-o", str(qdq), "--mode", args.mode, "--report", str(report), "--verify")
-    run("check", str(qdq))
+    inserted = qdq_compiler.insert(model, mode=args.mode, verify=True)
+    inserted.save(qdq)
+    report.write_text(json.dumps(inserted.report["sites"], indent=1) + "\n")
+    lint(qdq)
     print_sites(report)
     stats = out / "minilm.stats.npz"
-    run("calibrate", str(qdq), "--data", str(calibration), "--stats", str(stats), "--method", "mse",
-        "--report", str(out / "minilm.calib.json"), "-o", str(out / "minilm.calib.onnx"))
-    run("check", str(out / "minilm.calib.onnx"))
+    calibrated = qdq_compiler.calibrate(inserted, calibration, stats=stats, smooth="off", method="mse")
+    calibrated.save(out / "minilm.calib.onnx")
+    (out / "minilm.calib.json").write_text(json.dumps(calibrated.report["calibration"], indent=1) + "\n")
+    lint(out / "minilm.calib.onnx")
 
-    feeds = {k: v for k, v in np.load(evaluation).items()}
-    reference = embeddings(open_session(model), feeds)
+    reference = embeddings(open_session(model), evaluation)
+
+    def row(label: str, result) -> None:
+        found = cosines(reference, embeddings(open_session(result.model), evaluation))
+        print(f"{label:46} {found.mean():9.4f} {found.min():8.4f}", flush=True)
+
     print(f"\nfidelity vs FP32 on {len(reference)} real sentences not used for calibration "
-          f"(256 calibration sentences, mode {args.mode}, onnxruntime fake-quant):")
-    print(f"{'calibration':22} {'cos mean':>9} {'cos min':>8}")
-    for method, extra in METHODS:
-        target = out / f"minilm.calib.{method}{''.join(extra[1:])}.onnx"
-        code = qdqc(["calibrate", str(qdq), "--stats", str(stats), "--method", method, *extra, "-o", str(target),
-                     "--quiet"])
-        if code:
-            sys.exit(code)
-        found = cosines(reference, embeddings(open_session(target), feeds))
-        label = method + (f" {extra[1]}" if extra else "")
-        print(f"{label:22} {found.mean():9.4f} {found.min():8.4f}", flush=True)
-    smoothed = out / "minilm.smooth.calib.onnx"
-    code = qdqc(["calibrate", str(qdq), "--data", str(calibration), "--smooth", "auto", "--method", "percentile",
-                 "--percentile", "99.999", "-o", str(smoothed), "--quiet"])
-    if code:
-        sys.exit(code)
-    found = cosines(reference, embeddings(open_session(smoothed), feeds))
-    print(f"{'smooth auto + p99.999':22} {found.mean():9.4f} {found.min():8.4f}\n", flush=True)
+          f"(256 calibration sentences, mode {args.mode}, onnxruntime):")
+    print(f"{'calibration':46} {'cos mean':>9} {'cos min':>8}")
+    for method, extra in METHODS:   # from the saved statistics: no new run, no smoothing
+        result = qdq_compiler.calibrate(inserted, stats=stats, method=method, **extra)
+        result.save(out / f"minilm.calib.{method}{extra.get('percentile', '')}.onnx")
+        row(method + (f" {extra['percentile']}" if extra else ""), result)
+    row("smooth 0.85 + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, smooth=0.85))
+    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto + percentile 99.999
+    smoothed.save(out / "minilm.smooth.calib.onnx")
+    row("smooth auto + percentile 99.999 (fake-quant)", smoothed)
+    compiled = qdq_compiler.compile(model, calibration)         # text -> data -> compile with the defaults
+    compiled.save(out / "minilm.int8.onnx")
+    row("default compile (lowered for onnxruntime)", compiled)
+    print(f"compile: {compiled.report['smoothing']['sites_smoothed']} sites smoothed, timings "
+          f"{compiled.report['timings']}\n", flush=True)
 
-    run("lower", str(smoothed), "--target", "onnxruntime", "-o", str(out / "minilm.int8.onnx"))
-    run("lower", str(smoothed), "--target", "tensorrt", "-o", str(out / "minilm.trt.onnx"))
-    run("check", str(out / "minilm.trt.onnx"), "--parse")
-    import bench_cpu  # tools/: FP32, qdqc (insert -> mse -> lower), ORT dynamic and static, side by side
+    qdq_compiler.lower(smoothed, target="tensorrt").save(out / "minilm.trt.onnx")
+    lint(out / "minilm.trt.onnx", parse=True)
+    import bench_cpu  # tools/: FP32, qdqc (compile: mse, and the defaults), ORT dynamic and static, side by side
 
     bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128),
                          tensorrt_graph=out / "minilm.trt.onnx")
@@ -109,10 +129,12 @@ def main() -> None:
 def build_engines(out: Path) -> None:
     """The last step: real engines, FP32 and INT8, built by TensorRT-RTX ahead of time (no GPU needed)."""
     print("\nengines (TensorRT-RTX builds ahead of time on this CPU; running them needs a GPU):", flush=True)
+    from qdq_compiler.engine_build import EngineConfig, build_engine, summary_line
+
     fp32 = out / "minilm.fp32.plan"
-    run("build-engine", str(out / "minilm.onnx"), "-o", str(fp32))
-    run("build-engine", str(out / "minilm.trt.onnx"), "-o", str(out / "minilm.int8.plan"), "--int8",
-        "--baseline", str(fp32))
+    print(summary_line(build_engine(out / "minilm.onnx", fp32, EngineConfig())), flush=True)
+    print(summary_line(build_engine(out / "minilm.trt.onnx", out / "minilm.int8.plan",
+                                    EngineConfig(int8=True, baseline=fp32))), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,305 @@
+"""The Python API: every qdqc command as a function taking and returning Python objects.
+
+    import qdq_compiler
+    result = qdq_compiler.compile("model.onnx", "calib.npz")   # smooth auto + percentile 99.999, ft1
+    result.save("model.int8.onnx")
+
+Options are keyword arguments with the CLI's names and defaults; they become the same frozen
+config objects the CLI builds (validated in their __post_init__), and errors are qdq_compiler
+exceptions (`QdqcError` and its subclasses), never SystemExit. The CLI (cli.py) parses its
+arguments into these calls and prints.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .analyze import FallbackConfig, Sensitivity
+from .calibrate import CalibrationConfig, TensorReport
+from .config import InsertConfig
+from .data import Dataset, open_data
+from .errors import QdqcError, UsageError
+from .insert import InsertResult  # also loads the submodule before __init__ binds `insert`
+from .lower import LowerConfig
+from .pipeline import PassRecord
+from .smooth import DEFAULT_SMOOTH, SmoothConfig
+from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
+
+__all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower"]
+
+_CAL = CalibrationConfig   # its field defaults are the options' defaults (one source for CLI and API)
+
+
+@dataclass
+class Result:
+    """A model produced by qdqc and what was done to it.
+
+    `graph` is the onnx-graphsurgeon graph; `model` exports it; `save` writes it atomically (weights
+    to `<path>.data` past 2 GB); `report` is JSON-ready: "sites" (what insert placed), "calibration"
+    (per tensor, every method's amax and the one used), "smoothing", "fallbacks", "lowering",
+    "timings" (seconds per stage)."""
+
+    graph: gs.Graph
+    report: dict[str, Any]
+    source: Path | None = None                      # the input model's path, when it was one
+    inserted: InsertResult | None = None
+    tensors: list[TensorReport] = field(default_factory=list)
+    collectors: dict = field(default_factory=dict)
+    left_out: list[Sensitivity] = field(default_factory=list)
+    ranking: list[Sensitivity] | None = None
+    records: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return ir.to_model(self.graph)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`."""
+        return ir.save(self.graph, path, source=self.source, overwrite=overwrite)
+
+
+def load(model) -> tuple[gs.Graph, Path | None]:
+    """A fresh graph from a path, an onnx.ModelProto or an earlier Result (never modified in place)."""
+    if isinstance(model, (str, os.PathLike)):
+        return ir.load(model), Path(model)
+    if isinstance(model, Result):
+        return ir.from_model(model.model), model.source
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_model(model), None
+    raise UsageError(f"model: expected a path, an onnx.ModelProto or a qdq_compiler Result, got {type(model).__name__}")
+
+
+def _smoothing(smooth, data_given: bool) -> SmoothConfig | None:
+    """`smooth=None` is the default: auto when there is data to measure, off from saved statistics."""
+    if smooth is None:
+        return SmoothConfig.parse(DEFAULT_SMOOTH) if data_given else None
+    config = SmoothConfig.parse(smooth)
+    if config is not None and not data_given:
+        raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
+    return config
+
+
+def _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet) -> CalibrationConfig:
+    return CalibrationConfig(method, percentile, batch_size, num_samples, providers, not no_trim, shard, not quiet)
+
+
+def _data(data, graph, tokenizer, max_length, field_name) -> Dataset:
+    return open_data(data, graph, tokenizer=tokenizer, max_length=max_length, field=field_name)
+
+
+class _Clock:
+    """Seconds per stage, for report["timings"]: `with clock("insert"): ...`."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 4)
+
+
+def insert(model, *, mode: str = InsertConfig.mode.value, verify: bool = False) -> Result:
+    """Q/DQ at the FasterTransformer BERT sites (`qdqc insert`); report["sites"] is the site report."""
+    from .insert import insert as run_insert, report
+
+    config, clock = InsertConfig(mode), _Clock()
+    with clock("load"):
+        graph, source = load(model)
+    with clock("insert"):
+        inserted = run_insert(graph, config, verify=verify)
+    return Result(graph, {"sites": report(inserted, config), "timings": clock.timings}, source, inserted,
+                  records=list(inserted.records))
+
+
+def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, clock, verify=False) -> dict:
+    from .calibrate import calibrate as run_calibrate, report_json
+    from .smooth import smooth
+
+    found: dict[str, Any] = {"smoothing": {"smooth": "off"}}
+    if smoothing is not None:
+        with clock("smooth"):
+            records = smooth(graph, dataset, config, smoothing, verify=verify)
+        found["smoothing"] = {"smooth": "auto" if smoothing.alpha is None else smoothing.alpha, **records[0].stats}
+    with clock("calibrate"):
+        collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
+    found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
+    return found
+
+
+def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
+              percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
+              providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, tokenizer=None,
+              max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> Result:
+    """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
+    and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
+    `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
+    tensor, every method's amax."""
+    from .calibrate import apply_scales, report_json
+    from .calibration import load_states, save_states
+
+    if data is None and stats is None:
+        raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
+    config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
+    smoothing = _smoothing(smooth, data is not None)
+    if config.method.value == "auto" and data is None:
+        raise UsageError("--method auto needs --data (it measures each layer's error)")
+    if stats is not None and data is None and not Path(stats).exists():
+        raise UsageError(f"{stats}: no such file")
+    clock = _Clock()
+    with clock("load"):
+        graph, source = load(model)
+    if data is not None:
+        with clock("data"):
+            dataset = _data(data, graph, tokenizer, max_length, field)
+        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock)
+        if stats is not None:
+            save_states(stats, found["collectors"])
+    else:
+        try:
+            collectors = load_states(stats)
+        except (OSError, ValueError, KeyError) as exc:
+            raise QdqcError(f"{stats}: not a qdqc statistics file ({exc})") from None
+        with clock("calibrate"):
+            tensors = apply_scales(graph, collectors, config)
+        found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
+                 "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
+    report = {"smoothing": found["smoothing"], "calibration": found["calibration"], "timings": clock.timings}
+    return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
+
+
+def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfig.keep_fp32,
+          verify: bool = False) -> Result:
+    """A calibrated Q/DQ model lowered for a backend (`qdqc lower`): integer GEMMs for onnxruntime,
+    FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats."""
+    from .lower import lower as run_lower
+
+    config, clock = LowerConfig(target, keep_fp32), _Clock()
+    with clock("load"):
+        graph, source = load(model)
+    with clock("lower"):
+        records = run_lower(graph, config, verify=verify)
+    return Result(graph, {"lowering": [r.to_json() for r in records], "timings": clock.timings}, source,
+                  records=records)
+
+
+def analyze(model, data, *, samples: int = FallbackConfig.samples, providers=_CAL.providers, tokenizer=None,
+            max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> list[Sensitivity]:
+    """Every activation site of a calibrated Q/DQ model, worst first (`qdqc analyze`): the cosine and
+    SNR with only that site quantized, and with every site but that one."""
+    from .analyze import activation_sites, sensitivity
+
+    checked = FallbackConfig(samples=samples)
+    config = CalibrationConfig(providers=providers, progress=False)
+    graph, _ = load(model)
+    if not activation_sites(graph):
+        raise UsageError("the model has no activation QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
+    dataset = _data(data, graph, tokenizer, max_length, field)
+    with _bar(len(activation_sites(graph)), "analyzing", "site", quiet) as bar:
+        return sensitivity(graph, dataset, config, checked.samples, bar)
+
+
+def _bar(total: int, desc: str, unit: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=quiet or not sys.stderr.isatty())
+
+
+def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = InsertConfig.mode.value,
+            method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
+            num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
+            keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
+            tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
+            eval=None, verify: bool = False, quiet: bool = False) -> Result:
+    """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
+
+    By default: FasterTransformer ft1 sites, SmoothQuant with alpha searched per site, percentile
+    99.999, lowered for onnxruntime (the best recipe measured, README). `--smooth off --method
+    percentile --percentile 99.99` is pytorch-quantization's own default. `html` also writes the
+    HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution)."""
+    from .analyze import choose_fallback, float_gemm_share, leave_in_float
+    from .insert import insert as run_insert, report as sites_report
+    from .lower import lower as run_lower
+
+    insert_config, lower_config = InsertConfig(mode), LowerConfig(target, keep_fp32)
+    calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
+    smoothing = _smoothing(smooth, True)
+    fallback = FallbackConfig(fallback_budget, target_cosine)
+    if eval is not None and html is None:
+        raise UsageError("--eval only feeds the HTML report: add --html FILE")
+    clock = _Clock()
+    with clock("load"):
+        graph, source = load(model)
+    with clock("data"):
+        dataset = _data(data, graph, tokenizer, max_length, field)   # validated before any work
+        evaluation = None
+        if eval is not None:   # the tokenizer serves a text --eval too, and is not asked of an npz one
+            text = isinstance(eval, (str, os.PathLike)) and Path(eval).suffix in TEXT_SUFFIXES
+            evaluation = _data(eval, graph, tokenizer if text else None, max_length, field)
+        reference = ir.to_model(graph) if evaluation is not None else None
+    with clock("insert"):
+        inserted = run_insert(graph, insert_config, verify=verify)
+    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify)
+    report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
+                          "method": calibration.method.value, "percentile": calibration.percentile,
+                          "smooth": found["smoothing"]["smooth"]},
+              "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
+              "calibration": found["calibration"], "fallbacks": None}
+    left_out, ranking = [], None
+    if fallback.active:
+        with clock("fallback"):
+            left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=fallback.budget,
+                                                         target_cosine=fallback.target_cosine, samples=fallback.samples)
+            gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
+            leave_in_float(graph, [s.quantizer for s in left_out])
+        report["fallbacks"] = {"left_in_float": [vars(s) for s in left_out], "cosine": reached,
+                               "float_weight_gemms": gemms, "float_multiply_add_share": share,
+                               "ranking": [vars(s) for s in ranking]}
+    with clock("lower"):
+        records = run_lower(graph, lower_config, verify=verify)
+    report["lowering"] = [r.to_json() for r in records]
+    report["timings"] = clock.timings
+    result = Result(graph, report, source, inserted, found["tensors"], found["collectors"], left_out, ranking,
+                    list(inserted.records) + records)
+    if html is not None:
+        with clock("html"):
+            label = str(data) if isinstance(data, (str, os.PathLike)) else f"{dataset.samples} samples given in memory"
+            write_html(result, html, reference=reference, evaluation=evaluation, data_label=label)
+    return result
+
+
+def write_html(result: Result, path: str | os.PathLike, *, reference: onnx.ModelProto | None = None,
+               evaluation: Dataset | None = None, data_label: str = "") -> Path:
+    """The self-contained HTML report of a compile (histograms, sensitivity, and with `evaluation`
+    and the FP32 `reference` model, the cosine distribution)."""
+    import numpy as np
+
+    from .evaluate import cosines as cosine_of, embeddings, open_session
+    from .html_report import write_report
+
+    cosines = None
+    if evaluation is not None and reference is not None:
+        batches = list(evaluation.batches(256, trim_padding=False))
+        feeds = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+        cosines = cosine_of(embeddings(open_session(reference), feeds), embeddings(open_session(result.model), feeds))
+    options = result.report["options"]
+    settings = {"model": result.source or "(in memory)", **options,
+                "calibration samples": data_label,
+                "left in float": ", ".join(s.tensor for s in result.left_out) or "none"}
+    chosen = {r.tensor: r.chosen for r in result.tensors}
+    name = result.source.name if result.source is not None else "model"
+    write_report(Path(path), title=f"qdqc report: {name}", settings=settings, collectors=result.collectors,
+                 chosen=chosen, percentile=options["percentile"], ranking=result.ranking, cosines=cosines)
+    return Path(path)
