@@ -32,6 +32,7 @@ from .insert import InsertResult  # also loads the submodule before __init__ bin
 from .lower import LowerConfig
 from .pipeline import PassRecord
 from .smooth import DEFAULT_SMOOTH, SmoothConfig
+from .weight_rounding import parse_rounding
 from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
 
 __all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower"]
@@ -124,11 +125,13 @@ def insert(model, *, mode: str = InsertConfig.mode.value, verify: bool = False) 
                   records=list(inserted.records))
 
 
-def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, clock, verify=False) -> dict:
+def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, clock, verify=False,
+                          weights: str = "nearest") -> dict:
+    """[smooth] -> calibrate -> [GPTQ weight rounding: it needs the activation scales]."""
     from .calibrate import calibrate as run_calibrate, report_json
     from .smooth import smooth
 
-    found: dict[str, Any] = {"smoothing": {"smooth": "off"}}
+    found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights}}
     if smoothing is not None:
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)
@@ -136,13 +139,19 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     with clock("calibrate"):
         collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
     found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
+    if weights == "gptq":
+        from .weight_rounding import apply_gptq
+
+        with clock("round weights"):
+            records = apply_gptq(graph, dataset, config, verify=verify)
+        found["weights"].update(records[0].stats)
     return found
 
 
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
-              providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, tokenizer=None,
-              max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> Result:
+              providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, weights=None,
+              tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
@@ -154,6 +163,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
     smoothing = _smoothing(smooth, data is not None)
+    rounding = parse_rounding(weights, data is not None)
     if config.method.value == "auto" and data is None:
         raise UsageError("--method auto needs --data (it measures each layer's error)")
     if stats is not None and data is None and not Path(stats).exists():
@@ -164,7 +174,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if data is not None:
         with clock("data"):
             dataset = _data(data, graph, tokenizer, max_length, field)
-        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock)
+        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock, weights=rounding)
         if stats is not None:
             save_states(stats, found["collectors"])
     else:
@@ -175,8 +185,10 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         with clock("calibrate"):
             tensors = apply_scales(graph, collectors, config)
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
+                 "weights": {"rounding": "nearest"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
-    report = {"smoothing": found["smoothing"], "calibration": found["calibration"], "timings": clock.timings}
+    report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
+              "timings": clock.timings}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
 
 
@@ -220,7 +232,7 @@ def _bar(total: int, desc: str, unit: str, quiet: bool):
 def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = InsertConfig.mode.value,
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
-            keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
+            weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
@@ -236,6 +248,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
     insert_config, lower_config = InsertConfig(mode), LowerConfig(target, keep_fp32)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     smoothing = _smoothing(smooth, True)
+    rounding = parse_rounding(weights, True)
     fallback = FallbackConfig(fallback_budget, target_cosine)
     if eval is not None and html is None:
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
@@ -251,11 +264,12 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
         reference = ir.to_model(graph) if evaluation is not None else None
     with clock("insert"):
         inserted = run_insert(graph, insert_config, verify=verify)
-    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify)
+    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
-                          "smooth": found["smoothing"]["smooth"]},
+                          "smooth": found["smoothing"]["smooth"], "weights": rounding},
               "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
+              "weights": found["weights"],
               "calibration": found["calibration"], "fallbacks": None}
     left_out, ranking = [], None
     if fallback.active:

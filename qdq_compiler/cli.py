@@ -72,13 +72,17 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", help="SmoothQuant outlier migration before calibration: off, auto (alpha searched "
                                          "per site) or an alpha in [0, 1]; default auto with --data, off when "
                                          "recomputing from --stats (smoothing measures the data)")
+    parser.add_argument("--weights", choices=["gptq", "nearest"],
+                        help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
+                             "default with --data) or nearest (the default when recomputing from --stats)")
 
 
 def _calibration_options(args) -> dict:
     """The calibration options as the API's keyword arguments."""
     return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
                 num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
-                tokenizer=args.tokenizer, max_length=args.max_length, field=args.field, quiet=args.quiet)
+                weights=args.weights, tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
+                quiet=args.quiet)
 
 
 def _compile_args(parser: argparse.ArgumentParser) -> None:
@@ -281,7 +285,12 @@ def _calibration_line(result) -> str:
     method = calibration["method"]
     if method == "percentile":
         method += f" {calibration['percentile']:g}"
-    return f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method})"
+    rounding = result.report.get("weights", {})
+    weights = f"weights {rounding.get('rounding', 'nearest')}"
+    if "weights_rounded" in rounding:
+        weights += f": {rounding['weights_rounded']} GEMMs"
+    return (f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method}, "
+            f"{weights})")
 
 
 def run_calibrate(args) -> int:

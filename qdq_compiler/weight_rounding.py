@@ -26,6 +26,23 @@ from .bert import RESHAPE_OPS, linear_at
 from .quant import QMAX, fake_quantize
 
 DAMP, BLOCK = 0.01, 128
+ROUNDINGS = ("gptq", "nearest")
+DEFAULT_ROUNDING = "gptq"   # with calibration data; recomputing scales from saved statistics rounds to nearest
+
+
+def parse_rounding(value, data_given: bool) -> str:
+    """`--weights` as the CLI and the API spell it; None is the default (GPTQ when there is data)."""
+    if value is None:
+        return DEFAULT_ROUNDING if data_given else "nearest"
+    if value not in ROUNDINGS:
+        from .errors import UsageError
+
+        raise UsageError(f"--weights {value!r}: expected gptq or nearest")
+    if value == "gptq" and not data_given:
+        from .errors import UsageError
+
+        raise UsageError("--weights gptq needs --data (it measures each GEMM's input on the calibration data)")
+    return value
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, damp: float = DAMP,
@@ -108,8 +125,8 @@ def input_hessians(graph: gs.Graph, dataset, config, activations: list[gs.Node])
             rows = values.reshape(tokens, -1)  # [B, S, heads, d] before the head merge: same tokens
             if mask is not None and rows.shape[0] == mask.size:
                 rows = rows[mask.reshape(-1).astype(bool)]
-            rows = fake_quantize(rows, amax[name]).astype(np.float64)
-            hessians[name] = hessians.get(name, 0.0) + rows.T @ rows
+            rows = fake_quantize(rows, amax[name])
+            hessians[name] = hessians.get(name, 0.0) + (rows.T @ rows).astype(np.float64)  # per batch in float32
     return hessians
 
 

@@ -34,8 +34,9 @@ def test_compile_round_trip(tmp_path):
     assert cosine(run_model(path, test)[0], run_model(model, test)[0]) > 0.99
     report = result.report
     assert report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
-                                 "percentile": 99.999, "smooth": "auto"}
+                                 "percentile": 99.999, "smooth": "auto", "weights": "gptq"}
     assert len(report["sites"]["layers"]) == 2 and report["smoothing"]["sites_smoothed"] == 6
+    assert report["weights"] == {"rounding": "gptq", "weights_rounded": 12, "linear_layers": 12}
     tensors = report["calibration"]["tensors"]
     assert len(tensors) == 2 * 8 and report["calibration"]["samples"] == 12   # ft1: 8 activation tensors a layer
     for entry in tensors:
@@ -43,7 +44,7 @@ def test_compile_round_trip(tmp_path):
         assert entry["chosen_amax"] >= entry["amax"]["percentile"]     # a shared scale takes the group's max
         assert entry["scale"] == pytest.approx(entry["chosen_amax"] / 127, rel=1e-6)
     assert report["fallbacks"] is None
-    assert {"load", "data", "insert", "smooth", "calibrate", "lower"} <= set(report["timings"])
+    assert {"load", "data", "insert", "smooth", "calibrate", "round weights", "lower"} <= set(report["timings"])
     assert [p["pass"] for p in report["lowering"]][0] == "lower-onnxruntime"
 
 

@@ -91,3 +91,14 @@ def test_pass_on_a_calibrated_bert_lowers_error_and_keeps_scales(tmp_path):
     (with_gptq,) = run_model(graph, feeds)
     assert np.sum((with_gptq - reference) ** 2) < np.sum((with_nearest - reference) ** 2)
     assert cosine(with_gptq, reference) > 0.99
+
+
+def test_weights_option_is_checked_like_the_cli():
+    from qdq_compiler.errors import UsageError
+    from qdq_compiler.weight_rounding import parse_rounding
+
+    assert parse_rounding(None, True) == "gptq" and parse_rounding(None, False) == "nearest"
+    with pytest.raises(UsageError, match="--weights 'round'"):
+        parse_rounding("round", True)
+    with pytest.raises(UsageError, match="--weights gptq needs --data"):
+        parse_rounding("gptq", False)
