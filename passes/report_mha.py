@@ -1,7 +1,8 @@
 """What TensorRT's INT8 fused attention needs, per matched layer (analysis only).
 
 TensorRT fuses INT8 multi-head attention only with Q/DQ before both batched matmuls and
-after the softmax, head size 16, 32 or 64 and sequence length at most 512 (REFERENCE.md §0.3).
+after the softmax, head size 16, 32 or 64 and sequence length at most 512 (TensorRT developer
+guide, "Multi-Head Attention Fusion"; NVIDIA/TensorRT issues #2981, #3724).
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """The float part of a Q/DQ graph in FP16 for TensorRT's strongly typed builds, with FP32 islands.
 
-TensorRT 10.12+/11 builds the types the ONNX carries (REFERENCE.md §0): everything that is
+TensorRT 10.12+/11 builds the types the ONNX carries (its docs: "Use explicit quantization with
+Strong Typing"; the FP16/INT8 builder flags are deprecated in 10.12 and gone in 11): everything that is
 not INT8 runs in the precision its tensors have. LayerNorm stays FP32 by default (FP16
-LayerNorm overflows in BERT: REFERENCE.md §5); `keep_fp32` can add Softmax and GELU. Casts
+LayerNorm's variance overflows in BERT); `keep_fp32` can add Softmax and GELU. Casts
 are inserted at every island boundary and at the graph outputs, which keep their FP32 type.
 Q/DQ scales become FP16 (opset 19), so a DequantizeLinear produces FP16 directly.
 """

@@ -1,10 +1,10 @@
 """Streaming calibration collectors and the amax maths (pytorch-quantization semantics).
 
 A collector takes one batch at a time and keeps no activations: the running
-max |x| and a histogram of |x| (REFERENCE.md §2.2: 2048 bins on [0, first
+max |x| and a histogram of |x| (pytorch-quantization's `calib/histogram.py`: 2048 bins on [0, first
 max], grown by whole bins of the same width when a later batch exceeds the
-range). `compute_amax` is a pure function of (counts, edges) implementing
-§2.3–2.5 exactly.
+range). `compute_amax` is a pure function of (counts, edges) implementing its
+entropy, MSE and percentile amax exactly.
 """
 from __future__ import annotations
 

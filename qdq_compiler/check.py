@@ -1,4 +1,5 @@
-"""`qdqc check`: lint a Q/DQ graph against TensorRT's explicit-quantization rules (REFERENCE.md §9)."""
+"""`qdqc check`: lint a Q/DQ graph against TensorRT's explicit-quantization rules (TensorRT developer guide,
+"Working with Quantized Types"; onnx-tensorrt's QuantizeLinear/DequantizeLinear importer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,7 +1,7 @@
 """A synthetic BERT builder (pure onnx) that can emit each exporter's style.
 
 The fast fixture for tests and benchmarks: any depth, width and head count, and
-the variations real exports show (REFERENCE.md §10): linear layers as MatMul+Add,
+the variations real exports show: linear layers as MatMul+Add,
 Gemm (transB 0 or 1) or MatMul behind a Transpose of the weight; LayerNorm as one
 op or decomposed; GELU as an op, the Erf pattern or the tanh approximation; the
 1/sqrt(d) scale after or before Q·K^T or folded into Q; the mask as Add or Where;

@@ -1,4 +1,4 @@
-"""amax maths against plain restatements of pytorch-quantization's algorithms (REFERENCE.md §2),
+"""amax maths against plain restatements of pytorch-quantization's algorithms (`calib/histogram.py`),
 and the collectors' properties."""
 import math
 

@@ -107,10 +107,12 @@ def main() -> None:
         result = qdq_compiler.calibrate(inserted, stats=stats, method=method, **extra)
         result.save(out / f"minilm.calib.{method}{extra.get('percentile', '')}.onnx")
         row(method + (f" {extra['percentile']}" if extra else ""), result)
-    row("smooth 0.85 + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, smooth=0.85))
-    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto + percentile 99.999
+    row("smooth 0.85 + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, smooth=0.85,
+                                                                   weights="nearest"))
+    row("smooth auto + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, weights="nearest"))
+    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto, p99.999, GPTQ weights
     smoothed.save(out / "minilm.smooth.calib.onnx")
-    row("smooth auto + percentile 99.999 (fake-quant)", smoothed)
+    row("smooth auto + percentile 99.999 + GPTQ (fake-quant)", smoothed)
     compiled = qdq_compiler.compile(model, calibration)         # text -> data -> compile with the defaults
     compiled.save(out / "minilm.int8.onnx")
     row("default compile (lowered for onnxruntime)", compiled)
