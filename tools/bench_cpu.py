@@ -132,9 +132,8 @@ def tensorrt_graph_session(path: Path):
         return open_session(path, optimize=False)
 
 
-def run_minilm(folder: Path, args, tensorrt_graph: Path | None = None) -> None:
-    """The table; `tensorrt_graph` adds a fidelity-only row for the TensorRT graph run by onnxruntime."""
-    from qdq_compiler.evaluate import cosines, embeddings, open_session
+def minilm_inputs(folder: Path, evaluation_samples: int) -> tuple[Path, Path, dict]:
+    """The real MiniLM (exported once), its calibration npz (256 sentences) and the evaluation feeds."""
     from qdq_compiler.hf_export import corpus, encode, export
 
     model = folder / "minilm.onnx"
@@ -142,7 +141,15 @@ def run_minilm(folder: Path, args, tensorrt_graph: Path | None = None) -> None:
         export("minilm", model, exporter="torchscript", opset=17)
     calibration = folder / "minilm.calib.npz"
     np.savez(calibration, **encode(corpus("calibration")))
-    evaluation = encode(corpus("evaluation")[: args.eval])
+    return model, calibration, encode(corpus("evaluation")[:evaluation_samples])
+
+
+def run_minilm(folder: Path, args, tensorrt_graph: Path | None = None) -> None:
+    """The table; `tensorrt_graph` adds a fidelity-only row for the TensorRT graph run by onnxruntime."""
+    from qdq_compiler.evaluate import cosines, embeddings, open_session
+    from qdq_compiler.hf_export import corpus, encode
+
+    model, calibration, evaluation = minilm_inputs(folder, args.eval)
     paths = {"FP32": model, **{name: build_ours(model, calibration, folder, options) for name, options in OURS.items()},
              "ORT quantize_dynamic": build_dynamic(model, folder),
              f"ORT quantize_static ({args.static_samples} s.)": build_static(model, calibration, folder,

@@ -44,7 +44,6 @@ def metrics(reference: np.ndarray, found: np.ndarray) -> dict:
 def main() -> None:
     import qdq_compiler
     from qdq_compiler.evaluate import embeddings, open_session
-    from qdq_compiler.hf_export import corpus, encode, export
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="where minilm.onnx is (exported if missing) and models go")
@@ -55,12 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        model = folder / "minilm.onnx"
-        if not model.exists():
-            export("minilm", model, exporter="torchscript", opset=17)
-        calibration = folder / "minilm.calib.npz"
-        np.savez(calibration, **encode(corpus("calibration")))
-        evaluation = encode(corpus("evaluation")[: args.eval])
+        model, calibration, evaluation = bench_cpu.minilm_inputs(folder, args.eval)
         reference = embeddings(open_session(model), evaluation)
         rows = []
         for label, options in RECIPES.items():
