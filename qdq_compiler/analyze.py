@@ -8,7 +8,7 @@ attention mask both are of mask-averaged embeddings, so padding never counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -20,12 +20,16 @@ from .data import Dataset
 
 @dataclass(frozen=True)
 class Sensitivity:
-    quantizer: str
+    quantizer: str          # the QuantizeLinear's name (for people; `node` identifies it)
     tensor: str
     only_cosine: float      # mean cosine with only this site quantized
     only_snr_db: float
     without_cosine: float   # mean cosine with every quantizer but this one
     without_snr_db: float
+    node: gs.Node | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "node"}
 
 
 def _outputs(graph: gs.Graph, batches: list[dict], providers) -> list[np.ndarray]:
@@ -64,18 +68,23 @@ class _Measurement:
         self.graph, self.providers = graph, config.providers
         self.batches = list(dataset.batches(batch_size_for(graph, config), samples, config.trim_padding))
         self.reference = _outputs(float_network(graph, []), self.batches, self.providers)
-        self.every = frozenset(n.name for n in graph.nodes if n.op == "QuantizeLinear")
+        self.every = [n for n in graph.nodes if n.op == "QuantizeLinear"]
 
-    def error(self, keep: frozenset[str]) -> tuple[float, float]:
-        """(cosine, SNR dB) with only the quantizers in `keep` active."""
+    def but(self, left_out) -> list[gs.Node]:
+        """Every QuantizeLinear but the nodes in `left_out` (by identity)."""
+        skipped = {id(n) for n in left_out}
+        return [n for n in self.every if id(n) not in skipped]
+
+    def error(self, keep) -> tuple[float, float]:
+        """(cosine, SNR dB) with only the QuantizeLinear nodes in `keep` active."""
         return compare(self.reference, _outputs(float_network(self.graph, [], keep), self.batches, self.providers),
                        self.batches)
 
     def ranking(self, progress=None) -> list[Sensitivity]:
         found = []
         for q in activation_sites(self.graph):
-            only, without = self.error(frozenset({q.name})), self.error(self.every - {q.name})
-            found.append(Sensitivity(q.name, q.inputs[0].name, *only, *without))
+            only, without = self.error([q]), self.error(self.but([q]))
+            found.append(Sensitivity(ir.label(q), q.inputs[0].name, *only, *without, node=q))
             if progress is not None:
                 progress.update(1)
         return sorted(found, key=lambda s: s.only_cosine)
@@ -87,11 +96,11 @@ def sensitivity(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, sa
     return _Measurement(graph, dataset, config, samples).ranking(progress)
 
 
-def leave_in_float(graph: gs.Graph, quantizers: list[str]) -> int:
-    """Bypass the named activation quantizers for good (their readers take the float tensor)."""
-    chosen = set(quantizers)
+def leave_in_float(graph: gs.Graph, quantizers: list[gs.Node]) -> int:
+    """Bypass these activation QuantizeLinear nodes for good (their readers take the float tensor)."""
+    chosen = {id(q) for q in quantizers}
     bypassed = 0
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear" and n.name in chosen]:
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear" and id(n) in chosen]:
         source = q.inputs[0]
         for dq in list(q.outputs[0].outputs):
             if dq.op != "DequantizeLinear":
@@ -116,7 +125,7 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
     limit = len(ranking) if budget is None else min(budget, len(ranking))
 
     def cosine_without(chosen: list[Sensitivity]) -> float:
-        return measure.error(measure.every - {s.quantizer for s in chosen})[0]
+        return measure.error(measure.but([s.node for s in chosen]))[0]
 
     if target_cosine is None:
         chosen = ranking[:limit]
@@ -129,8 +138,8 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
     return chosen, reached, ranking
 
 
-def float_gemm_share(graph: gs.Graph, quantizers: list[str]) -> tuple[int, float]:
-    """How many weight GEMMs read the named quantizers, and their share of all weight-GEMM
+def float_gemm_share(graph: gs.Graph, quantizers: list[gs.Node]) -> tuple[int, float]:
+    """How many weight GEMMs read these QuantizeLinear nodes, and their share of all weight-GEMM
     multiply-adds (per token, K·N each): what leaving those sites in float costs in integer work."""
     from .bert import linear_at
 
@@ -138,9 +147,9 @@ def float_gemm_share(graph: gs.Graph, quantizers: list[str]) -> tuple[int, float
     for node in graph.nodes:
         linear = linear_at(node)
         if linear is not None:
-            sizes[node.name] = ir.constant(graph.tensors()[linear.weight]).size
-    chosen = set(quantizers)
-    moved = {reader.name for q in graph.nodes if q.op == "QuantizeLinear" and q.name in chosen
-             for dq in q.outputs[0].outputs for reader in dq.outputs[0].outputs if reader.name in sizes}
+            sizes[id(node)] = ir.constant(graph.tensors()[linear.weight]).size
+    chosen = {id(q) for q in quantizers}
+    moved = {id(reader) for q in graph.nodes if q.op == "QuantizeLinear" and id(q) in chosen
+             for dq in q.outputs[0].outputs for reader in dq.outputs[0].outputs if id(reader) in sizes}
     total = sum(sizes.values())
     return len(moved), (sum(sizes[n] for n in moved) / total if total else 0.0)

@@ -67,13 +67,17 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
-def float_network(graph: gs.Graph, outputs: list[str], keep: frozenset[str] = frozenset()) -> gs.Graph:
-    """A copy of `graph` with every Q->DQ pair bypassed (but the Qs named in `keep`) and `outputs` exposed."""
-    network = graph.copy()
+def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
+    """A copy of `graph` with every Q->DQ pair bypassed (but the QuantizeLinear nodes in `keep`, given
+    as nodes of `graph`: names may be empty or repeated) and `outputs` exposed."""
+    kept = {id(n) for n in keep}
+    positions = [i for i, n in enumerate(graph.nodes) if id(n) in kept]
+    network = graph.copy()   # copies the nodes in order: position i is the copy of graph.nodes[i]
+    kept = {id(network.nodes[i]) for i in positions}
     tensors = network.tensors()
     for dq in [n for n in network.nodes if n.op == "DequantizeLinear"]:
         q = ir.producer(dq.inputs[0])
-        if q is None or q.op != "QuantizeLinear" or q.name in keep:
+        if q is None or q.op != "QuantizeLinear" or id(q) in kept:
             continue
         source, target = q.inputs[0], dq.outputs[0]
         for reader in list(target.outputs):

@@ -84,18 +84,17 @@ def _quantized_constant(node: gs.Node) -> np.ndarray | None:
 
 def _check_float_regions(graph: gs.Graph) -> list[Violation]:
     """No Q/DQ between the nodes of a LayerNorm or GELU (they must run in float)."""
-    regions: dict[tuple[str, ...], tuple[str, str]] = {}
+    regions: list[tuple[tuple[gs.Node, ...], str, str]] = []
     for tensor in graph.tensors().values():
         if any(n.op in ("ReduceMean", "LayerNormalization") for n in tensor.outputs):
             norm = match_layer_norm(tensor)
             if norm is not None and norm.kind == "decomposed":
-                regions[norm.nodes] = ("LayerNorm", norm.output)
+                regions.append((norm.nodes, "LayerNorm", norm.output))
     for layer in match_encoder(graph).layers:
-        regions[layer.activation.nodes] = ("GELU", layer.activation.output)
-    nodes = {n.name: n for n in graph.nodes}
+        regions.append((layer.activation.nodes, "GELU", layer.activation.output))
     found = []
-    for members, (kind, output) in regions.items():
-        internal = {t.name for name in members for t in nodes[name].outputs} - {output}
+    for members, kind, output in regions:
+        internal = {t.name for member in members for t in member.outputs} - {output}
         for node in graph.nodes:
             if node.op == "QuantizeLinear" and node.inputs[0].name in internal:
                 found.append(Violation("float-region", node.name,

@@ -190,8 +190,8 @@ def run_insert(args) -> int:
     if not args.quiet:
         print(summary(result, config))
         if args.explain:
-            for node, why in result.match.unmatched_gemms.items():
-                print(f"  unmatched {node}: {why}")
+            for node, why in result.match.unmatched_gemms:
+                print(f"  unmatched {ir.label(node)}: {why}")
         print(f"wrote {output}")
     elif result.plan.fallback:
         print(summary(result, config).splitlines()[0], file=sys.stderr)
@@ -355,8 +355,8 @@ def run_compile(args) -> int:
 
         left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=args.fallback_budget,
                                                      target_cosine=args.target_cosine)
-        float_gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
-        leave_in_float(graph, [s.quantizer for s in left_out])
+        float_gemms, share = float_gemm_share(graph, [s.node for s in left_out])
+        leave_in_float(graph, [s.node for s in left_out])
     records = lower(graph, lower_config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
     if args.html is not None:
@@ -400,7 +400,7 @@ def run_analyze(args) -> int:
               disable=args.quiet or not sys.stderr.isatty()) as bar:
         ranking = sensitivity(graph, dataset, config, args.samples, bar)
     if args.json:
-        ir.write_text_atomic(args.json, json.dumps([vars(s) for s in ranking], indent=1) + "\n")
+        ir.write_text_atomic(args.json, json.dumps([s.to_json() for s in ranking], indent=1) + "\n")
     if not args.quiet:
         print(f"{'rank':>4}  {'only this site: cos':>19} {'SNR dB':>7}  {'all but this: cos':>17} {'SNR dB':>7}  tensor")
         for rank, site in enumerate(ranking, 1):

@@ -22,6 +22,10 @@ MIN_OPSET = 13
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)  # weights past this go to <model>.data
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# graphsurgeon logs a multi-line warning on every export of a graph whose nodes share a name; repeated
+# and empty node names are legal ONNX and qdqc keys nodes by identity, so only its errors are shown
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+GENERATED_MARK = "::"   # every node and tensor name qdqc makes is `{what it attaches to}::{role}`
 
 
 # ---------------------------------------------------------------- load / save
@@ -309,6 +313,22 @@ class Names:
 
 
 # ---------------------------------------------------------------- small graph queries
+
+def describe(node: gs.Node) -> str:
+    """How a message names a node: `Op 'name'`, or by its first output when it has no name.
+
+    Only for people: empty and repeated node names are legal ONNX, so code keys nodes by
+    identity, never by this text."""
+    if node.name:
+        return f"{node.op} '{node.name}'"
+    output = node.outputs[0].name if node.outputs else "nothing"
+    return f"unnamed {node.op} (output '{output}')"
+
+
+def label(node: gs.Node) -> str:
+    """A report's name for a node: its name, or `<op producing 'output'>` when it has none."""
+    return node.name or describe(node)
+
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None

@@ -62,7 +62,7 @@ def test_minilm_exports_match_every_layer_in_every_mode(exports, exporter, opset
         graph = ir.load(path)
         result = insert(graph, InsertConfig(mode), verify=True)
         assert len(result.match.layers) == 6 and result.match.rejections == ()
-        assert result.match.unmatched_gemms == {}
+        assert result.match.unmatched_gemms == ()
         assert len(result.plan.quantizers) == per_layer * 6 + (mode == "trt")
         assert check_graph(graph) == []
         (out,) = run_model(graph, feeds)
@@ -80,7 +80,7 @@ def test_bert_family_exports_match(exports, family, exporter, opset):
     if family == "electra":  # its embeddings projection is a linear layer outside the encoder layers
         assert len(result.match.unmatched_gemms) == 1
     else:
-        assert result.match.unmatched_gemms == {}
+        assert result.match.unmatched_gemms == ()
     assert check_graph(graph) == []
     (out,) = run_model(graph, feeds_for(graph))
     assert np.isfinite(out).all()
