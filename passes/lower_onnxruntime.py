@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdq_compiler import ir
+from qdq_compiler import ir, quant
 from qdq_compiler.bert import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
@@ -31,7 +31,7 @@ class Operand:
         source = ir.producer(dq.inputs[0])
         self.q = source if source is not None and source.op == "QuantizeLinear" else None
         self.scale = dq.inputs[1]
-        self.axis = dq.attrs.get("axis", 1) if ir.constant(self.scale).size > 1 else None
+        self.axis = quant.channel_axis(dq.attrs, ir.constant(self.scale).size)
         stored = ir.constant(dq.inputs[0])
         if self.q is not None and ir.is_constant(self.q.inputs[0]):
             self.weight = quantized_weight(self.q)

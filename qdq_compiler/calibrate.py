@@ -262,7 +262,7 @@ def refresh_weight_scales(graph: gs.Graph) -> None:
     for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
         groups.setdefault(q.inputs[1].name, []).append(q)
     for nodes in groups.values():
-        axis = nodes[0].attrs.get("axis") if nodes[0].inputs[1].values.size > 1 else None
+        axis = quant.channel_axis(nodes[0].attrs, nodes[0].inputs[1].values.size)
         amax = np.max([quant.amax(ir.constant(q.inputs[0]), axis) for q in nodes], axis=0)
         nodes[0].inputs[1].values = quant.scale_from_amax(amax)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ir
+from . import ir, quant
 from .bert import match_encoder, match_layer_norm
 
 
@@ -62,7 +62,7 @@ def _check_qdq(node: gs.Node) -> list[Violation]:
         if weight is None:
             bad("per-channel-activation", "per-channel scale on an activation (only constant weights may be per-channel)")
         else:
-            dim = weight.shape[(axis if axis is not None else 1) % weight.ndim]
+            dim = weight.shape[quant.channel_axis(node.attrs, scale.size) % weight.ndim]
             if scale.size != dim:
                 bad("per-channel-length", f"{scale.size} scales for axis {axis} of length {dim}")
     elif axis is not None:
