@@ -14,7 +14,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .calibrate import CalibrationConfig, batch_size_for, float_network, session
+from .calibrate import CalibrationConfig, float_network, model_batches, run, session
 from .data import Dataset
 
 
@@ -35,7 +35,7 @@ class Sensitivity:
 def _outputs(graph: gs.Graph, batches: list[dict], providers) -> list[np.ndarray]:
     runner = session(graph, providers)
     name = graph.outputs[0].name
-    return [runner.run([name], feeds)[0] for feeds in batches]
+    return [run(runner, [name], feeds, f"batch {index}")[0] for index, feeds in enumerate(batches)]
 
 
 def _pooled(values: np.ndarray, feeds: dict) -> np.ndarray:
@@ -66,7 +66,7 @@ class _Measurement:
 
     def __init__(self, graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int):
         self.graph, self.providers = graph, config.providers
-        self.batches = list(dataset.batches(batch_size_for(graph, config), samples, config.trim_padding))
+        self.batches = list(model_batches(graph, dataset, config, samples, option="--samples")[1])
         self.reference = _outputs(float_network(graph, []), self.batches, self.providers)
         self.every = [n for n in graph.nodes if n.op == "QuantizeLinear"]
 

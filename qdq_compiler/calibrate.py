@@ -7,6 +7,7 @@ is handed to that tensor's collector and dropped.
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 import warnings
@@ -109,7 +110,7 @@ def session(graph: gs.Graph, providers: tuple[str, ...]):
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise QdqcError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise QdqcError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
 
 
 def model_inputs(graph: gs.Graph) -> list[InputSpec]:
@@ -121,11 +122,11 @@ def channel_maxima(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
     """Running max |x| per channel (last axis) of `tensors` over the data (float network), and the
     first batch's values of each, as [tokens, channels] rows."""
     runner = session(float_network(graph, tensors), config.providers)
-    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    _, batches = model_batches(graph, dataset, config)
     maxima: dict[str, np.ndarray] = {}
     first: dict[str, np.ndarray] = {}
-    for feeds in dataset.batches(batch_size_for(graph, config), total, config.trim_padding):
-        for name, values in zip(tensors, runner.run(tensors, feeds)):
+    for index, feeds in enumerate(batches):
+        for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
             rows = values.reshape(-1, values.shape[-1])
             first.setdefault(name, rows)
             found = np.abs(rows).max(axis=0)
@@ -141,9 +142,9 @@ def collect(graph: gs.Graph, dataset: Dataset,
         raise QdqcError("the model has no activation QuantizeLinear to calibrate (run `qdqc insert` first)")
     runner = session(float_network(graph, quantizers.tensors), config.providers)
     collectors = {name: HistogramCollector() for name in quantizers.tensors}
-    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
     select = (lambda i: True) if config.shard is None else \
         (lambda i: i == 0 or i % config.shard[1] == config.shard[0])
+    total, batches = model_batches(graph, dataset, config, select=select)
     bar = _progress(total, config.progress)
 
     def histogram(index: int, outputs: list[np.ndarray]) -> None:
@@ -164,13 +165,8 @@ def collect(graph: gs.Graph, dataset: Dataset,
     kept = 0
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = None
-        for index, feeds in enumerate(dataset.batches(batch_size_for(graph, config), total, config.trim_padding,
-                                                      select)):
-            try:
-                outputs = runner.run(quantizers.tensors, feeds)
-            except Exception as exc:  # onnxruntime's own exception types
-                raise QdqcError(f"onnxruntime failed on calibration batch {index}: "
-                                f"{str(exc).strip().splitlines()[0]}") from None
+        for index, feeds in enumerate(batches):
+            outputs = run(runner, quantizers.tensors, feeds, f"calibration batch {index}")
             if pending is not None:
                 pending.result()
             pending = worker.submit(histogram, index, outputs)
@@ -184,16 +180,52 @@ def collect(graph: gs.Graph, dataset: Dataset,
     return collectors, kept
 
 
-def batch_size_for(graph: gs.Graph, config: CalibrationConfig) -> int:
-    """A model exported with a fixed batch dimension gets batches of exactly that size."""
+def fixed_batch(graph: gs.Graph) -> int | None:
+    """The batch size a model exported with a fixed batch dimension accepts, else None."""
     fixed = {t.shape[0] for t in graph.inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0}
-    if len(fixed) == 1:
-        size = fixed.pop()
-        if size != config.batch_size:
-            warnings.warn(f"the model's inputs have a fixed batch of {size}: calibrating {size} samples at a time",
-                          stacklevel=2)
-        return size
-    return config.batch_size
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def model_batches(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, limit: int | None = None,
+                  select=lambda index: True, option: str = "--num-samples"):
+    """(samples used, batches) of the data as this model can take them: a model with a fixed batch
+    dimension gets only batches of exactly that size. Says when fewer samples are used than asked."""
+    wanted = config.num_samples if limit is None else limit
+    size = fixed_batch(graph)
+    if size is not None and size != config.batch_size:
+        warnings.warn(f"the model's inputs have a fixed batch of {size}: running {size} samples at a time",
+                      stacklevel=2)
+    if wanted is not None and wanted > dataset.samples:
+        warnings.warn(f"{option} {wanted}: the data holds only {dataset.samples} samples; using all of them",
+                      stacklevel=2)
+    used = dataset.usable(size or config.batch_size, wanted, whole=size is not None)
+    available = min(wanted or dataset.samples, dataset.samples)
+    if used == 0:
+        raise QdqcError(f"{dataset.path}: the model's inputs have a fixed batch of {size} but only {available} "
+                        "samples are given")
+    if used < available:
+        warnings.warn(f"the model's inputs have a fixed batch of {size}: the last {available - used} of "
+                      f"{available} samples do not fill one and are left out", stacklevel=2)
+    return used, dataset.batches(size or config.batch_size, wanted, config.trim_padding, select, whole=size is not None)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's message in one plain line: colour codes and its `[ONNXRuntimeError] : 2 : KIND :` prefix off."""
+    text = _ANSI.sub("", str(exc)).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), type(exc).__name__)
+    return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", line)
+
+
+def run(runner, outputs: list[str] | None, feeds: dict[str, np.ndarray], where: str) -> list[np.ndarray]:
+    """One onnxruntime run; a failure names `where` (the batch), its samples' shapes and onnxruntime's line."""
+    try:
+        return runner.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items())
+        raise QdqcError(f"onnxruntime failed on {where} ({shapes}): {ort_message(exc)}") from None
 
 
 def _progress(total: int, enabled: bool):
@@ -285,8 +317,8 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
 
         tensors = needed_tensors(graph, list(collectors))
         runner = session(float_network(graph, tensors), config.providers)
-        first = next(iter(dataset.batches(batch_size_for(graph, config), config.num_samples, config.trim_padding)))
-        auto_choice = choose(graph, collectors, dict(zip(tensors, runner.run(tensors, first))))
+        first = next(iter(model_batches(graph, dataset, config)[1]))
+        auto_choice = choose(graph, collectors, dict(zip(tensors, run(runner, tensors, first, "calibration batch 0"))))
     reports = apply_scales(graph, collectors, config, auto_choice)
     return collectors, reports, samples, time.perf_counter() - start
 
