@@ -13,7 +13,7 @@ from qdq_compiler import ir, quant
 from qdq_compiler.placement import Quantizer, TensorKind
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
-PLACEHOLDER_SCALE = 1.0
+PLACEHOLDER_SCALE = quant.PLACEHOLDER_SCALE
 
 
 def existing_dequantized(tensor: gs.Tensor) -> gs.Tensor | None:

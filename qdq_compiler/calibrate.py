@@ -68,6 +68,16 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
+def require_calibrated(graph: gs.Graph, command: str) -> None:
+    """Refuse a graph whose activation scales are all still insert's placeholders (never calibrated)."""
+    scales = [ir.constant(q.inputs[1]) for q in graph.nodes
+              if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) and len(q.inputs) > 1]
+    known = [s for s in scales if s is not None]
+    if known and all(s.size == 1 and float(s.reshape(())) == quant.PLACEHOLDER_SCALE for s in known):
+        raise UsageError(f"the model is not calibrated: its {len(known)} activation quantizers still have insert's "
+                         f"placeholder scale {quant.PLACEHOLDER_SCALE}; run `qdqc calibrate` before `{command}`")
+
+
 def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
     """A copy of `graph` with every Q->DQ pair bypassed (but the QuantizeLinear nodes in `keep`, given
     as nodes of `graph`: names may be empty or repeated) and `outputs` exposed."""

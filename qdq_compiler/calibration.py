@@ -253,12 +253,67 @@ def save_states(path, collectors: dict[str, HistogramCollector]) -> None:
 
 
 def load_states(path) -> dict[str, HistogramCollector]:
-    with np.load(path, allow_pickle=False) as data:
-        names = [str(n) for n in data["names"]]
-        states = {}
-        for i, name in enumerate(names):
-            width, amax = data[f"{i}.scalars"]
-            num_bins, zeros, elements, nonfinite = (int(v) for v in data[f"{i}.integers"])
-            states[name] = HistogramCollector(num_bins, float(width), data[f"{i}.counts"].astype(np.int64),
-                                              zeros, float(amax), elements, nonfinite)
+    """Collector states written by `save_states`, checked: anything else is a QdqcError naming the file."""
+    from pathlib import Path
+
+    from .data import Npz
+    from .errors import QdqcError, UsageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected a statistics .npz")
+    with Npz(path) as data:
+        try:
+            names = [str(n) for n in data["names"]]
+            if len(set(names)) != len(names):
+                raise ValueError("a tensor is listed twice")
+            states = {}
+            for i, name in enumerate(names):
+                scalars, integers, counts = data[f"{i}.scalars"], data[f"{i}.integers"], data[f"{i}.counts"]
+                if scalars.shape != (2,) or integers.shape != (4,) or counts.ndim != 1:
+                    raise ValueError(f"tensor '{name}': unexpected array shapes")
+                width, amax = (float(v) for v in scalars)
+                num_bins, zeros, elements, nonfinite = (int(v) for v in integers)
+                if not (math.isfinite(width) and math.isfinite(amax) and width >= 0 and amax >= 0) \
+                        or not 0 < num_bins <= MAX_BINS or len(counts) > MAX_BINS \
+                        or min(zeros, elements, nonfinite) < 0 or (counts.size and counts.min() < 0) \
+                        or not np.issubdtype(counts.dtype, np.integer):
+                    raise ValueError(f"tensor '{name}': values out of range")
+                states[name] = HistogramCollector(num_bins, width, counts.astype(np.int64), zeros, amax, elements,
+                                                  nonfinite)
+        except KeyError as exc:
+            raise QdqcError(f"{path}: not a qdqc statistics file (no array {exc})") from None
+        except (ValueError, TypeError) as exc:
+            raise QdqcError(f"{path}: not a qdqc statistics file ({exc})") from None
     return states
+
+
+def merge_state_files(paths) -> dict[str, HistogramCollector]:
+    """The exact merge of several `--shard` runs' states; refuses a file given twice, states of another
+    model and states on another bin grid."""
+    from pathlib import Path
+
+    from .errors import QdqcError, UsageError
+    from .ir import same_file
+
+    paths = [Path(p) for p in paths]
+    for i, path in enumerate(paths):
+        for earlier in paths[:i]:
+            if same_file(path, earlier):
+                raise UsageError(f"{path}: listed twice (its samples would count double)")
+    merged = None
+    for path in paths:
+        states = load_states(path)
+        if merged is None:
+            merged = states
+            continue
+        if set(states) != set(merged):
+            raise QdqcError(f"{path}: its tensors differ from {paths[0]}'s (collected on another model?)")
+        for name, collector in states.items():
+            try:
+                merged[name].merge(collector)
+            except ValueError as exc:
+                raise QdqcError(f"{path}: tensor '{name}': {exc}") from None
+    return merged

@@ -63,14 +63,24 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_compile, stats=None, shard=None, report_command=False)
 
 
-def _checked_output(args) -> Path:
-    """The output path, refused when it is the input and --overwrite was not given."""
+def _checked_output(args, *extra: Path | None) -> Path:
+    """The output path, checked before any work (writable folder; the input only with --overwrite), and
+    the command's other outputs (`extra`, e.g. --report), which may replace neither an input nor it."""
     from . import ir
 
-    output = _output_path(args)
-    if ir.same_file(output, args.model) and not args.overwrite:
-        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    ir.check_input(args.model)
+    output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
+    _checked_extra(args, *extra, output=output)
     return output
+
+
+def _checked_extra(args, *paths: Path | None, output: Path | None = None) -> None:
+    from . import ir
+
+    inputs = [getattr(args, "model", None), getattr(args, "data", None), getattr(args, "eval", None), output]
+    inputs += list(getattr(args, "models", None) or [])
+    for path in (p for p in paths if p is not None):
+        ir.check_output(path, inputs=inputs)
 
 
 def _output_path(args) -> Path:
@@ -85,6 +95,8 @@ def _output_path(args) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdqc", description="INT8 Q/DQ compiler for BERT-family ONNX models")
     parser.add_argument("--version", action="version", version=f"qdqc {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback (also QDQC_DEBUG=1), for bug reports")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     insert = sub.add_parser("insert", help="insert Q/DQ at the FasterTransformer BERT sites")
@@ -180,7 +192,7 @@ def run_insert(args) -> int:
     from .config import InsertConfig
     from .insert import insert, report, summary
 
-    output = _checked_output(args)
+    output = _checked_output(args, args.report)
     config = InsertConfig(args.mode)
     graph = ir.load(args.model)
     result = insert(graph, config, verify=args.verify)
@@ -241,7 +253,7 @@ def run_calibrate(args) -> int:
         raise UsageError("--method auto needs --data (it measures each layer's error)")
     if args.stats is not None and args.data is None and not args.stats.exists():
         raise UsageError(f"{args.stats}: no such file")
-    output = _checked_output(args)
+    output = _checked_output(args, args.report, args.stats if args.data is not None else None)
     graph = ir.load(args.model)
     if args.data is not None:
         dataset = Dataset(args.data, model_inputs(graph))
@@ -253,10 +265,7 @@ def run_calibrate(args) -> int:
         if args.stats is not None:
             save_states(args.stats, collectors)
     else:
-        try:
-            collectors = load_states(args.stats)
-        except (OSError, ValueError, KeyError) as exc:
-            raise QdqcError(f"{args.stats}: not a qdqc statistics file ({exc})") from None
+        collectors = load_states(args.stats)
         samples, seconds = None, 0.0
         reports = apply_scales(graph, collectors, config)
     ir.save(graph, output, source=args.model, overwrite=args.overwrite)
@@ -273,31 +282,16 @@ def run_calibrate(args) -> int:
 
 
 def run_merge(argv: list[str]) -> int:
-    from .calibration import load_states, save_states
+    from . import ir
+    from .calibration import merge_state_files, save_states
 
     parser = argparse.ArgumentParser(prog="qdqc calibrate merge",
                                      description="merge collector states from shards (exact with --shard)")
     parser.add_argument("states", type=Path, nargs="+")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    merged = None
-    for path in args.states:
-        if not path.exists():
-            raise UsageError(f"{path}: no such file")
-        try:
-            states = load_states(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise QdqcError(f"{path}: not a qdqc statistics file ({exc})") from None
-        if merged is None:
-            merged = states
-            continue
-        if set(states) != set(merged):
-            raise QdqcError(f"{path}: its tensors differ from {args.states[0]}'s (collected on another model?)")
-        for name, collector in states.items():
-            try:
-                merged[name].merge(collector)
-            except ValueError as exc:
-                raise QdqcError(f"{path}: tensor '{name}': {exc}") from None
+    ir.check_output(args.output, inputs=args.states)
+    merged = merge_state_files(args.states)
     save_states(args.output, merged)
     print(f"merged {len(args.states)} statistics files ({len(merged)} tensors) into {args.output}")
     return 0
@@ -339,7 +333,7 @@ def run_compile(args) -> int:
         raise UsageError(f"--fallback-budget must be at least 0, got {args.fallback_budget}")
     if args.target_cosine is not None and not 0 < args.target_cosine <= 1:
         raise UsageError(f"--target-cosine must be in (0, 1], got {args.target_cosine}")
-    output = _checked_output(args)
+    output = _checked_output(args, args.report, args.html)
     graph = ir.load(args.model)
     dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
     smoothing = _smooth(args.smooth)
@@ -388,6 +382,7 @@ def run_analyze(args) -> int:
 
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    _checked_extra(args, args.json)
     graph = ir.load(args.model)
     if not activation_sites(graph):
         raise UsageError("the model has no activation QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
@@ -458,14 +453,8 @@ def run_bench(args) -> int:
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")
-    data = None
-    if args.data is not None:
-        import numpy as np
-
-        if not args.data.exists():
-            raise UsageError(f"{args.data}: no such file")
-        with np.load(args.data, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
+    _checked_extra(args, args.json, args.plot)
+    data = args.data
     results = []
     for batch, seq in _sweep(args.sweep):
         config = replace(base, batch=batch or base.batch, sequence=seq or base.sequence)
@@ -498,6 +487,7 @@ def run_check(args) -> int:
     from . import ir
     from .check import check_graph
 
+    _checked_extra(args, args.json)
     graph = ir.load(args.model)
     violations = check_graph(graph)
     for violation in violations:
@@ -525,27 +515,44 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import warnings
+
+    from .errors import Interrupted, on_termination
 
     warnings.formatwarning = _one_line_warning
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("QDQC_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
-        if argv[:2] == ["calibrate", "merge"]:
-            return run_merge(argv[2:])
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+        with on_termination():
+            if argv[:2] == ["calibrate", "merge"]:
+                return run_merge(argv[2:])
+            args = build_parser().parse_args(argv)
+            return args.run(args)
     except QdqcError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"qdqc: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qdqc: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print("qdqc: interrupted" if isinstance(exc, KeyboardInterrupt) else f"qdqc: {exc}", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else exc.exit_code
     except BrokenPipeError:  # `qdqc analyze ... | head`
         sys.stderr.close()
         return 0
     except MemoryError:
         print("qdqc: error: out of memory", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug in qdqc: one line, the traceback with --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"qdqc: internal error: {type(exc).__name__}: {first} (rerun with --debug or QDQC_DEBUG=1 "
+              "for the traceback, and report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

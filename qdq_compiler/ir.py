@@ -30,19 +30,27 @@ GENERATED_MARK = "::"   # every node and tensor name qdqc makes is `{what it att
 
 # ---------------------------------------------------------------- load / save
 
-def load(path: str | os.PathLike) -> gs.Graph:
-    """Load an ONNX model (external data included) as a graph, or say why not."""
+def check_input(path: str | os.PathLike, what: str = "an .onnx file") -> Path:
+    """An input file that exists and is not a folder, or a one-line UsageError."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
-        raise UsageError(f"{path}: is a directory, expected an .onnx file")
+        raise UsageError(f"{path}: is a directory, expected {what}")
+    return path
+
+
+def load(path: str | os.PathLike) -> gs.Graph:
+    """Load an ONNX model (external data included) as a graph, or say why not."""
+    path = check_input(path)
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        model = onnx.load(str(path), load_external_data=False)
+        _check_external_locations(model, path)
+        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except DecodeError as exc:
         raise ModelError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc})") from None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{path}: cannot read ONNX model ({exc})") from None
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"{path}: cannot read ONNX model ({str(exc).strip().splitlines()[0]})") from None
     if not model.graph.node or model.ir_version == 0:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes or IR version)")
     opset = default_opset(model)
@@ -51,6 +59,46 @@ def load(path: str | os.PathLike) -> gs.Graph:
         raise ModelError(f"{path}: opset {opset} is unsupported (need {MIN_OPSET}..{newest}; "
                          f"convert with onnx.version_converter.convert_version)")
     return gs.import_onnx(model)
+
+
+def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
+    """Every external-data file must lie inside the model's folder (no `../../etc/passwd`, no absolute path)."""
+    folder = path.parent.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data at {location!r}, outside the model's "
+                             "folder: refused")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor '{tensor.name}': external data file {location!r} is missing")
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors of a graph and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _all_tensors(sub)
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """What `load` checks before reading the weights, for a model another runtime will load (bench)."""
+    path = check_input(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except DecodeError as exc:
+        raise ModelError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc})") from None
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{path}: cannot read ONNX model ({str(exc).strip().splitlines()[0]})") from None
+    _check_external_locations(model, path)
+    return path
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -186,6 +234,30 @@ def write_model(graph: gs.Graph, path: Path, data_name: str | None = None) -> No
     finally:
         if data is not None:
             data.close()
+
+
+def check_output(path: str | os.PathLike, *, inputs=(), overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written or would replace an input.
+
+    `inputs` are the files the command reads; replacing one is refused unless `overwrite`."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            if overwrite:
+                break
+            raise UsageError(f"{path}: output would overwrite the input {source} (pass --overwrite to allow it)"
+                             if Path(source).suffix == ".onnx" else
+                             f"{path}: output would overwrite the input {source}")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected an output file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QdqcError(f"{path}: cannot write output (directory {parent} does not exist)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QdqcError(f"{path}: cannot write output (directory {parent} is not writable)")
+    if path.exists() and not os.access(path, os.W_OK) and not os.access(parent, os.W_OK):
+        raise QdqcError(f"{path}: cannot write output (permission denied)")
+    return path
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:

@@ -5,6 +5,7 @@ import numpy as np
 
 QMAX = 127
 MIN_AMAX = 2.0 ** -24   # below this pytorch-quantization treats a range as zero
+PLACEHOLDER_SCALE = 1.0  # what `insert` gives every activation quantizer until calibration
 DEFAULT_AXIS = 1        # ONNX QuantizeLinear/DequantizeLinear: `axis` defaults to 1
 
 
