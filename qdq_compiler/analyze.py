@@ -93,8 +93,9 @@ class _Measurement:
 def sensitivity(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int = 32,
                 progress=None) -> list[Sensitivity]:
     """Every activation site's cost, worst first (lowest cosine with only that site quantized)."""
-    from .calibrate import require_calibrated
+    from .calibrate import require_calibrated, require_fake_quant
 
+    require_fake_quant(graph, "qdqc analyze")
     require_calibrated(graph, "qdqc analyze")
     return _Measurement(graph, dataset, config, samples).ranking(progress)
 

@@ -125,7 +125,7 @@ class OrtRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: failures come back as one line
         options.intra_op_num_threads = config.threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider = PROVIDERS[config.provider]
@@ -158,7 +158,7 @@ def make_runner(path: Path, config: BenchConfig):
         return EngineRunner(path)
     from . import ir
 
-    ir.check_model_file(path)   # external data inside the model's folder, a readable protobuf
+    ir.read_model(path)   # a readable graph, a supported opset, external data inside the model's folder
     return OrtRunner(path, config)
 
 
@@ -177,6 +177,14 @@ def data_feeds(data: Path, model: Path, inputs, batch: int) -> dict[str, np.ndar
     else:
         specs = [InputSpec(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in inputs]
     dataset = Dataset(data, specs)
+    fixed = specs[0].shape[0] if specs and specs[0].shape else None
+    if isinstance(fixed, int) and fixed > 0:   # a model with a fixed batch dimension takes only that batch
+        if fixed != batch:
+            warnings.warn(f"{model}: its inputs have a fixed batch of {fixed}: running batches of {fixed}", stacklevel=2)
+        if dataset.samples < fixed:
+            raise QdqcError(f"{data}: {model} takes batches of exactly {fixed} samples, the data holds "
+                            f"{dataset.samples}")
+        batch = fixed
     if dataset.samples < batch:
         warnings.warn(f"--batch {batch}: {data} holds only {dataset.samples} samples; running batches of "
                       f"{dataset.samples}", stacklevel=2)

@@ -68,6 +68,20 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
+def require_fake_quant(graph: gs.Graph, command: str) -> None:
+    """Refuse a lowered graph (activation quantizers feeding integer kernels, not DequantizeLinear):
+    its float network cannot be recovered by bypassing Q/DQ pairs."""
+    from .insert import LOWERED_OPS
+
+    lowered = next((n for n in graph.nodes if n.op in LOWERED_OPS), None)
+    if lowered is None:
+        lowered = next((n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
+                        and any(r.op != "DequantizeLinear" for r in n.outputs[0].outputs)), None)
+    if lowered is not None:
+        raise UsageError(f"the model is already lowered ({ir.describe(lowered)}): `{command}` needs the Q/DQ model "
+                         "from `qdqc insert`/`qdqc calibrate`")
+
+
 def require_calibrated(graph: gs.Graph, command: str) -> None:
     """Refuse a graph whose activation scales are all still insert's placeholders (never calibrated)."""
     scales = [ir.constant(q.inputs[1]) for q in graph.nodes
@@ -111,7 +125,7 @@ def session(graph: gs.Graph, providers: tuple[str, ...]):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures come back as one line from `run`
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # With dozens of intermediate tensors as outputs the extended fusions cannot apply and their
     # layout changes only add copies: basic optimization is faster here (measured on MiniLM).
@@ -150,6 +164,7 @@ def collect(graph: gs.Graph, dataset: Dataset,
     quantizers = activation_quantizers(graph)
     if not quantizers.tensors:
         raise QdqcError("the model has no activation QuantizeLinear to calibrate (run `qdqc insert` first)")
+    require_fake_quant(graph, "qdqc calibrate")
     runner = session(float_network(graph, quantizers.tensors), config.providers)
     collectors = {name: HistogramCollector() for name in quantizers.tensors}
     select = (lambda i: True) if config.shard is None else \
@@ -260,6 +275,7 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
                  auto_choice: dict[str, tuple[str, float]] | None = None) -> list[TensorReport]:
     """Write amax/127 into every activation Q and DQ (shared scale groups take their max) and
     recompute the weight scales from the initializers."""
+    require_fake_quant(graph, "qdqc calibrate")
     quantizers = activation_quantizers(graph)
     missing = [t for t in quantizers.tensors if t not in collectors]
     if missing:

@@ -177,7 +177,8 @@ def _amax_mse(counts, edges, num_bits, unsigned, start_bin, stride) -> float:
         amax = centers[chunk][:, None]
         scale = np.float32(bound) / amax            # fake_tensor_quant: scale = bound / amax
         quantized = np.clip(np.rint(points[None, :] * scale), low, bound) / scale
-        errors = ((quantized - points[None, :]) ** 2 * weights[None, :]).sum(axis=1) / np.float32(len(centers))
+        with np.errstate(over="ignore"):   # ranges near float32's max (1e38): such candidates err at inf
+            errors = ((quantized - points[None, :]) ** 2 * weights[None, :]).sum(axis=1) / np.float32(len(centers))
         index = int(np.argmin(errors))              # first minimum
         if errors[index] < best_error:  # strictly: an equal later chunk keeps the first minimum
             best, best_error = chunk[index], errors[index]

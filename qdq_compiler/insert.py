@@ -12,6 +12,10 @@ from .config import InsertConfig
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 from .placement import QuantPlan
 
+# what `qdqc lower` (or onnxruntime's own quantizer) leaves: integer kernels instead of Q/DQ pairs
+LOWERED_OPS = frozenset({"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearConv",
+                         "ConvInteger", "DynamicQuantizeLinear"})
+
 
 @dataclass(frozen=True)
 class InsertResult:
@@ -32,6 +36,13 @@ def insert(graph: gs.Graph, config: InsertConfig, *, verify: bool = False) -> In
     before = count_qdq(graph)
     ctx = PassContext(config)
     records = run_pipeline(graph, PIPELINES["insert"], ctx, verify=verify)
+    plan = ctx.analyses["plan"]
+    if not plan.quantizers and not plan.existing:
+        from .errors import QdqcError
+
+        lowered = [n.op for n in graph.nodes if n.op in LOWERED_OPS]
+        raise QdqcError("nothing to quantize: " + (f"the model is already lowered ({lowered[0]})" if lowered else
+                                                   "the model has no MatMul, Gemm or Conv"))
     return InsertResult(ctx.analyses["encoder"], ctx.analyses["plan"], tuple(records),
                         ctx.analyses.get("created", {}), before)
 

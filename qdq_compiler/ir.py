@@ -42,14 +42,23 @@ def check_input(path: str | os.PathLike, what: str = "an .onnx file") -> Path:
 
 def load(path: str | os.PathLike) -> gs.Graph:
     """Load an ONNX model (external data included) as a graph, or say why not."""
+    model = read_model(path)
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(Path(path).parent))
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"{path}: cannot read its external data ({str(exc).strip().splitlines()[0]})") from None
+    return gs.import_onnx(model)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model's protobuf without its external data, checked: a readable graph, a supported opset,
+    external-data files inside the model's folder. What `load` and the benchmark runner rely on."""
     path = check_input(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
-        _check_external_locations(model, path)
-        onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
     except DecodeError as exc:
         raise ModelError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc})") from None
-    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: cannot read ONNX model ({str(exc).strip().splitlines()[0]})") from None
     if not model.graph.node or model.ir_version == 0:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes or IR version)")
@@ -58,7 +67,8 @@ def load(path: str | os.PathLike) -> gs.Graph:
     if opset < MIN_OPSET or opset > newest:
         raise ModelError(f"{path}: opset {opset} is unsupported (need {MIN_OPSET}..{newest}; "
                          f"convert with onnx.version_converter.convert_version)")
-    return gs.import_onnx(model)
+    _check_external_locations(model, path)
+    return model
 
 
 def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
@@ -86,19 +96,6 @@ def _all_tensors(graph: onnx.GraphProto):
             yield from attribute.tensors
             for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
                 yield from _all_tensors(sub)
-
-
-def check_model_file(path: str | os.PathLike) -> Path:
-    """What `load` checks before reading the weights, for a model another runtime will load (bench)."""
-    path = check_input(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except DecodeError as exc:
-        raise ModelError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc})") from None
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{path}: cannot read ONNX model ({str(exc).strip().splitlines()[0]})") from None
-    _check_external_locations(model, path)
-    return path
 
 
 def default_opset(model: onnx.ModelProto) -> int:

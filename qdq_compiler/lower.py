@@ -45,4 +45,7 @@ def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False,
         from .calibrate import require_calibrated as check
 
         check(graph, "qdqc lower")
+    from .calibrate import require_fake_quant
+
+    require_fake_quant(graph, "qdqc lower")
     return run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)
