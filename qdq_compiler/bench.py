@@ -245,5 +245,11 @@ def plot(summaries: list[Summary], path: Path) -> None:
     axes.boxplot([s.latencies_ms for s in summaries], vert=False)
     axes.set_yticks(range(1, len(summaries) + 1), [Path(s.name).name for s in summaries])
     axes.set_xlabel("latency ms")
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    import io
+
+    from . import ir
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
+    ir.write_bytes_atomic(path, buffer.getvalue())

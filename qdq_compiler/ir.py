@@ -5,6 +5,7 @@ lives in this module; passes see a `gs.Graph`.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import shutil
@@ -271,15 +272,23 @@ def _umask() -> int:
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write through a temp file in the same folder and rename: the path holds the old file or the whole
+    new one, never part of it; the temp file is removed whatever stops the write (Ctrl-C, SIGTERM)."""
     path = Path(path)
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=path.parent if str(path.parent) else ".")
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report or engine is an ordinary file
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         raise QdqcError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
