@@ -118,6 +118,7 @@ def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
         if tensor not in network.outputs:
             network.outputs.append(tensor)
     network.cleanup(remove_unused_graph_inputs=False)
+    ir.unique_node_names(network)   # onnxruntime refuses repeated node names
     return network
 
 

@@ -375,6 +375,23 @@ def cleanup(graph: gs.Graph) -> None:
     toposort(graph)
 
 
+def unique_node_names(graph: gs.Graph) -> int:
+    """Give every repeat of a node name a fresh one (`name::1`, ...); returns how many were renamed.
+
+    Repeated names are legal ONNX but onnxruntime refuses to load such a model, so what qdqc hands to
+    a runtime (the calibration network, a lowered model) gets them; the first holder and unnamed nodes
+    keep their names."""
+    names = Names(graph)
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.nodes:
+        if node.name and node.name in seen:
+            node.name = names.fresh(f"{node.name}{GENERATED_MARK}1")
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
 class Names:
     """Unique, deterministic names: `base`, then `base_1`, `base_2`, ..."""
 

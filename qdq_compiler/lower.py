@@ -48,4 +48,8 @@ def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False,
     from .calibrate import require_fake_quant
 
     require_fake_quant(graph, "qdqc lower")
-    return run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)
+    records = run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)
+    from . import ir
+
+    ir.unique_node_names(graph)   # a lowered model is for a runtime, and onnxruntime refuses repeated node names
+    return records
