@@ -108,6 +108,11 @@ class Lowering:
         a_zero = self.quantized_zero(a_in)
         if b.weight is not None:
             values, axis = b.weight, b.axis
+            for move in b.moves:   # the weight's own Transpose (DQ -> Transpose -> GEMM) applies to its integers
+                if move.op != "Transpose":
+                    return False
+                perm = list(move.attrs.get("perm", range(values.ndim)[::-1]))
+                values, axis = values.transpose(perm), (None if axis is None else perm.index(axis % values.ndim))
             if gemm.op == "Gemm" and gemm.attrs.get("transB", 0):
                 values, axis = values.T, (None if axis is None else 1 - axis)
             if values.ndim != 2 or (axis is not None and axis != 1):

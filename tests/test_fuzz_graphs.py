@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
@@ -34,6 +34,9 @@ STEP = st.one_of(
     st.tuples(st.just("act"), st.sampled_from(["Relu", "Sigmoid", "Tanh"])),
     st.tuples(st.just("residual")),
     st.tuples(st.just("bmm")),                           # x · x^T: an activation-by-activation MatMul
+    # a QAT export's weight: Q/DQ already there (per channel, `axis` given or left to ONNX's default 1),
+    # optionally stored [out, in] behind a Transpose
+    st.tuples(st.just("qat"), WIDTHS, st.booleans(), st.sampled_from([None, 0, 1])),
 )
 NAMING = st.sampled_from(["named", "empty", "repeated"])
 
@@ -85,6 +88,22 @@ def graphs(draw):
             same = [name for name, w in history[:-1] if w == width]
             if same:
                 current = node("Add", [current, same[-1]])
+        elif kind == "qat":
+            _, out, transposed, axis = step
+            shape = (out, width) if transposed else (width, out)
+            values = rng.standard_normal(shape).astype(np.float32) * 0.5
+            channel = 1 if axis is None else axis
+            scale = np.abs(values).max(axis=1 - channel) / 127 * 3   # deliberately stale: calibration redoes it
+            attrs = {} if axis is None else {"axis": axis}
+            weight, scale_name, zero = const(shape), fresh("s"), fresh("z")
+            inits[-1].CopyFrom(numpy_helper.from_array(values, weight))
+            inits.append(numpy_helper.from_array(scale.astype(np.float32), scale_name))
+            inits.append(numpy_helper.from_array(np.zeros(shape[channel], np.int8), zero))
+            quantized = node("QuantizeLinear", [weight, scale_name, zero], **attrs)
+            dequantized = node("DequantizeLinear", [quantized, scale_name, zero], **attrs)
+            if transposed:
+                dequantized = node("Transpose", [dequantized], perm=[1, 0])
+            current, width = node("MatMul", [current, dequantized]), out
         elif kind == "bmm":   # a side branch ending in a graph output
             transposed = node("Transpose", [current], perm=[1, 0])
             outputs.append(node("MatMul", [current, transposed]))
@@ -120,10 +139,11 @@ def _reads_dequantized(tensor: gs.Tensor) -> bool:
         tensor = producer.inputs[0]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=graphs(), mode=st.sampled_from(["generic", "ft1", "trt"]))
 def test_random_graphs_insert_calibrate_lower_check(tmp_path, case, mode):
     model, width, seed = case
+    note(onnx.printer.to_text(model.graph))
     event(f"{sum(n.op_type in ('MatMul', 'Gemm') for n in model.graph.node)} MatMul/Gemm, names {model.graph.node[0].name!r}")
     rng = np.random.default_rng(seed)
     feeds = {"x": rng.standard_normal((24, width)).astype(np.float32)}
@@ -140,6 +160,12 @@ def test_random_graphs_insert_calibrate_lower_check(tmp_path, case, mode):
         assert all(_reads_dequantized(t) for t in gemm.inputs[:2]), ir.describe(gemm)
 
     calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
+        values, scale = ir.constant(q.inputs[0]), ir.constant(q.inputs[1])
+        if scale.size > 1:   # per channel: one max|w|/127 per channel of ONNX's axis (default 1)
+            channel = q.attrs.get("axis", 1)
+            expected = np.array([np.abs(np.take(values, i, axis=channel)).max() for i in range(values.shape[channel])])
+            np.testing.assert_allclose(scale, expected / 127, rtol=1e-6)
     assert check_graph(graph) == []
     fake = run_model(_runnable(graph), feeds)
     lower(graph, LowerConfig("onnxruntime"), verify=True)
