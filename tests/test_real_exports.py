@@ -115,3 +115,26 @@ def test_minilm_calibrated_on_real_sentences_is_close_to_fp32(exports, tmp_path)
     before = cosines(reference, embeddings(open_session(placeholder), feeds))
     assert found.mean() > 0.98 and found.min() > 0.9
     assert before.mean() < 0.9
+
+
+@pytest.mark.parametrize("naming", ["empty", "repeated"])
+def test_minilm_without_unique_node_names_matches_the_same(exports, naming):
+    """Empty and repeated node names are legal ONNX (onnx.helper graphs, several converters): the real
+    MiniLM must match and quantize exactly as with its own names, and its lowered model must load."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    path = exports("minilm", "torchscript", 17)
+    named = ir.load(path)
+    expected = insert(named, InsertConfig("ft1"))
+    model = onnx.load(path)
+    for index, node in enumerate(model.graph.node):
+        node.name = "" if naming == "empty" else f"node{index % 5}"
+    graph = gs.import_onnx(model)
+    result = insert(graph, InsertConfig("ft1"), verify=True)
+    assert len(result.match.layers) == len(expected.match.layers) == 6 and not result.plan.fallback
+    assert [q.tensor for q in result.plan.quantizers] == [q.tensor for q in expected.plan.quantizers]
+    assert len(result.plan.quantizers) == PER_LAYER["ft1"] * 6
+    (out,) = run_model(named, feeds_for(named))
+    lower(graph, LowerConfig("onnxruntime"), require_calibrated=False)
+    assert run_model(graph, feeds_for(graph))[0].shape == out.shape
