@@ -64,9 +64,10 @@ def activation_sites(graph: gs.Graph) -> list[gs.Node]:
 class _Measurement:
     """The samples, the float network's outputs on them, and the cosine/SNR of any Q/DQ subset."""
 
-    def __init__(self, graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int):
+    def __init__(self, graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int,
+                 option: str | None = None):
         self.graph, self.providers = graph, config.providers
-        self.batches = list(model_batches(graph, dataset, config, samples, option="--samples")[1])
+        self.batches = list(model_batches(graph, dataset, config, samples, option=option)[1])
         self.reference = _outputs(float_network(graph, []), self.batches, self.providers)
         self.every = [n for n in graph.nodes if n.op == "QuantizeLinear"]
 
@@ -97,7 +98,7 @@ def sensitivity(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, sa
 
     require_fake_quant(graph, "qdqc analyze")
     require_calibrated(graph, "qdqc analyze")
-    return _Measurement(graph, dataset, config, samples).ranking(progress)
+    return _Measurement(graph, dataset, config, samples, "--samples").ranking(progress)
 
 
 def leave_in_float(graph: gs.Graph, quantizers: list[gs.Node]) -> int:

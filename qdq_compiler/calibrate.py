@@ -125,6 +125,7 @@ def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
 def session(graph: gs.Graph, providers: tuple[str, ...]):
     import onnxruntime as ort
 
+    check_providers(providers)
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: failures come back as one line from `run`
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -136,6 +137,17 @@ def session(graph: gs.Graph, providers: tuple[str, ...]):
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types
         raise QdqcError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+
+
+def check_providers(providers: tuple[str, ...]) -> None:
+    """Unknown or unavailable execution providers are refused (onnxruntime would fall back to the CPU,
+    printing its own lines)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing or not providers:
+        raise UsageError(f"--providers {','.join(providers) or '(none)'}: onnxruntime here has {', '.join(available)}")
 
 
 def model_inputs(graph: gs.Graph) -> list[InputSpec]:
@@ -221,7 +233,7 @@ def model_batches(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, 
     if size is not None and size != config.batch_size:
         warnings.warn(f"the model's inputs have a fixed batch of {size}: running {size} samples at a time",
                       stacklevel=2)
-    if wanted is not None and wanted > dataset.samples:
+    if wanted is not None and wanted > dataset.samples and option is not None:
         warnings.warn(f"{option} {wanted}: the data holds only {dataset.samples} samples; using all of them",
                       stacklevel=2)
     used = dataset.usable(size or config.batch_size, wanted, whole=size is not None)

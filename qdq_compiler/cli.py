@@ -336,6 +336,8 @@ def run_compile(args) -> int:
     output = _checked_output(args, args.report, args.html)
     graph = ir.load(args.model)
     dataset = Dataset(args.data, model_inputs(graph))  # validated before any work
+    if args.eval is not None:
+        Dataset(args.eval, model_inputs(graph))
     smoothing = _smooth(args.smooth)
     inserted = insert(graph, insert_config)
     if smoothing is not None:

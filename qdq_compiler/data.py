@@ -25,13 +25,14 @@ MAX_DEFLATE_RATIO = 1100
 class InputSpec:
     name: str
     dtype: np.dtype
-    shape: tuple  # ints for fixed dims, None/str for dynamic ones
+    shape: tuple | None  # ints for fixed dims, None/str for dynamic ones; None: the model does not say
     index_limit: int | None = None   # token ids: indices of an embedding table of this many rows
     binary: bool = False             # an attention mask: 0 or 1
 
     @classmethod
     def of(cls, tensor: gs.Variable) -> "InputSpec":
-        return cls(tensor.name, np.dtype(tensor.dtype), tuple(tensor.shape or ()), _table_rows(tensor),
+        return cls(tensor.name, np.dtype(tensor.dtype), None if tensor.shape is None else tuple(tensor.shape),
+                   _table_rows(tensor),
                    tensor.name == TRIMMABLE_MASK)
 
 
@@ -156,7 +157,13 @@ class Dataset:
         where = f"{file}: tensor '{spec.name}'"
         if dtype != spec.dtype:
             raise QdqcError(f"{where} is {dtype}, the model wants {spec.dtype}")
-        if len(shape) != len(spec.shape) or not shape:
+        if not shape:
+            raise QdqcError(f"{where} is a scalar: samples go on axis 0")
+        if 0 in shape[1:]:
+            raise QdqcError(f"{where} has shape {shape}: an empty dimension (no tokens or features to run)")
+        if spec.shape is None:
+            return
+        if len(shape) != len(spec.shape):
             raise QdqcError(f"{where} has shape {shape}: the model wants rank {len(spec.shape)} "
                             f"{list(spec.shape)} with samples on axis 0")
         for axis, (have, want) in enumerate(zip(shape[1:], spec.shape[1:]), start=1):
@@ -198,6 +205,9 @@ class Dataset:
         trim_padding = trim_padding and self.trimmable
         index, pending, held = 0, [], 0
 
+        def fits(part) -> bool:   # shards may differ in sequence length: only equal shapes share a batch
+            return all(part[name].shape[1:] == pending[0][name].shape[1:] for name in part)
+
         def emit():
             feeds = pending[0] if len(pending) == 1 else \
                 {name: np.concatenate([part[name] for part in pending]) for name in pending[0]}
@@ -211,6 +221,13 @@ class Dataset:
             with self._open(file) as data:
                 arrays = {spec.name: data[spec.name] for spec in self.inputs}
             start = 0
+            if pending and not fits({name: array[:0] for name, array in arrays.items()}):
+                if whole:
+                    raise QdqcError(f"{file}: its arrays' shapes differ from the previous shard's, so they cannot "
+                                    f"share the model's fixed batch of {batch_size}")
+                if select(index):
+                    yield emit()
+                index, pending, held = index + 1, [], 0
             while start < take:
                 stop = min(start + batch_size - held, take)
                 pending.append({name: array[start:stop] for name, array in arrays.items()})
@@ -232,7 +249,8 @@ class Dataset:
     def trimmable(self) -> bool:
         """Padding can be trimmed when the model takes an attention mask with a dynamic sequence length."""
         mask = next((spec for spec in self.inputs if spec.name == TRIMMABLE_MASK), None)
-        return mask is not None and len(mask.shape) == 2 and not (isinstance(mask.shape[1], int) and mask.shape[1] > 0)
+        return mask is not None and mask.shape is not None and len(mask.shape) == 2 \
+            and not (isinstance(mask.shape[1], int) and mask.shape[1] > 0)
 
 
 def trim(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

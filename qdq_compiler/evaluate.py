@@ -20,6 +20,7 @@ def open_session(model, threads: int | None = None, optimize: bool = True):
 
 def embeddings(session, feeds: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
     """Mean-pooled (over attended tokens) first output for every sample."""
+    from .calibrate import run
     from .data import trim
 
     names = {i.name for i in session.get_inputs()}
@@ -27,7 +28,7 @@ def embeddings(session, feeds: dict[str, np.ndarray], batch_size: int = 32) -> n
     pooled = []
     for start in range(0, count, batch_size):
         batch = trim({k: v[start:start + batch_size] for k, v in feeds.items() if k in names})
-        hidden = session.run(None, batch)[0]
+        hidden = run(session, None, batch, f"evaluation samples {start}..{start + len(batch['attention_mask']) - 1}")[0]
         mask = batch["attention_mask"][..., None].astype(np.float32)
         pooled.append((hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9))
     return np.concatenate(pooled)

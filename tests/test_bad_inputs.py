@@ -108,6 +108,11 @@ def files(tmp_path_factory):
     npz("big_ids", **dict(feeds, input_ids=feeds["input_ids"] + SPEC.vocab))
     npz("mask_2", **dict(feeds, attention_mask=feeds["attention_mask"] * 2))
     npz("pickled", **dict(feeds, input_ids=np.array([object()] * 8, dtype=object)))
+    npz("no_tokens", **{k: v[:, :0] for k, v in feeds.items()})
+    f["mixed"] = root / "mixed"   # shards of different sequence lengths
+    f["mixed"].mkdir()
+    np.savez(f["mixed"] / "a.npz", **example_inputs(SPEC, batch=5, seq=16))
+    np.savez(f["mixed"] / "b.npz", **example_inputs(SPEC, batch=6, seq=24))
     f["truncated_npz"] = root / "truncated_npz.npz"
     f["truncated_npz"].write_bytes(f["data"].read_bytes()[:-200])
     f["huge_header"] = root / "huge_header.npz"
@@ -172,7 +177,7 @@ BAD_DATA = [("missing.npz", 2, "no such file"), ("empty_folder", 2, "no .npz"), 
             ("extra_key", 1, "unexpected"), ("wrong_dtype", 1, "int32"), ("wrong_rank", 1, "rank"),
             ("counts", 1, "disagree"), ("no_samples", 1, "no samples"), ("negative_ids", 1, "id -5"),
             ("big_ids", 1, "embedding table"), ("mask_2", 1, "0 and 1"), ("pickled", 1, "pickle"),
-            ("truncated_npz", 1, "npz"), ("huge_header", 1, "truncated"), ("text", 1, "npz")]
+            ("truncated_npz", 1, "npz"), ("no_tokens", 1, "empty dimension"), ("huge_header", 1, "truncated"), ("text", 1, "npz")]
 DATA_COMMANDS = ["calibrate {qdq} --data {d} -o {out}", "compile {model} --data {d} -o {out}",
                  "analyze {calib} --data {d}", "bench {model} --data {d} --iterations 1"]
 FLOAT_DATA = [("float_nan", 1, "NaN"), ("float_inf", 1, "Inf")]
@@ -233,6 +238,8 @@ ROWS = (
         ("analyze {calib} --data {data} --samples 0", 2, "--samples"),
         ("bench {model} --shapes input_ids:1000000x1000000,attention_mask:1x1,token_type_ids:1x1", 2, "elements"),
         ("bench {model} --batch 0", 2, "--batch"),
+        ("calibrate {qdq} --data {data} -o {out} --providers NoSuchExecutionProvider", 2, "--providers"),
+        ("compile {model} --data {data} -o {out} --html {root}/r.html --eval {negative_ids}", 1, "id -5"),
     ]
 )
 # valid but unusual: must succeed
@@ -243,7 +250,9 @@ GOOD_ROWS = [("insert {model} -o {out}", "14 quantizers"),  # the named model, f
              ("compile {duplicate} --data {data} -o {out}", "wrote"),   # onnxruntime refuses repeated names
              ("calibrate {float_qdq} --data {float_huge} -o {out}", "calibrated 1 activation"),
              ("calibrate merge {stats} {stats2} -o {out}", "merged 2"),
-             ("calibrate {qdq} --data {data} -o {out} --num-samples 100", "8 samples")]
+             ("calibrate {qdq} --data {data} -o {out} --num-samples 100", "8 samples"),
+             ("calibrate {qdq} --data {mixed} -o {out} --batch-size 4", "11 samples"),
+             ("compile {float_model} --mode generic --data {float_huge} --smooth 0.85 -o {out}", "wrote")]
 
 
 def _expand(template: str, files: dict, out: Path) -> list[str]:
@@ -296,7 +305,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capsys, template, wor
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 155 and len(GOOD_ROWS) == 9
+    assert len(ROWS) == 161 and len(GOOD_ROWS) == 11
 
 
 def test_debug_shows_the_traceback(files, capsys, monkeypatch):
