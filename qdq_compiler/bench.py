@@ -101,6 +101,12 @@ def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
 def random_feeds(inputs, config: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for (name, dtype, shape) triples: dynamic dims -> batch, then sequence."""
     rng = np.random.default_rng(seed)
+    if config.shapes:
+        names = [name for name, _, _ in inputs]
+        unknown, missing = sorted(set(config.shapes) - set(names)), [n for n in names if n not in config.shapes]
+        if unknown or missing:
+            raise UsageError(f"--shapes must give every model input: " + (f"no input named {unknown}; " if unknown
+                             else "") + (f"missing {missing}" if missing else "") + f" (inputs: {names})")
     feeds = {}
     for name, dtype, shape in inputs:
         if name in config.shapes:

@@ -215,6 +215,10 @@ def collect(graph: gs.Graph, dataset: Dataset,
         if pending is not None:
             pending.result()
     bar.close()
+    if kept == 0:
+        size = fixed_batch(graph) or config.batch_size
+        raise QdqcError(f"--shard {config.shard[0]}/{config.shard[1]}: the data makes {-(-total // size)} batch(es) "
+                        f"of {size} samples, none of them for this shard (use fewer shards or smaller batches)")
     return collectors, kept
 
 

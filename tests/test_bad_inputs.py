@@ -238,6 +238,10 @@ ROWS = (
         ("analyze {calib} --data {data} --samples 0", 2, "--samples"),
         ("bench {model} --shapes input_ids:1000000x1000000,attention_mask:1x1,token_type_ids:1x1", 2, "elements"),
         ("bench {model} --batch 0", 2, "--batch"),
+        ("bench {model} --iterations 1 --shapes input_ids:1x8", 2, "missing"),
+        ("calibrate {qdq} --data {data} -o {out} --shard 3/4", 1, "none of them"),
+        ("build-engine {model} -o {no_dir}", 1, "does not exist"),
+        ("build-engine {missing} -o {out}", 2, "no such file"),
         ("calibrate {qdq} --data {data} -o {out} --providers NoSuchExecutionProvider", 2, "--providers"),
         ("compile {model} --data {data} -o {out} --html {root}/r.html --eval {negative_ids}", 1, "id -5"),
     ]
@@ -305,7 +309,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capsys, template, wor
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 161 and len(GOOD_ROWS) == 11
+    assert len(ROWS) == 165 and len(GOOD_ROWS) == 11
 
 
 def test_debug_shows_the_traceback(files, capsys, monkeypatch):
