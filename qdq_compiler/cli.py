@@ -473,10 +473,9 @@ def run_bench(args) -> int:
 
 
 def run_build_engine(args) -> int:
+    from . import ir
     from .bench import parse_shapes
     from .engine_build import EngineConfig, build_engine
-
-    from . import ir
 
     ir.check_output(args.output, inputs=[ir.check_input(args.model)])
     config = EngineConfig(args.int8, args.fp16, parse_shapes(args.opt_shapes or args.shapes),
