@@ -207,19 +207,25 @@ def _amax_entropy(counts, edges, num_bits, unsigned, start_bin, stride) -> float
     filled = np.concatenate([[0], np.cumsum(bins != 0)])
     with np.errstate(divide="ignore", invalid="ignore"):
         prefix_xlogx = np.concatenate([[0.0], np.cumsum(np.where(bins > 0, bins * np.log(bins), 0.0))])
-        kept = np.arange(start_bin, n + 1, stride)
-        bounds = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels
-        weight = np.diff(prefix[bounds], axis=1)
-        members = np.diff(filled[bounds], axis=1)
-        level_terms = np.where(members > 0, weight * np.log(weight / members), 0.0).sum(axis=1)
-        last, tail = bins[kept - 1], total - prefix[kept]
-        p_last = last + tail
-        sum_p_log_p = prefix_xlogx[kept - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
-        last_level_mean = weight[:, -1] / members[:, -1]
-        sum_p_log_q = level_terms + np.where(tail > 0, tail * np.log(last_level_mean), 0.0)
-        q_total = prefix[kept]
-        divergences = sum_p_log_p / total - np.log(total) - sum_p_log_q / total + np.log(q_total)
-    divergences[((tail > 0) & (last == 0)) | (q_total == 0)] = math.inf
+    every = np.arange(start_bin, n + 1, stride)
+    parts = []
+    # candidates in chunks: [candidates, levels] arrays stay a few MB even for a grown histogram (128K bins)
+    for kept in np.array_split(every, max(1, len(every) // 4096)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bounds = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels
+            weight = np.diff(prefix[bounds], axis=1)
+            members = np.diff(filled[bounds], axis=1)
+            level_terms = np.where(members > 0, weight * np.log(weight / members), 0.0).sum(axis=1)
+            last, tail = bins[kept - 1], total - prefix[kept]
+            p_last = last + tail
+            sum_p_log_p = prefix_xlogx[kept - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
+            last_level_mean = weight[:, -1] / members[:, -1]
+            sum_p_log_q = level_terms + np.where(tail > 0, tail * np.log(last_level_mean), 0.0)
+            q_total = prefix[kept]
+            part = sum_p_log_p / total - np.log(total) - sum_p_log_q / total + np.log(q_total)
+        part[((tail > 0) & (last == 0)) | (q_total == 0)] = math.inf
+        parts.append(part)
+    divergences = np.concatenate(parts)
     final = len(divergences) - 1 - int(np.argmin(divergences[::-1]))   # last minimum
     return float(edges[final * stride + start_bin])
 
