@@ -293,6 +293,7 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
     """Write amax/127 into every activation Q and DQ (shared scale groups take their max) and
     recompute the weight scales from the initializers."""
     require_fake_quant(graph, "qdqc calibrate")
+    _scales_as_initializers(graph)
     quantizers = activation_quantizers(graph)
     missing = [t for t in quantizers.tensors if t not in collectors]
     if missing:
@@ -318,21 +319,35 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
         tensors[scale_name].values = np.asarray(scale, np.float32)
         reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],
                                  amax, float(scale)) for t in members]
-    _sync_dequantize_scales(graph)
-    refresh_weight_scales(graph)
+    refresh_weight_scales(graph)   # and every DequantizeLinear takes its QuantizeLinear's new scale
     return reports
 
 
 def _sync_dequantize_scales(graph: gs.Graph) -> None:
-    """A DQ with its own scale initializer (QAT exports) takes its Q's new scale."""
-    for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])):
+    """A DQ with its own scale initializer (QAT exports: Q and DQ each get a copy) takes its Q's scale."""
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear"):
         for dq in q.outputs[0].outputs:
             if dq.op == "DequantizeLinear" and dq.inputs[1] is not q.inputs[1]:
                 dq.inputs[1].values = q.inputs[1].values.copy()
 
 
+def _scales_as_initializers(graph: gs.Graph) -> None:
+    """Q/DQ scales and zero points made by Constant nodes (raw torch exports) become initializers, so
+    calibration can write them."""
+    for node in graph.nodes:
+        if node.op not in ir.QDQ_OPS:
+            continue
+        for index in (1, 2):
+            if index < len(node.inputs) and not isinstance(node.inputs[index], gs.Constant):
+                value = ir.constant(node.inputs[index])
+                if value is not None:
+                    ir.inline_constant(graph, node.inputs[index], value)
+
+
 def refresh_weight_scales(graph: gs.Graph) -> None:
-    """Weight scales from the initializers (per channel, or the max over a shared per-tensor group)."""
+    """Weight scales from the initializers (per channel, or the max over a shared per-tensor group);
+    every DequantizeLinear with a scale of its own then takes its QuantizeLinear's."""
+    _scales_as_initializers(graph)
     groups: dict[str, list[gs.Node]] = {}
     for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
         groups.setdefault(q.inputs[1].name, []).append(q)
@@ -340,6 +355,7 @@ def refresh_weight_scales(graph: gs.Graph) -> None:
         axis = quant.channel_axis(nodes[0].attrs, nodes[0].inputs[1].values.size)
         amax = np.max([quant.amax(ir.constant(q.inputs[0]), axis) for q in nodes], axis=0)
         nodes[0].inputs[1].values = quant.scale_from_amax(amax)
+    _sync_dequantize_scales(graph)
 
 
 def report_json(reports: list[TensorReport], config: CalibrationConfig, samples: int | None, seconds: float) -> dict:

@@ -440,6 +440,19 @@ def constant(tensor: gs.Tensor) -> np.ndarray | None:
     return None
 
 
+def inline_constant(graph: gs.Graph, tensor: gs.Variable, value: np.ndarray) -> gs.Constant:
+    """Replace a Constant node's output by an initializer of the same name and value, in every reader."""
+    initializer = gs.Constant(tensor.name, np.array(value))
+    for reader in list(tensor.outputs):
+        for index, current in enumerate(reader.inputs):
+            if current is tensor:
+                reader.inputs[index] = initializer
+    producer(tensor).outputs.clear()
+    tensor.name = ""   # the initializer holds the name now; the orphaned Constant node goes at cleanup
+    graph.nodes = [n for n in graph.nodes if n.outputs]
+    return initializer
+
+
 def is_constant(tensor: gs.Tensor) -> bool:
     return constant(tensor) is not None
 

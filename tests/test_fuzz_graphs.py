@@ -34,23 +34,29 @@ STEP = st.one_of(
     st.tuples(st.just("act"), st.sampled_from(["Relu", "Sigmoid", "Tanh"])),
     st.tuples(st.just("residual")),
     st.tuples(st.just("bmm")),                           # x · x^T: an activation-by-activation MatMul
-    # a QAT export's weight: Q/DQ already there (per channel, `axis` given or left to ONNX's default 1),
-    # optionally stored [out, in] behind a Transpose
-    st.tuples(st.just("qat"), WIDTHS, st.booleans(), st.sampled_from([None, 0, 1])),
+    # a QAT export's weight, Q/DQ already there, per output channel: [in, out] on axis 1 (given, or left to
+    # ONNX's default) or [out, in] on axis 0 behind a Transpose; the DQ may have a scale initializer of its
+    # own, as torch exports write it (onnxruntime's own fusion cannot run a per-input-channel weight)
+    st.builds(lambda out, layout, own: ("qat", out, *layout, own), WIDTHS,
+              st.sampled_from([(False, None), (False, 1), (True, 0)]), st.booleans()),
 )
 NAMING = st.sampled_from(["named", "empty", "repeated"])
 
 
 @st.composite
 def graphs(draw):
+    """(model, its float twin, input width, seed): the twin has the same weights without the QAT Q/DQ."""
     first = draw(st.tuples(st.sampled_from(["matmul", "matmul_t"]), WIDTHS) | st.tuples(st.just("gemm"), WIDTHS,
                                                                                        st.booleans(), st.booleans()))
     steps = draw(st.permutations([first] + draw(st.lists(STEP, max_size=7))))
-    naming = draw(NAMING)
-    seed = draw(st.integers(0, 2**16))
+    naming, seed, width0 = draw(NAMING), draw(st.integers(0, 2**16)), draw(WIDTHS)
+    model, twin = (_build(steps, naming, seed, width0, qat) for qat in (True, False))
+    return model, twin, width0, seed
+
+
+def _build(steps, naming: str, seed: int, width0: int, qat: bool) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes, inits, outputs = [], [], []
-    width0 = draw(WIDTHS)
     current, width = "x", width0
     history = [(current, width)]
     counter = iter(range(10**6))
@@ -89,21 +95,25 @@ def graphs(draw):
             if same:
                 current = node("Add", [current, same[-1]])
         elif kind == "qat":
-            _, out, transposed, axis = step
+            _, out, transposed, axis, own_scale = step
             shape = (out, width) if transposed else (width, out)
-            values = rng.standard_normal(shape).astype(np.float32) * 0.5
-            channel = 1 if axis is None else axis
-            scale = np.abs(values).max(axis=1 - channel) / 127 * 3   # deliberately stale: calibration redoes it
-            attrs = {} if axis is None else {"axis": axis}
-            weight, scale_name, zero = const(shape), fresh("s"), fresh("z")
-            inits[-1].CopyFrom(numpy_helper.from_array(values, weight))
-            inits.append(numpy_helper.from_array(scale.astype(np.float32), scale_name))
-            inits.append(numpy_helper.from_array(np.zeros(shape[channel], np.int8), zero))
-            quantized = node("QuantizeLinear", [weight, scale_name, zero], **attrs)
-            dequantized = node("DequantizeLinear", [quantized, scale_name, zero], **attrs)
+            weight = const(shape)
+            if qat:
+                values = numpy_helper.to_array(inits[-1])
+                channel = 1 if axis is None else axis
+                scale = np.abs(values).max(axis=1 - channel) / 127 * 3   # stale on purpose: calibration redoes it
+                attrs = {} if axis is None else {"axis": axis}
+                scale_name, zero = fresh("s"), fresh("z")
+                inits.append(numpy_helper.from_array(scale.astype(np.float32), scale_name))
+                inits.append(numpy_helper.from_array(np.zeros(shape[channel], np.int8), zero))
+                quantized = node("QuantizeLinear", [weight, scale_name, zero], **attrs)
+                if own_scale:
+                    inits.append(numpy_helper.from_array(scale.astype(np.float32), scale_name + "_dq"))
+                weight = node("DequantizeLinear", [quantized, scale_name + "_dq" if own_scale else scale_name, zero],
+                              **attrs)
             if transposed:
-                dequantized = node("Transpose", [dequantized], perm=[1, 0])
-            current, width = node("MatMul", [current, dequantized]), out
+                weight = node("Transpose", [weight], perm=[1, 0])
+            current, width = node("MatMul", [current, weight]), out
         elif kind == "bmm":   # a side branch ending in a graph output
             transposed = node("Transpose", [current], perm=[1, 0])
             outputs.append(node("MatMul", [current, transposed]))
@@ -113,7 +123,7 @@ def graphs(draw):
                               [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["n", "m"]) for o in outputs], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
-    return model, width0, seed
+    return model
 
 
 def _runnable(model) -> onnx.ModelProto:
@@ -142,14 +152,14 @@ def _reads_dequantized(tensor: gs.Tensor) -> bool:
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=graphs(), mode=st.sampled_from(["generic", "ft1", "trt"]))
 def test_random_graphs_insert_calibrate_lower_check(tmp_path, case, mode):
-    model, width, seed = case
+    model, twin, width, seed = case
     note(onnx.printer.to_text(model.graph))
     event(f"{sum(n.op_type in ('MatMul', 'Gemm') for n in model.graph.node)} MatMul/Gemm, names {model.graph.node[0].name!r}")
     rng = np.random.default_rng(seed)
     feeds = {"x": rng.standard_normal((24, width)).astype(np.float32)}
     data = tmp_path / f"d{seed}.npz"
     np.savez(data, **feeds)
-    reference = run_model(_runnable(model), feeds)
+    reference = run_model(_runnable(twin), feeds)   # the float network, QAT weights unquantized
 
     graph = gs.import_onnx(model)
     result = insert(graph, InsertConfig(mode), verify=True)
@@ -166,6 +176,9 @@ def test_random_graphs_insert_calibrate_lower_check(tmp_path, case, mode):
             channel = q.attrs.get("axis", 1)
             expected = np.array([np.abs(np.take(values, i, axis=channel)).max() for i in range(values.shape[channel])])
             np.testing.assert_allclose(scale, expected / 127, rtol=1e-6)
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear"):   # every DQ dequantizes with its Q's scale
+        for dq in (n for n in q.outputs[0].outputs if n.op == "DequantizeLinear"):
+            np.testing.assert_array_equal(ir.constant(dq.inputs[1]), ir.constant(q.inputs[1]))
     assert check_graph(graph) == []
     fake = run_model(_runnable(graph), feeds)
     lower(graph, LowerConfig("onnxruntime"), verify=True)
