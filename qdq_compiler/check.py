@@ -36,7 +36,7 @@ def _check_qdq(node: gs.Node) -> list[Violation]:
     out: list[Violation] = []
 
     def bad(rule: str, message: str):
-        out.append(Violation(rule, node.name, message))
+        out.append(Violation(rule, ir.label(node), message))
 
     scale = ir.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if scale is None:
@@ -97,6 +97,6 @@ def _check_float_regions(graph: gs.Graph) -> list[Violation]:
         internal = {t.name for member in members for t in member.outputs} - {output}
         for node in graph.nodes:
             if node.op == "QuantizeLinear" and node.inputs[0].name in internal:
-                found.append(Violation("float-region", node.name,
+                found.append(Violation("float-region", ir.label(node),
                                        f"quantizes '{node.inputs[0].name}' inside a {kind} (keep it in float)"))
     return found
