@@ -77,10 +77,11 @@ def _checked_output(args, *extra: Path | None) -> Path:
 def _checked_extra(args, *paths: Path | None, output: Path | None = None) -> None:
     from . import ir
 
-    inputs = [getattr(args, "model", None), getattr(args, "data", None), getattr(args, "eval", None), output]
-    inputs += list(getattr(args, "models", None) or [])
-    for path in (p for p in paths if p is not None):
-        ir.check_output(path, inputs=inputs)
+    inputs = [getattr(args, "model", None), getattr(args, "data", None), getattr(args, "eval", None)]
+    inputs += list(getattr(args, "models", None) or []) + list(getattr(args, "compare", None) or [])
+    paths = [p for p in paths if p is not None]
+    for index, path in enumerate(paths):
+        ir.check_output(path, inputs=inputs, others=[output, *paths[:index]])
 
 
 def _output_path(args) -> Path:

@@ -234,18 +234,21 @@ def write_model(graph: gs.Graph, path: Path, data_name: str | None = None) -> No
             data.close()
 
 
-def check_output(path: str | os.PathLike, *, inputs=(), overwrite: bool = False) -> Path:
+def check_output(path: str | os.PathLike, *, inputs=(), overwrite: bool | None = None, others=()) -> Path:
     """Refuse, before any work, an output that cannot be written or would replace an input.
 
-    `inputs` are the files the command reads; replacing one is refused unless `overwrite`."""
+    `inputs` are the files the command reads: replacing one is refused, unless `overwrite` is True
+    (None: the command has no --overwrite for this output); `others` are its other outputs."""
     path = Path(path)
     for source in inputs:
         if source is not None and same_file(path, source):
             if overwrite:
                 break
-            raise UsageError(f"{path}: output would overwrite the input {source} (pass --overwrite to allow it)"
-                             if Path(source).suffix == ".onnx" else
-                             f"{path}: output would overwrite the input {source}")
+            raise UsageError(f"{path}: output would overwrite the input {source}"
+                             + (" (pass --overwrite to allow it)" if overwrite is not None else ""))
+    for other in others:
+        if other is not None and same_file(path, other):
+            raise UsageError(f"{path}: is also the command's output {other}")
     if path.is_dir():
         raise UsageError(f"{path}: is a directory, expected an output file name")
     parent = path.parent if str(path.parent) else Path(".")
