@@ -3,7 +3,8 @@
 The table is data: each row is a command line (with placeholders for the files built once below), the
 exit code it must end with and a word its one error line must contain. Valid-but-unusual inputs
 (unnamed or duplicate node names) must succeed. `main()` runs in-process (a subprocess per row would
-cost a second of imports each); a bug surfaces as exit code 3 ("internal error"), which no row expects.
+cost a second of imports each) with the process's stderr captured at the file descriptor, so onnxruntime's
+own C++ log lines would show; a bug surfaces as exit code 3 ("internal error"), which no row expects.
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ def files(tmp_path_factory):
     npz("mask_2", **dict(feeds, attention_mask=feeds["attention_mask"] * 2))
     npz("pickled", **dict(feeds, input_ids=np.array([object()] * 8, dtype=object)))
     npz("no_tokens", **{k: v[:, :0] for k, v in feeds.items()})
+    npz("too_long", **example_inputs(SPEC, batch=2, seq=SPEC.max_positions + 8))   # past the position table
     f["mixed"] = root / "mixed"   # shards of different sequence lengths
     f["mixed"].mkdir()
     np.savez(f["mixed"] / "a.npz", **example_inputs(SPEC, batch=5, seq=16))
@@ -245,6 +247,10 @@ ROWS = (
         ("build-engine {model} -o {no_dir}", 1, "does not exist"),
         ("build-engine {missing} -o {out}", 2, "no such file"),
         ("calibrate {qdq} --data {data} -o {out} --providers NoSuchExecutionProvider", 2, "--providers"),
+        # onnxruntime failing on valid-looking data: one line naming the batch, no colour codes or C++ log lines
+        ("calibrate {qdq} --data {too_long} -o {out}", 1, "calibration batch 0"),
+        ("analyze {calib} --data {too_long}", 1, "onnxruntime failed"),
+        ("bench {model} --data {too_long} --iterations 1", 1, "onnxruntime failed"),
         ("compile {model} --data {data} -o {out} --html {root}/r.html --eval {negative_ids}", 1, "id -5"),
     ]
 )
@@ -274,17 +280,17 @@ def _digests(files: dict) -> dict[str, str]:
     return found
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
+def _run(argv, capfd) -> tuple[int, str, str]:
     code = main(argv)
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("template,code,word", ROWS, ids=[r[0] for r in ROWS])
-def test_bad_input_gets_one_line_and_leaves_inputs_alone(files, tmp_path, capsys, template, code, word):
+def test_bad_input_gets_one_line_and_leaves_inputs_alone(files, tmp_path, capfd, template, code, word):
     out = tmp_path / "out.onnx"
     before = _digests(files)
-    got, _, err = _run(_expand(template, files, out), capsys)
+    got, _, err = _run(_expand(template, files, out), capfd)
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("qdqc: warning:")]
     assert got == code, err
     assert len(lines) == 1 and lines[0].startswith("qdqc: error:"), err
@@ -295,10 +301,10 @@ def test_bad_input_gets_one_line_and_leaves_inputs_alone(files, tmp_path, capsys
 
 
 @pytest.mark.parametrize("template,word", GOOD_ROWS, ids=[r[0] for r in GOOD_ROWS])
-def test_unusual_but_valid_input_succeeds(files, tmp_path, capsys, template, word):
+def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word):
     out = tmp_path / "out.onnx"
     before = _digests(files)
-    got, stdout, err = _run(_expand(template, files, out), capsys)
+    got, stdout, err = _run(_expand(template, files, out), capfd)
     assert got == OK, err
     assert word in stdout + err
     assert _digests(files) == before
@@ -311,19 +317,19 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capsys, template, wor
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 167 and len(GOOD_ROWS) == 11
+    assert len(ROWS) == 170 and len(GOOD_ROWS) == 11
 
 
-def test_debug_shows_the_traceback(files, capsys, monkeypatch):
+def test_debug_shows_the_traceback(files, capfd, monkeypatch):
     assert main(["--debug", "insert", str(files["text"])]) == 1
-    assert "Traceback" in capsys.readouterr().err
+    assert "Traceback" in capfd.readouterr().err
     monkeypatch.setenv("QDQC_DEBUG", "1")
     assert main(["check", str(files["truncated"])]) == 1
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "Traceback" in err and err.strip().splitlines()[-1].startswith("qdqc: error:")
 
 
-def test_an_internal_error_is_one_line_without_debug(files, capsys, monkeypatch):
+def test_an_internal_error_is_one_line_without_debug(files, capfd, monkeypatch):
     import qdq_compiler.check as check
 
     def broken(graph):
@@ -331,11 +337,11 @@ def test_an_internal_error_is_one_line_without_debug(files, capsys, monkeypatch)
 
     monkeypatch.setattr(check, "check_graph", broken)
     assert main(["check", str(files["calib"])]) == 3
-    lines = capsys.readouterr().err.strip().splitlines()
+    lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "internal error: RuntimeError: boom" in lines[0] and "--debug" in lines[0]
 
 
-def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys):
+def test_external_data_outside_the_model_folder_is_refused(tmp_path, capfd):
     from onnx import TensorProto, helper, numpy_helper
 
     folder = tmp_path / "m"
@@ -349,7 +355,7 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.save(model, folder / "ok.onnx", save_as_external_data=True, location="ok.data", size_threshold=0)
     assert main(["check", str(folder / "ok.onnx")]) == 0
-    capsys.readouterr()
+    capfd.readouterr()
     escaping = onnx.load(folder / "ok.onnx", load_external_data=False)
     for location in ("../secret.bin", str(secret), "../../../../etc/passwd"):
         for entry in escaping.graph.initializer[0].external_data:
@@ -359,5 +365,5 @@ def test_external_data_outside_the_model_folder_is_refused(tmp_path, capsys):
         for command in (["check"], ["insert", "-o", str(tmp_path / "o.onnx")], ["bench", "--iterations", "1"]):
             argv = command[:1] + [str(folder / "evil.onnx")] + command[1:]
             assert main(argv) == 1
-            err = capsys.readouterr().err
+            err = capfd.readouterr().err
             assert "outside the model's folder" in err and len(err.strip().splitlines()) == 1
