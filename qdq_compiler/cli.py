@@ -419,9 +419,12 @@ def _html_report(args, output: Path, collectors, reports, calibration, left_out,
 
         from .evaluate import cosines as cosine_of, embeddings, open_session
 
-        batches = list(Dataset(args.eval, model_inputs(ir.load(args.model))).batches(256, trim_padding=False))
+        reference = ir.load(args.model)
+        batches = list(Dataset(args.eval, model_inputs(reference)).batches(256, trim_padding=False))
         feeds = {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
-        cosines = cosine_of(embeddings(open_session(args.model), feeds), embeddings(open_session(output), feeds))
+        ir.unique_node_names(reference)   # onnxruntime refuses repeated node names
+        cosines = cosine_of(embeddings(open_session(ir.to_model(reference)), feeds),
+                            embeddings(open_session(output), feeds))
     settings = {"model": args.model, "output": output, "mode": args.mode, "target": args.target,
                 "method": calibration.method.value, "percentile": calibration.percentile, "smooth": args.smooth,
                 "calibration samples": args.data, "left in float": ", ".join(s.tensor for s in left_out) or "none"}

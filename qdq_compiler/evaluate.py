@@ -15,7 +15,14 @@ def open_session(model, threads: int | None = None, optimize: bool = True):
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     payload = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        from .calibrate import ort_message
+        from .errors import QdqcError
+
+        raise QdqcError(f"onnxruntime cannot load {'the model' if hasattr(model, 'SerializeToString') else model}: "
+                        f"{ort_message(exc)}") from None
 
 
 def embeddings(session, feeds: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:

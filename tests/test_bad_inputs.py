@@ -260,6 +260,7 @@ GOOD_ROWS = [("insert {model} -o {out}", "14 quantizers"),  # the named model, f
              ("insert {unnamed} --mode generic -o {out}", "quantizers"),
              ("compile {unnamed} --data {data} -o {out}", "wrote"),
              ("compile {duplicate} --data {data} -o {out}", "wrote"),   # onnxruntime refuses repeated names
+             ("report {duplicate} --data {data} --eval {data} --html {out}.html -o {out}", "wrote"),
              ("calibrate {float_qdq} --data {float_huge} -o {out}", "calibrated 1 activation"),
              ("calibrate merge {stats} {stats2} -o {out}", "merged 2"),
              ("calibrate {qdq} --data {data} -o {out} --num-samples 100", "8 samples"),
@@ -309,7 +310,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
     assert word in stdout + err
     assert _digests(files) == before
     assert out.exists()
-    if template.startswith("compile"):   # the lowered model loads in the runtime it is for
+    if template.startswith(("compile", "report")):   # the lowered model loads in the runtime it is for
         import onnxruntime as ort
 
         ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -317,7 +318,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 170 and len(GOOD_ROWS) == 11
+    assert len(ROWS) == 170 and len(GOOD_ROWS) == 12
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):
