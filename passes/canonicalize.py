@@ -37,7 +37,13 @@ def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
     ir.toposort(graph)
     identities = remove_identities(graph)
     # Folding a weight's Q->DQ would erase a QAT model's quantization: leave Q/DQ alone.
+    # graphsurgeon folds by running onnxruntime, which refuses repeated node names: fold with unique
+    # ones, then give every node its own name back
+    names = [(node, node.name) for node in graph.nodes]
+    ir.unique_node_names(graph)
     graph.fold_constants(should_exclude_node=lambda node: node.op in ir.QDQ_OPS, error_ok=True)
+    for node, name in names:
+        node.name = name
     ir.cleanup(graph)
     typed = ir.annotate_shapes(graph)
     folded = before - identities - len(graph.nodes)

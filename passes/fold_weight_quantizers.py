@@ -22,7 +22,7 @@ def weight_pairs(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
 
 def quantized_weight(q: gs.Node) -> np.ndarray:
     """The INT8 values QuantizeLinear would produce for this constant."""
-    axis = q.attrs.get("axis", 1) if ir.constant(q.inputs[1]).size > 1 else None
+    axis = quant.channel_axis(q.attrs, ir.constant(q.inputs[1]).size)
     return quant.quantize(ir.constant(q.inputs[0]), ir.constant(q.inputs[1]), axis)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
-from qdq_compiler.placement import GRAPH_OUTPUT, Quantizer, TensorKind
+from qdq_compiler.placement import Quantizer, TensorKind
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
-PLACEHOLDER_SCALE = 1.0
+PLACEHOLDER_SCALE = quant.PLACEHOLDER_SCALE
 
 
 def existing_dequantized(tensor: gs.Tensor) -> gs.Tensor | None:
@@ -58,7 +58,6 @@ def make_pair(graph: gs.Graph, names: ir.Names, tensor: gs.Tensor, scale_const: 
 def insert_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     plan = ctx.analyses["plan"]
     tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
     names = ir.Names(graph)
     scales = weight_scales(plan.quantizers, tensors)
     created: dict[str, list[str]] = {}
@@ -82,11 +81,11 @@ def insert_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
         else:
             reused += 1
         for use in quantizer.uses:
-            if use.node == GRAPH_OUTPUT:
+            if use.node is None:  # the graph output
                 rename_graph_output(graph, names, tensor, dequantized)
                 rewired += 1
                 continue
-            node = nodes[use.node]
+            node = use.node
             for index, value in enumerate(node.inputs):
                 if value is tensor:
                     node.inputs[index] = dequantized

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from qdq_compiler import ir
+from qdq_compiler import ir, quant
 from qdq_compiler.bert import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
@@ -31,7 +31,7 @@ class Operand:
         source = ir.producer(dq.inputs[0])
         self.q = source if source is not None and source.op == "QuantizeLinear" else None
         self.scale = dq.inputs[1]
-        self.axis = dq.attrs.get("axis", 1) if ir.constant(self.scale).size > 1 else None
+        self.axis = quant.channel_axis(dq.attrs, ir.constant(self.scale).size)
         stored = ir.constant(dq.inputs[0])
         if self.q is not None and ir.is_constant(self.q.inputs[0]):
             self.weight = quantized_weight(self.q)
@@ -108,6 +108,11 @@ class Lowering:
         a_zero = self.quantized_zero(a_in)
         if b.weight is not None:
             values, axis = b.weight, b.axis
+            for move in b.moves:   # the weight's own Transpose (DQ -> Transpose -> GEMM) applies to its integers
+                if move.op != "Transpose":
+                    return False
+                perm = list(move.attrs.get("perm", range(values.ndim)[::-1]))
+                values, axis = values.transpose(perm), (None if axis is None else perm.index(axis % values.ndim))
             if gemm.op == "Gemm" and gemm.attrs.get("transB", 0):
                 values, axis = values.T, (None if axis is None else 1 - axis)
             if values.ndim != 2 or (axis is not None and axis != 1):

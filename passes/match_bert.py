@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from qdq_compiler import ir
 from qdq_compiler.bert import match_encoder
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
@@ -11,7 +12,7 @@ from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 def match_bert(graph: gs.Graph, ctx: PassContext) -> PassResult:
     match = match_encoder(graph)
     ctx.analyses["encoder"] = match
-    diagnostics = tuple(Diagnostic("info", f"attention at '{r.anchor}' rejected: {r.reason}", r.anchor)
+    diagnostics = tuple(Diagnostic("info", f"attention at {ir.describe(r.anchor)} rejected: {r.reason}", ir.label(r.anchor))
                         for r in match.rejections)
     layers = match.layers
     return PassResult(False, {"layers": len(layers),

@@ -36,7 +36,7 @@ def report_mha(graph: gs.Graph, ctx: PassContext) -> PassResult:
             quantized += 1
         else:
             diagnostics.append(Diagnostic("warning", f"layer {layer.index}: batched-matmul inputs are not all "
-                                          "quantized, TensorRT will not fuse INT8 attention", attention.bmm1))
+                                          "quantized, TensorRT will not fuse INT8 attention", ir.label(attention.bmm1)))
     eligible = bool(head_sizes) and head_sizes <= set(FUSED_HEAD_SIZES)
     if head_sizes and not eligible:
         diagnostics.append(Diagnostic("warning", f"head size {sorted(head_sizes)}: TensorRT fuses INT8 attention "

@@ -14,13 +14,12 @@ from qdq_compiler.smooth import reader_weight, smooth_sites, smoothing_factors
 def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     maxima: dict[str, np.ndarray] = ctx.analyses["channel_max"]
     alphas: dict[str, float] = ctx.analyses.get("alpha", {})
-    nodes = {n.name: n for n in graph.nodes}
     names = ir.Names(graph)
     smoothed, diagnostics, used = 0, [], []
     for site in smooth_sites(graph):
         if site.tensor not in maxima:
             continue
-        weights = [reader_weight(nodes[name]) for name in site.readers]
+        weights = [reader_weight(reader) for reader in site.readers]
         rows = [np.abs(w.values).max(axis=1 - axis) for w, axis in weights]
         if len({len(r) for r in rows}) != 1 or len(rows[0]) != len(maxima[site.tensor]):
             diagnostics.append(Diagnostic("info", f"'{site.tensor}': channel counts disagree, not smoothed"))
@@ -31,7 +30,7 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
             shape = [1, 1]
             shape[axis] = len(factors)
             weight.values = (weight.values * factors.reshape(shape)).astype(weight.values.dtype)
-        q = nodes[site.quantizer]
+        q = site.quantizer
         source = q.inputs[0]
         smoothed_tensor = gs.Variable(names.fresh(f"{source.name}::smoothed"), dtype=source.dtype, shape=source.shape)
         inverse = gs.Constant(names.fresh(f"{source.name}::smooth_inverse"), (1.0 / factors).astype(np.float32))

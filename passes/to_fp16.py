@@ -21,23 +21,23 @@ FP16_MAX = 65504.0
 QDQ_FP16_OPSET = 19
 
 
-def fp32_islands(graph: gs.Graph, keep: frozenset[str]) -> set[str]:
-    """Names of the nodes that stay FP32: LayerNorm, and Softmax / Gelu when asked."""
-    names: set[str] = set()
+def fp32_islands(graph: gs.Graph, keep: frozenset[str]) -> set[int]:
+    """The nodes that stay FP32 (by identity: `id(node)`): LayerNorm, and Softmax / Gelu when asked."""
+    nodes: set[int] = set()
     if "LayerNorm" in keep:
-        names |= {n.name for n in graph.nodes if n.op == "LayerNormalization"}
+        nodes |= {id(n) for n in graph.nodes if n.op == "LayerNormalization"}
         for tensor in graph.tensors().values():
             if any(n.op == "ReduceMean" for n in tensor.outputs):
                 norm = match_layer_norm(tensor)
                 if norm is not None:
-                    names |= set(norm.nodes)
+                    nodes |= {id(n) for n in norm.nodes}
     if "Softmax" in keep:
-        names |= {n.name for n in graph.nodes if n.op == "Softmax"}
+        nodes |= {id(n) for n in graph.nodes if n.op == "Softmax"}
     if "Gelu" in keep:
-        names |= {n.name for n in graph.nodes if n.op == "Gelu"}
+        nodes |= {id(n) for n in graph.nodes if n.op == "Gelu"}
         for layer in match_encoder(graph).layers:
-            names |= set(layer.activation.nodes)
-    return names
+            nodes |= {id(n) for n in layer.activation.nodes}
+    return nodes
 
 
 def _is_float(tensor: gs.Tensor, dtype) -> bool:
@@ -78,7 +78,7 @@ def to_fp16(graph: gs.Graph, ctx: PassContext) -> PassResult:
     retype = Retyper(graph)
     converted = 0
     for node in list(graph.nodes):
-        if node.name in keep:
+        if id(node) in keep:
             for index, tensor in enumerate(node.inputs):
                 if isinstance(tensor, gs.Variable) and _is_float(tensor, np.float16):
                     node.inputs[index] = retype.cast(tensor, np.float32)
@@ -89,7 +89,7 @@ def to_fp16(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 continue
             if isinstance(tensor, gs.Constant):
                 node.inputs[index] = retype.half(tensor)
-            elif ir.producer(tensor) is None or ir.producer(tensor).name in keep:
+            elif ir.producer(tensor) is None or id(ir.producer(tensor)) in keep:
                 node.inputs[index] = retype.cast(tensor, np.float16)   # a graph input or an FP32 island
             touched = True
         for tensor in node.outputs:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .calibrate import CalibrationConfig, batch_size_for, float_network, session
+from .calibrate import CalibrationConfig, float_network, model_batches, run, session
 from .data import Dataset
 from .errors import UsageError
 
@@ -48,18 +48,22 @@ class FallbackConfig:
 
 @dataclass(frozen=True)
 class Sensitivity:
-    quantizer: str
+    quantizer: str          # the QuantizeLinear's name (for people; `node` identifies it)
     tensor: str
     only_cosine: float      # mean cosine with only this site quantized
     only_snr_db: float
     without_cosine: float   # mean cosine with every quantizer but this one
     without_snr_db: float
+    node: gs.Node | None = field(default=None, compare=False, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "node"}
 
 
 def _outputs(graph: gs.Graph, batches: list[dict], providers) -> list[np.ndarray]:
     runner = session(graph, providers)
     name = graph.outputs[0].name
-    return [runner.run([name], feeds)[0] for feeds in batches]
+    return [run(runner, [name], feeds, f"batch {index}")[0] for index, feeds in enumerate(batches)]
 
 
 def _pooled(values: np.ndarray, feeds: dict) -> np.ndarray:
@@ -88,22 +92,28 @@ def activation_sites(graph: gs.Graph) -> list[gs.Node]:
 class _Measurement:
     """The samples, the float network's outputs on them, and the cosine/SNR of any Q/DQ subset."""
 
-    def __init__(self, graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int):
+    def __init__(self, graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int,
+                 option: str | None = None):
         self.graph, self.providers = graph, config.providers
-        self.batches = list(dataset.batches(batch_size_for(graph, config), samples, config.trim_padding))
+        self.batches = list(model_batches(graph, dataset, config, samples, option=option)[1])
         self.reference = _outputs(float_network(graph, []), self.batches, self.providers)
-        self.every = frozenset(n.name for n in graph.nodes if n.op == "QuantizeLinear")
+        self.every = [n for n in graph.nodes if n.op == "QuantizeLinear"]
 
-    def error(self, keep: frozenset[str]) -> tuple[float, float]:
-        """(cosine, SNR dB) with only the quantizers in `keep` active."""
+    def but(self, left_out) -> list[gs.Node]:
+        """Every QuantizeLinear but the nodes in `left_out` (by identity)."""
+        skipped = {id(n) for n in left_out}
+        return [n for n in self.every if id(n) not in skipped]
+
+    def error(self, keep) -> tuple[float, float]:
+        """(cosine, SNR dB) with only the QuantizeLinear nodes in `keep` active."""
         return compare(self.reference, _outputs(float_network(self.graph, [], keep), self.batches, self.providers),
                        self.batches)
 
     def ranking(self, progress=None) -> list[Sensitivity]:
         found = []
         for q in activation_sites(self.graph):
-            only, without = self.error(frozenset({q.name})), self.error(self.every - {q.name})
-            found.append(Sensitivity(q.name, q.inputs[0].name, *only, *without))
+            only, without = self.error([q]), self.error(self.but([q]))
+            found.append(Sensitivity(ir.label(q), q.inputs[0].name, *only, *without, node=q))
             if progress is not None:
                 progress.update(1)
         return sorted(found, key=lambda s: s.only_cosine)
@@ -112,14 +122,18 @@ class _Measurement:
 def sensitivity(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, samples: int = 32,
                 progress=None) -> list[Sensitivity]:
     """Every activation site's cost, worst first (lowest cosine with only that site quantized)."""
-    return _Measurement(graph, dataset, config, samples).ranking(progress)
+    from .calibrate import require_calibrated, require_fake_quant
+
+    require_fake_quant(graph, "qdqc analyze")
+    require_calibrated(graph, "qdqc analyze")
+    return _Measurement(graph, dataset, config, samples, "--samples").ranking(progress)
 
 
-def leave_in_float(graph: gs.Graph, quantizers: list[str]) -> int:
-    """Bypass the named activation quantizers for good (their readers take the float tensor)."""
-    chosen = set(quantizers)
+def leave_in_float(graph: gs.Graph, quantizers: list[gs.Node]) -> int:
+    """Bypass these activation QuantizeLinear nodes for good (their readers take the float tensor)."""
+    chosen = {id(q) for q in quantizers}
     bypassed = 0
-    for q in [n for n in graph.nodes if n.op == "QuantizeLinear" and n.name in chosen]:
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear" and id(n) in chosen]:
         source = q.inputs[0]
         for dq in list(q.outputs[0].outputs):
             if dq.op != "DequantizeLinear":
@@ -144,7 +158,7 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
     limit = len(ranking) if budget is None else min(budget, len(ranking))
 
     def cosine_without(chosen: list[Sensitivity]) -> float:
-        return measure.error(measure.every - {s.quantizer for s in chosen})[0]
+        return measure.error(measure.but([s.node for s in chosen]))[0]
 
     if target_cosine is None:
         chosen = ranking[:limit]
@@ -157,8 +171,8 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
     return chosen, reached, ranking
 
 
-def float_gemm_share(graph: gs.Graph, quantizers: list[str]) -> tuple[int, float]:
-    """How many weight GEMMs read the named quantizers, and their share of all weight-GEMM
+def float_gemm_share(graph: gs.Graph, quantizers: list[gs.Node]) -> tuple[int, float]:
+    """How many weight GEMMs read these QuantizeLinear nodes, and their share of all weight-GEMM
     multiply-adds (per token, K·N each): what leaving those sites in float costs in integer work."""
     from .bert import linear_at
 
@@ -166,9 +180,9 @@ def float_gemm_share(graph: gs.Graph, quantizers: list[str]) -> tuple[int, float
     for node in graph.nodes:
         linear = linear_at(node)
         if linear is not None:
-            sizes[node.name] = ir.constant(graph.tensors()[linear.weight]).size
-    chosen = set(quantizers)
-    moved = {reader.name for q in graph.nodes if q.op == "QuantizeLinear" and q.name in chosen
-             for dq in q.outputs[0].outputs for reader in dq.outputs[0].outputs if reader.name in sizes}
+            sizes[id(node)] = ir.constant(graph.tensors()[linear.weight]).size
+    chosen = {id(q) for q in quantizers}
+    moved = {id(reader) for q in graph.nodes if q.op == "QuantizeLinear" and id(q) in chosen
+             for dq in q.outputs[0].outputs for reader in dq.outputs[0].outputs if id(reader) in sizes}
     total = sum(sizes.values())
     return len(moved), (sum(sizes[n] for n in moved) / total if total else 0.0)

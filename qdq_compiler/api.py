@@ -261,7 +261,11 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
         if eval is not None:   # the tokenizer serves a text --eval too, and is not asked of an npz one
             text = isinstance(eval, (str, os.PathLike)) and Path(eval).suffix in TEXT_SUFFIXES
             evaluation = _data(eval, graph, tokenizer if text else None, max_length, field)
-        reference = ir.to_model(graph) if evaluation is not None else None
+        reference = None
+        if evaluation is not None:   # the float model, runnable: onnxruntime refuses repeated node names
+            float_graph = graph.copy()
+            ir.unique_node_names(float_graph)
+            reference = ir.to_model(float_graph)
     with clock("insert"):
         inserted = run_insert(graph, insert_config, verify=verify)
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
@@ -276,11 +280,11 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
         with clock("fallback"):
             left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=fallback.budget,
                                                          target_cosine=fallback.target_cosine, samples=fallback.samples)
-            gemms, share = float_gemm_share(graph, [s.quantizer for s in left_out])
-            leave_in_float(graph, [s.quantizer for s in left_out])
-        report["fallbacks"] = {"left_in_float": [vars(s) for s in left_out], "cosine": reached,
+            gemms, share = float_gemm_share(graph, [s.node for s in left_out])
+            leave_in_float(graph, [s.node for s in left_out])
+        report["fallbacks"] = {"left_in_float": [s.to_json() for s in left_out], "cosine": reached,
                                "float_weight_gemms": gemms, "float_multiply_add_share": share,
-                               "ranking": [vars(s) for s in ranking]}
+                               "ranking": [s.to_json() for s in ranking]}
     with clock("lower"):
         records = run_lower(graph, lower_config, verify=verify)
     report["lowering"] = [r.to_json() for r in records]

@@ -16,6 +16,7 @@ import numpy as np
 from .errors import QdqcError, UsageError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+MAX_FEED_ELEMENTS = 1 << 28   # one random input past this (2 GiB of int64) is refused, not allocated
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ def parse_shapes(text: str | None) -> dict[str, tuple[int, ...]]:
 def random_feeds(inputs, config: BenchConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """Inputs for (name, dtype, shape) triples: dynamic dims -> batch, then sequence."""
     rng = np.random.default_rng(seed)
+    if config.shapes:
+        names = [name for name, _, _ in inputs]
+        unknown, missing = sorted(set(config.shapes) - set(names)), [n for n in names if n not in config.shapes]
+        if unknown or missing:
+            raise UsageError(f"--shapes must give every model input: " + (f"no input named {unknown}; " if unknown
+                             else "") + (f"missing {missing}" if missing else "") + f" (inputs: {names})")
     feeds = {}
     for name, dtype, shape in inputs:
         if name in config.shapes:
@@ -107,6 +114,9 @@ def random_feeds(inputs, config: BenchConfig, seed: int = 0) -> dict[str, np.nda
         else:
             dynamic = iter((config.batch, config.sequence))
             concrete = tuple(d if isinstance(d, int) and d > 0 else next(dynamic, 1) for d in shape)
+        if int(np.prod(concrete, dtype=object)) > MAX_FEED_ELEMENTS:
+            raise UsageError(f"input '{name}' of shape {list(concrete)} is more than {MAX_FEED_ELEMENTS} elements: "
+                             "refused (check --batch/--seq/--shapes and the model's input shape)")
         if np.issubdtype(dtype, np.integer):
             value = {"attention_mask": np.ones(concrete, dtype), "token_type_ids": np.zeros(concrete, dtype)}.get(
                 name, rng.integers(1, 100, concrete).astype(dtype))  # ids valid for any real vocabulary
@@ -121,26 +131,28 @@ class OrtRunner:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: failures come back as one line
         options.intra_op_num_threads = config.threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         provider = PROVIDERS[config.provider]
         if provider not in ort.get_available_providers():
             raise QdqcError(f"--provider {config.provider}: onnxruntime here has {ort.get_available_providers()}")
+        self.path = path
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[provider])
         except Exception as exc:  # onnxruntime's own exception types
-            raise QdqcError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+            from .calibrate import ort_message
+
+            raise QdqcError(f"{path}: onnxruntime cannot load it ({ort_message(exc)})") from None
         types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
                  "tensor(float16)": np.float16, "tensor(bool)": np.bool_}
         self.inputs = [(i.name, np.dtype(types.get(i.type, np.float32)), tuple(i.shape))
                        for i in self.session.get_inputs()]
 
     def __call__(self, feeds: dict) -> None:
-        try:
-            self.session.run(None, {name: feeds[name] for name, _, _ in self.inputs})
-        except Exception as exc:  # onnxruntime's own exception types
-            raise QdqcError(f"onnxruntime failed: {str(exc).strip().splitlines()[0]}") from None
+        from .calibrate import run
+
+        run(self.session, None, {name: feeds[name] for name, _, _ in self.inputs}, f"{self.path}")
 
 
 def make_runner(path: Path, config: BenchConfig):
@@ -150,19 +162,49 @@ def make_runner(path: Path, config: BenchConfig):
         from .trt_engine import EngineRunner
 
         return EngineRunner(path)
+    from . import ir
+
+    ir.read_model(path)   # a readable graph, a supported opset, external data inside the model's folder
     return OrtRunner(path, config)
 
 
-def bench(paths: list[Path], config: BenchConfig, data: dict[str, np.ndarray] | None = None) -> list[Summary]:
-    """Run every model interleaved, round by round; one Summary each, in the given order."""
+def data_feeds(data: Path, model: Path, inputs, batch: int) -> dict[str, np.ndarray]:
+    """The first `batch` samples of `data`, checked as calibration data is (data.py) against the model;
+    fewer when the data holds fewer (the caller reports the batch that ran)."""
+    import warnings
+
+    from .data import Dataset, InputSpec
+
+    if model.suffix == ".onnx":
+        from . import ir
+        from .calibrate import model_inputs
+
+        specs = model_inputs(ir.load(model))
+    else:
+        specs = [InputSpec(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in inputs]
+    dataset = Dataset(data, specs)
+    fixed = specs[0].shape[0] if specs and specs[0].shape else None
+    if isinstance(fixed, int) and fixed > 0:   # a model with a fixed batch dimension takes only that batch
+        if fixed != batch:
+            warnings.warn(f"{model}: its inputs have a fixed batch of {fixed}: running batches of {fixed}", stacklevel=2)
+        if dataset.samples < fixed:
+            raise QdqcError(f"{data}: {model} takes batches of exactly {fixed} samples, the data holds "
+                            f"{dataset.samples}")
+        batch = fixed
+    if dataset.samples < batch:
+        warnings.warn(f"--batch {batch}: {data} holds only {dataset.samples} samples; running batches of "
+                      f"{dataset.samples}", stacklevel=2)
+    return next(dataset.batches(batch, trim_padding=False))
+
+
+def bench(paths: list[Path], config: BenchConfig, data: Path | None = None) -> list[Summary]:
+    """Run every model interleaved, round by round; one Summary each, in the given order. With `data`
+    (an npz), the first `config.batch` samples are the inputs."""
     runners = [make_runner(p, config) for p in paths]
     feeds = []
-    for runner in runners:
+    for path, runner in zip(paths, runners):
         if data is not None:
-            missing = [name for name, _, _ in runner.inputs if name not in data]
-            if missing:
-                raise QdqcError(f"--data has no {missing}")
-            feeds.append({name: data[name][: config.batch] for name, _, _ in runner.inputs})
+            feeds.append(data_feeds(data, path, runner.inputs, config.batch))
         else:
             feeds.append(random_feeds(runner.inputs, config))
     for runner, feed in zip(runners, feeds):
@@ -177,8 +219,12 @@ def bench(paths: list[Path], config: BenchConfig, data: dict[str, np.ndarray] | 
             runner(feed)
             times.append((time.perf_counter() - start) * 1000)
         rounds += 1
-    batch = config.shapes[next(iter(config.shapes))][0] if config.shapes else config.batch
-    return [Summary(str(p), tuple(t), batch) for p, t in zip(paths, timings)]
+    return [Summary(str(p), tuple(t), _batch_of(feed)) for p, t, feed in zip(paths, timings, feeds)]
+
+
+def _batch_of(feeds: dict[str, np.ndarray]) -> int:
+    """The batch that ran: the leading dimension of the inputs (1 for scalar inputs)."""
+    return max((value.shape[0] for value in feeds.values() if value.ndim), default=1)
 
 
 def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
@@ -205,5 +251,11 @@ def plot(summaries: list[Summary], path: Path) -> None:
     axes.boxplot([s.latencies_ms for s in summaries], vert=False)
     axes.set_yticks(range(1, len(summaries) + 1), [Path(s.name).name for s in summaries])
     axes.set_xlabel("latency ms")
-    figure.savefig(path, dpi=100, bbox_inches="tight")
+    import io
+
+    from . import ir
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
+    ir.write_bytes_atomic(path, buffer.getvalue())

@@ -7,7 +7,7 @@ not taken. Walks see through Q/DQ pairs, so QAT exports match too.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import onnx_graphsurgeon as gs
 
@@ -25,63 +25,66 @@ LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
 
 # ---------------------------------------------------------------- records
 
-@dataclass(frozen=True)
+# Records hold the graph's nodes themselves: node names may be empty or repeated (legal ONNX), so
+# nodes are compared by identity (eq=False) and named only in messages and reports (`ir.describe`).
+
+@dataclass(frozen=True, eq=False)
 class Linear:
     """A linear layer: MatMul(+Add bias) or Gemm, with a constant 2-D weight."""
 
-    node: str
+    node: gs.Node
     op: str
     input: str                    # activation tensor read by the GEMM
     weight: str                   # the constant (float, or int8 under an existing DQ)
     weight_axis: int              # output-channel axis of that constant
-    weight_user: tuple[str, int]  # (node, input index) that reads the constant
+    weight_user: tuple[gs.Node, int]  # (node, input index) that reads the constant
     gemm_output: str              # GEMM result before the bias
-    bias_add: str | None
+    bias_add: gs.Node | None
     output: str                   # after the bias
     weight_quantized: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Attention:
-    bmm1: str
+    bmm1: gs.Node
     query: str        # BMM1 input A (Q)
     key: str          # BMM1 input B (K^T)
     scores: str       # BMM1 output, before scale and mask
-    scale: tuple[str, ...]   # Mul/Div nodes applying 1/sqrt(d) ("folded" when empty)
+    scale: tuple[gs.Node, ...]   # Mul/Div nodes applying 1/sqrt(d) ("folded" when empty)
     scale_position: str      # after_bmm | before_bmm | folded
-    mask: str | None         # Add or Where node
-    softmax: str
+    mask: gs.Node | None     # Add or Where node
+    softmax: gs.Node
     probs: str        # BMM2 input A
-    bmm2: str
+    bmm2: gs.Node
     value: str        # BMM2 input B
     context: str      # BMM2 output
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Residual:
-    add: str
+    add: gs.Node
     skip: str    # tensor from the layer input (the residual branch)
     local: str   # tensor from the GEMM branch
     output: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Norm:
     kind: str    # op | decomposed
-    nodes: tuple[str, ...]
+    nodes: tuple[gs.Node, ...]
     input: str
     output: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Activation:
     kind: str    # gelu-op | gelu-erf | gelu-tanh | sigmoid | relu
-    nodes: tuple[str, ...]
+    nodes: tuple[gs.Node, ...]
     input: str
     output: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EncoderLayer:
     """One matched post-LayerNorm BERT encoder layer: every site FasterTransformer quantizes."""
 
@@ -113,18 +116,18 @@ class EncoderLayer:
         return named
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rejection:
-    anchor: str
+    anchor: gs.Node
     reason: str
-    gemms: tuple[str, ...]
+    gemms: tuple[gs.Node, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EncoderMatch:
     layers: tuple[EncoderLayer, ...]
     rejections: tuple[Rejection, ...]
-    unmatched_gemms: dict[str, str] = field(default_factory=dict)  # node -> why
+    unmatched_gemms: tuple[tuple[gs.Node, str], ...] = ()  # (node, why)
 
 
 class NoMatch(Exception):
@@ -192,7 +195,7 @@ def up(tensor: gs.Tensor) -> gs.Node | None:
 def weight_of(node: gs.Node, index: int):
     """(constant, output axis, user, already quantized) for a 2-D GEMM weight input, else None."""
     tensor = node.inputs[index]
-    user = (node.name, index)
+    user = (node, index)
     quantized = False
     source = ir.producer(tensor)
     if source is not None and source.op == "DequantizeLinear":
@@ -204,7 +207,7 @@ def weight_of(node: gs.Node, index: int):
     if source is not None and source.op == "Transpose" and ir.is_constant(source.inputs[0]):
         if list(source.attrs.get("perm", [1, 0])) != [1, 0]:
             return None
-        user, tensor, transposed = (source.name, 0), source.inputs[0], True
+        user, tensor, transposed = (source, 0), source.inputs[0], True
     value = ir.constant(tensor)
     if value is None or value.ndim != 2:
         return None
@@ -236,8 +239,8 @@ def linear_at(node: gs.Node) -> Linear | None:
         bias = add.inputs[1 - readers[0][1]]
         value = ir.constant(bias)
         if value is not None and value.size == out_features:
-            bias_add, output = add.name, add.outputs[0]
-    return Linear(node.name, node.op, node.inputs[0].name, weight.name, axis, user,
+            bias_add, output = add, add.outputs[0]
+    return Linear(node, node.op, node.inputs[0].name, weight.name, axis, user,
                   gemm_output.name, bias_add, output.name, quantized)
 
 
@@ -297,14 +300,14 @@ class Walk:
 
     def __init__(self, anchor: gs.Node):
         self.anchor = anchor
-        self.gemms: list[str] = []
+        self.gemms: list[gs.Node] = []
 
     def fail(self, reason: str):
         raise NoMatch(reason)
 
     def touch(self, node: gs.Node | None):
-        if node is not None and node.op in GEMM_OPS and node.name not in self.gemms:
-            self.gemms.append(node.name)
+        if node is not None and node.op in GEMM_OPS and not any(g is node for g in self.gemms):
+            self.gemms.append(node)
 
     def projection(self, tensor: gs.Tensor, role: str) -> tuple[Linear, list[gs.Node]]:
         """Walk up from a BMM input to the linear layer that projects it."""
@@ -323,7 +326,7 @@ class Walk:
                 scales.append(node)
                 tensor = next(t for t in node.inputs if ir.scalar(t) is None)
             else:
-                self.fail(f"{role} input of the attention matmul comes from {node.op} '{node.name}', "
+                self.fail(f"{role} input of the attention matmul comes from {ir.describe(node)}, "
                           "not from a linear projection")
         self.fail(f"{role} input of the attention matmul: no linear projection within 16 nodes")
 
@@ -358,21 +361,20 @@ class Walk:
             elif node.op in ("Add", "Where"):
                 data = [t for t in node.inputs if reaches_bmm(t)]
                 if len(data) != 1:
-                    self.fail(f"cannot tell the scores from the mask at {node.op} '{node.name}'")
+                    self.fail(f"cannot tell the scores from the mask at {ir.describe(node)}")
                 mask = mask or node
                 tensor = data[0]
             else:
-                self.fail(f"softmax input comes from {node.op} '{node.name}', not from a Q·K^T matmul")
+                self.fail(f"softmax input comes from {ir.describe(node)}, not from a Q·K^T matmul")
         query_linear, q_scales = self.projection(bmm1.inputs[0], "query")
         key_linear, k_scales = self.projection(bmm1.inputs[1], "key")
         bmm2, _ = self.down_to(softmax.outputs[0], lambda n, i: is_bmm(n) and i == 0)
         value_linear, _ = self.projection(bmm2.inputs[1], "value")
         scale = after or q_scales + k_scales
         position = "after_bmm" if after else "before_bmm" if scale else "folded"
-        record = Attention(bmm1.name, bmm1.inputs[0].name, bmm1.inputs[1].name, bmm1.outputs[0].name,
-                           tuple(n.name for n in scale), position, mask.name if mask else None,
-                           softmax.name, bmm2.inputs[0].name, bmm2.name, bmm2.inputs[1].name,
-                           bmm2.outputs[0].name)
+        record = Attention(bmm1, bmm1.inputs[0].name, bmm1.inputs[1].name, bmm1.outputs[0].name,
+                           tuple(scale), position, mask, softmax, bmm2.inputs[0].name, bmm2,
+                           bmm2.inputs[1].name, bmm2.outputs[0].name)
         return record, [query_linear, key_linear, value_linear]
 
     def linear_reading(self, tensor: gs.Tensor) -> Linear:
@@ -385,7 +387,7 @@ class Walk:
                 ir.is_constant(t) for t in n.inputs))
         except NoMatch:
             self.fail(f"{what} output does not feed a residual Add")
-        return Residual(add.name, add.inputs[1 - index].name, add.inputs[index].name, add.outputs[0].name)
+        return Residual(add, add.inputs[1 - index].name, add.inputs[index].name, add.outputs[0].name)
 
 
 def match_layer_norm(tensor: gs.Tensor) -> Norm | None:
@@ -393,7 +395,7 @@ def match_layer_norm(tensor: gs.Tensor) -> Norm | None:
     readers = uses(tensor)
     for node, _ in readers:
         if node.op == "LayerNormalization":
-            return Norm("op", (node.name,), tensor.name, node.outputs[0].name)
+            return Norm("op", (node,), tensor.name, node.outputs[0].name)
     mean = next((n for n, _ in readers if n.op == "ReduceMean"), None)
     sub = next((n for n, i in readers if n.op == "Sub" and i == 0), None)
     if mean is None or sub is None or float_source(sub.inputs[1]) is not mean.outputs[0]:
@@ -422,19 +424,20 @@ def match_layer_norm(tensor: gs.Tensor) -> Norm | None:
             break
         nodes.append(step)
         out = step.outputs[0]
-    return Norm("decomposed", tuple(n.name for n in nodes), tensor.name, out.name)
+    return Norm("decomposed", tuple(nodes), tensor.name, out.name)
 
 
 def match_activation(start: gs.Tensor, end: gs.Tensor) -> Activation | None:
     """The pointwise region between `start` (FFN1 output) and `end` (FFN2 input)."""
     target = float_source(end)
-    region, frontier, seen = [], [start], {start.name}
+    region, frontier, seen, members = [], [start], {start.name}, set()
     while frontier:
         tensor = frontier.pop()
         for node, _ in uses(tensor):
-            if node.op not in POINTWISE_OPS | RESHAPE_OPS or node.name in {n.name for n in region}:
+            if node.op not in POINTWISE_OPS | RESHAPE_OPS or id(node) in members:
                 continue
             region.append(node)
+            members.add(id(node))
             out = node.outputs[0]
             if out is not target and out.name not in seen and len(region) < 16:
                 seen.add(out.name)
@@ -445,13 +448,13 @@ def match_activation(start: gs.Tensor, end: gs.Tensor) -> Activation | None:
     by_output = {n.outputs[0].name: n for n in region}
     while by_output.get(target.name) is not None and by_output[target.name].op in RESHAPE_OPS:
         node = by_output.pop(target.name)
-        region.remove(node)
+        region = [n for n in region if n is not node]
         target = float_source(node.inputs[0])
     while True:
-        lead = next((n for n, _ in uses(start) if n in region and n.op in RESHAPE_OPS), None)
+        lead = next((n for n, _ in uses(start) if any(n is r for r in region) and n.op in RESHAPE_OPS), None)
         if lead is None:
             break
-        region.remove(lead)
+        region = [n for n in region if n is not lead]
         start = lead.outputs[0]
     ops = {n.op for n in region}
     kind = ("gelu-op" if ops & {"Gelu", "FastGelu", "BiasGelu"} else "gelu-erf" if "Erf" in ops
@@ -459,7 +462,7 @@ def match_activation(start: gs.Tensor, end: gs.Tensor) -> Activation | None:
             else "relu" if "Relu" in ops else None)
     if kind is None:
         return None
-    return Activation(kind, tuple(n.name for n in region), start.name, target.name)
+    return Activation(kind, tuple(region), start.name, target.name)
 
 
 # ---------------------------------------------------------------- the matcher
@@ -467,9 +470,9 @@ def match_activation(start: gs.Tensor, end: gs.Tensor) -> Activation | None:
 def _match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Walk) -> EncoderLayer:
     t = graph_tensors
     attention, (query, key, value) = walk.attention(softmax)
-    if query.node == key.node == value.node:
+    if query.node is key.node is value.node:
         projections = (query,)
-    elif len({query.node, key.node, value.node}) == 3:
+    elif len({id(query.node), id(key.node), id(value.node)}) == 3:
         projections = (query, key, value)
     else:
         walk.fail("query, key and value come from two different projections")
@@ -482,18 +485,18 @@ def _match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Wa
         walk.fail("attention residual does not add the layer input (not a post-LayerNorm BERT layer)")
     attn_norm = match_layer_norm(t[attn_res.output])
     if attn_norm is None:
-        walk.fail(f"attention residual Add '{attn_res.add}' is not followed by a LayerNorm")
+        walk.fail(f"attention residual {ir.describe(attn_res.add)} is not followed by a LayerNorm")
     ffn1 = walk.linear_reading(t[attn_norm.output])
     ffn2 = _find_ffn2(t, ffn1, walk)
     activation = match_activation(t[ffn1.output], t[ffn2.input])
     if activation is None:
-        walk.fail(f"no GELU between FFN1 '{ffn1.node}' and FFN2 '{ffn2.node}'")
+        walk.fail(f"no GELU between FFN1 {ir.describe(ffn1.node)} and FFN2 {ir.describe(ffn2.node)}")
     ffn_res = walk.residual(t, ffn2.output, "FFN2")
     if origin(t[ffn_res.skip]) is not origin(t[attn_norm.output]):
         walk.fail("FFN residual does not add the attention LayerNorm output")
     ffn_norm = match_layer_norm(t[ffn_res.output])
     if ffn_norm is None:
-        walk.fail(f"FFN residual Add '{ffn_res.add}' is not followed by a LayerNorm")
+        walk.fail(f"FFN residual {ir.describe(ffn_res.add)} is not followed by a LayerNorm")
     return EncoderLayer(0, layer_input.pop(), projections, attention, attn_out, attn_res, attn_norm,
                         ffn1, activation, ffn2, ffn_res, ffn_norm)
 
@@ -506,40 +509,40 @@ def _find_ffn2(tensors: dict[str, gs.Tensor], ffn1: Linear, walk: Walk) -> Linea
             walk.touch(node)
             if index == 0 and node.op in GEMM_OPS and linear_at(node) is not None:
                 return linear_at(node)
-            if (node.op in POINTWISE_OPS or node.op in RESHAPE_OPS) and node.name not in seen and len(seen) < 16:
-                seen.add(node.name)
+            if (node.op in POINTWISE_OPS or node.op in RESHAPE_OPS) and id(node) not in seen and len(seen) < 16:
+                seen.add(id(node))
                 frontier.append(node.outputs[0])
-    walk.fail(f"FFN1 '{ffn1.node}' output does not reach a second linear layer through pointwise ops")
+    walk.fail(f"FFN1 {ir.describe(ffn1.node)} output does not reach a second linear layer through pointwise ops")
 
 
 def match_encoder(graph: gs.Graph) -> EncoderMatch:
     tensors = graph.tensors()
-    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    order = {id(node): i for i, node in enumerate(graph.nodes)}
     layers, rejections = [], []
     for softmax in (n for n in graph.nodes if n.op == "Softmax"):
         walk = Walk(softmax)
         try:
             layers.append(_match_layer(tensors, softmax, walk))
         except NoMatch as exc:
-            rejections.append(Rejection(softmax.name, str(exc), tuple(walk.gemms)))
-    layers.sort(key=lambda layer: order[layer.attention.bmm1])
+            rejections.append(Rejection(softmax, str(exc), tuple(walk.gemms)))
+    layers.sort(key=lambda layer: order[id(layer.attention.bmm1)])
     layers = [_renumber(layer, i) for i, layer in enumerate(layers)]
     claimed = set()
     for layer in layers:
-        claimed |= {lin.node for lin in layer.linears().values()}
-        claimed |= {layer.attention.bmm1, layer.attention.bmm2}
-    unmatched = {}
+        claimed |= {id(lin.node) for lin in layer.linears().values()}
+        claimed |= {id(layer.attention.bmm1), id(layer.attention.bmm2)}
+    unmatched = []
     for node in graph.nodes:
-        if node.op not in GEMM_OPS and node.op != "Conv" or node.name in claimed:
+        if node.op not in GEMM_OPS and node.op != "Conv" or id(node) in claimed:
             continue
-        why = next((f"attention block at Softmax '{r.anchor}' rejected: {r.reason}"
-                    for r in rejections if node.name in r.gemms), None)
+        why = next((f"attention block at {ir.describe(r.anchor)} rejected: {r.reason}"
+                    for r in rejections if any(g is node for g in r.gemms)), None)
         if why is None:
             why = ("linear layer outside every matched encoder layer (e.g. embeddings projection, pooler or head)"
                    if linear_at(node) is not None else
                    f"{node.op} with no constant 2-D weight and no Softmax next to it: not an attention matmul")
-        unmatched[node.name] = why
-    return EncoderMatch(tuple(layers), tuple(rejections), unmatched)
+        unmatched.append((node, why))
+    return EncoderMatch(tuple(layers), tuple(rejections), tuple(unmatched))
 
 
 def _renumber(layer: EncoderLayer, index: int) -> EncoderLayer:

@@ -8,6 +8,7 @@ is handed to that tensor's collector and dropped.
 from __future__ import annotations
 
 import numbers
+import re
 import sys
 import time
 import warnings
@@ -88,13 +89,41 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
-def float_network(graph: gs.Graph, outputs: list[str], keep: frozenset[str] = frozenset()) -> gs.Graph:
-    """A copy of `graph` with every Q->DQ pair bypassed (but the Qs named in `keep`) and `outputs` exposed."""
-    network = graph.copy()
+def require_fake_quant(graph: gs.Graph, command: str) -> None:
+    """Refuse a lowered graph (activation quantizers feeding integer kernels, not DequantizeLinear):
+    its float network cannot be recovered by bypassing Q/DQ pairs."""
+    from .insert import LOWERED_OPS
+
+    lowered = next((n for n in graph.nodes if n.op in LOWERED_OPS), None)
+    if lowered is None:
+        lowered = next((n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
+                        and any(r.op != "DequantizeLinear" for r in n.outputs[0].outputs)), None)
+    if lowered is not None:
+        raise UsageError(f"the model is already lowered ({ir.describe(lowered)}): `{command}` needs the Q/DQ model "
+                         "from `qdqc insert`/`qdqc calibrate`")
+
+
+def require_calibrated(graph: gs.Graph, command: str) -> None:
+    """Refuse a graph whose activation scales are all still insert's placeholders (never calibrated)."""
+    scales = [ir.constant(q.inputs[1]) for q in graph.nodes
+              if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) and len(q.inputs) > 1]
+    known = [s for s in scales if s is not None]
+    if known and all(s.size == 1 and float(s.reshape(())) == quant.PLACEHOLDER_SCALE for s in known):
+        raise UsageError(f"the model is not calibrated: its {len(known)} activation quantizers still have insert's "
+                         f"placeholder scale {quant.PLACEHOLDER_SCALE}; run `qdqc calibrate` before `{command}`")
+
+
+def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
+    """A copy of `graph` with every Q->DQ pair bypassed (but the QuantizeLinear nodes in `keep`, given
+    as nodes of `graph`: names may be empty or repeated) and `outputs` exposed."""
+    kept = {id(n) for n in keep}
+    positions = [i for i, n in enumerate(graph.nodes) if id(n) in kept]
+    network = graph.copy()   # copies the nodes in order: position i is the copy of graph.nodes[i]
+    kept = {id(network.nodes[i]) for i in positions}
     tensors = network.tensors()
     for dq in [n for n in network.nodes if n.op == "DequantizeLinear"]:
         q = ir.producer(dq.inputs[0])
-        if q is None or q.op != "QuantizeLinear" or q.name in keep:
+        if q is None or q.op != "QuantizeLinear" or id(q) in kept:
             continue
         source, target = q.inputs[0], dq.outputs[0]
         for reader in list(target.outputs):
@@ -110,14 +139,16 @@ def float_network(graph: gs.Graph, outputs: list[str], keep: frozenset[str] = fr
         if tensor not in network.outputs:
             network.outputs.append(tensor)
     network.cleanup(remove_unused_graph_inputs=False)
+    ir.unique_node_names(network)   # onnxruntime refuses repeated node names
     return network
 
 
 def session(graph: gs.Graph, providers: tuple[str, ...]):
     import onnxruntime as ort
 
+    check_providers(providers)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: failures come back as one line from `run`
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # With dozens of intermediate tensors as outputs the extended fusions cannot apply and their
     # layout changes only add copies: basic optimization is faster here (measured on MiniLM).
@@ -126,7 +157,18 @@ def session(graph: gs.Graph, providers: tuple[str, ...]):
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types
-        raise QdqcError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise QdqcError(f"onnxruntime cannot load the model: {ort_message(exc)}") from None
+
+
+def check_providers(providers: tuple[str, ...]) -> None:
+    """Unknown or unavailable execution providers are refused (onnxruntime would fall back to the CPU,
+    printing its own lines)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing or not providers:
+        raise UsageError(f"--providers {','.join(providers) or '(none)'}: onnxruntime here has {', '.join(available)}")
 
 
 def model_inputs(graph: gs.Graph) -> list[InputSpec]:
@@ -138,11 +180,11 @@ def channel_maxima(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
     """Running max |x| per channel (last axis) of `tensors` over the data (float network), and the
     first batch's values of each, as [tokens, channels] rows."""
     runner = session(float_network(graph, tensors), config.providers)
-    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    _, batches = model_batches(graph, dataset, config)
     maxima: dict[str, np.ndarray] = {}
     first: dict[str, np.ndarray] = {}
-    for feeds in dataset.batches(batch_size_for(graph, config), total, config.trim_padding):
-        for name, values in zip(tensors, runner.run(tensors, feeds)):
+    for index, feeds in enumerate(batches):
+        for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
             rows = values.reshape(-1, values.shape[-1])
             first.setdefault(name, rows)
             found = np.abs(rows).max(axis=0)
@@ -156,11 +198,12 @@ def collect(graph: gs.Graph, dataset: Dataset,
     quantizers = activation_quantizers(graph)
     if not quantizers.tensors:
         raise QdqcError("the model has no activation QuantizeLinear to calibrate (run `qdqc insert` first)")
+    require_fake_quant(graph, "qdqc calibrate")
     runner = session(float_network(graph, quantizers.tensors), config.providers)
     collectors = {name: HistogramCollector() for name in quantizers.tensors}
-    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
     select = (lambda i: True) if config.shard is None else \
         (lambda i: i == 0 or i % config.shard[1] == config.shard[0])
+    total, batches = model_batches(graph, dataset, config, select=select)
     bar = _progress(total, config.progress)
 
     def histogram(index: int, outputs: list[np.ndarray]) -> None:
@@ -181,13 +224,8 @@ def collect(graph: gs.Graph, dataset: Dataset,
     kept = 0
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = None
-        for index, feeds in enumerate(dataset.batches(batch_size_for(graph, config), total, config.trim_padding,
-                                                      select)):
-            try:
-                outputs = runner.run(quantizers.tensors, feeds)
-            except Exception as exc:  # onnxruntime's own exception types
-                raise QdqcError(f"onnxruntime failed on calibration batch {index}: "
-                                f"{str(exc).strip().splitlines()[0]}") from None
+        for index, feeds in enumerate(batches):
+            outputs = run(runner, quantizers.tensors, feeds, f"calibration batch {index}")
             if pending is not None:
                 pending.result()
             pending = worker.submit(histogram, index, outputs)
@@ -198,19 +236,59 @@ def collect(graph: gs.Graph, dataset: Dataset,
         if pending is not None:
             pending.result()
     bar.close()
+    if kept == 0:
+        size = fixed_batch(graph) or config.batch_size
+        raise QdqcError(f"--shard {config.shard[0]}/{config.shard[1]}: the data makes {-(-total // size)} batch(es) "
+                        f"of {size} samples, none of them for this shard (use fewer shards or smaller batches)")
     return collectors, kept
 
 
-def batch_size_for(graph: gs.Graph, config: CalibrationConfig) -> int:
-    """A model exported with a fixed batch dimension gets batches of exactly that size."""
+def fixed_batch(graph: gs.Graph) -> int | None:
+    """The batch size a model exported with a fixed batch dimension accepts, else None."""
     fixed = {t.shape[0] for t in graph.inputs if t.shape and isinstance(t.shape[0], int) and t.shape[0] > 0}
-    if len(fixed) == 1:
-        size = fixed.pop()
-        if size != config.batch_size:
-            warnings.warn(f"the model's inputs have a fixed batch of {size}: calibrating {size} samples at a time",
-                          stacklevel=2)
-        return size
-    return config.batch_size
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def model_batches(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig, limit: int | None = None,
+                  select=lambda index: True, option: str = "--num-samples"):
+    """(samples used, batches) of the data as this model can take them: a model with a fixed batch
+    dimension gets only batches of exactly that size. Says when fewer samples are used than asked."""
+    wanted = config.num_samples if limit is None else limit
+    size = fixed_batch(graph)
+    if size is not None and size != config.batch_size:
+        warnings.warn(f"the model's inputs have a fixed batch of {size}: running {size} samples at a time",
+                      stacklevel=2)
+    if wanted is not None and wanted > dataset.samples and option is not None:
+        warnings.warn(f"{option} {wanted}: the data holds only {dataset.samples} samples; using all of them",
+                      stacklevel=2)
+    used = dataset.usable(size or config.batch_size, wanted, whole=size is not None)
+    available = min(wanted or dataset.samples, dataset.samples)
+    if used == 0:
+        raise QdqcError(f"{dataset.path}: the model's inputs have a fixed batch of {size} but only {available} "
+                        "samples are given")
+    if used < available:
+        warnings.warn(f"the model's inputs have a fixed batch of {size}: the last {available - used} of "
+                      f"{available} samples do not fill one and are left out", stacklevel=2)
+    return used, dataset.batches(size or config.batch_size, wanted, config.trim_padding, select, whole=size is not None)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def ort_message(exc: BaseException) -> str:
+    """onnxruntime's message in one plain line: colour codes and its `[ONNXRuntimeError] : 2 : KIND :` prefix off."""
+    text = _ANSI.sub("", str(exc)).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), type(exc).__name__)
+    return re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", line)
+
+
+def run(runner, outputs: list[str] | None, feeds: dict[str, np.ndarray], where: str) -> list[np.ndarray]:
+    """One onnxruntime run; a failure names `where` (the batch), its samples' shapes and onnxruntime's line."""
+    try:
+        return runner.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items())
+        raise QdqcError(f"onnxruntime failed on {where} ({shapes}): {ort_message(exc)}") from None
 
 
 def _progress(total: int, enabled: bool):
@@ -235,6 +313,8 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
                  auto_choice: dict[str, tuple[str, float]] | None = None) -> list[TensorReport]:
     """Write amax/127 into every activation Q and DQ (shared scale groups take their max) and
     recompute the weight scales from the initializers."""
+    require_fake_quant(graph, "qdqc calibrate")
+    _scales_as_initializers(graph)
     quantizers = activation_quantizers(graph)
     missing = [t for t in quantizers.tensors if t not in collectors]
     if missing:
@@ -261,28 +341,43 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
         tensors[scale_name].values = np.asarray(scale, np.float32)
         reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],
                                  amax, float(scale)) for t in members]
-    _sync_dequantize_scales(graph)
-    refresh_weight_scales(graph)
+    refresh_weight_scales(graph)   # and every DequantizeLinear takes its QuantizeLinear's new scale
     return reports
 
 
 def _sync_dequantize_scales(graph: gs.Graph) -> None:
-    """A DQ with its own scale initializer (QAT exports) takes its Q's new scale."""
-    for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])):
+    """A DQ with its own scale initializer (QAT exports: Q and DQ each get a copy) takes its Q's scale."""
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear"):
         for dq in q.outputs[0].outputs:
             if dq.op == "DequantizeLinear" and dq.inputs[1] is not q.inputs[1]:
                 dq.inputs[1].values = q.inputs[1].values.copy()
 
 
+def _scales_as_initializers(graph: gs.Graph) -> None:
+    """Q/DQ scales and zero points made by Constant nodes (raw torch exports) become initializers, so
+    calibration can write them."""
+    for node in graph.nodes:
+        if node.op not in ir.QDQ_OPS:
+            continue
+        for index in (1, 2):
+            if index < len(node.inputs) and not isinstance(node.inputs[index], gs.Constant):
+                value = ir.constant(node.inputs[index])
+                if value is not None:
+                    ir.inline_constant(graph, node.inputs[index], value)
+
+
 def refresh_weight_scales(graph: gs.Graph) -> None:
-    """Weight scales from the initializers (per channel, or the max over a shared per-tensor group)."""
+    """Weight scales from the initializers (per channel, or the max over a shared per-tensor group);
+    every DequantizeLinear with a scale of its own then takes its QuantizeLinear's."""
+    _scales_as_initializers(graph)
     groups: dict[str, list[gs.Node]] = {}
     for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
         groups.setdefault(q.inputs[1].name, []).append(q)
     for nodes in groups.values():
-        axis = nodes[0].attrs.get("axis") if nodes[0].inputs[1].values.size > 1 else None
+        axis = quant.channel_axis(nodes[0].attrs, nodes[0].inputs[1].values.size)
         amax = np.max([quant.amax(ir.constant(q.inputs[0]), axis) for q in nodes], axis=0)
         nodes[0].inputs[1].values = quant.scale_from_amax(amax)
+    _sync_dequantize_scales(graph)
 
 
 def report_json(reports: list[TensorReport], config: CalibrationConfig, samples: int | None, seconds: float) -> dict:
@@ -303,8 +398,8 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
 
         tensors = needed_tensors(graph, list(collectors))
         runner = session(float_network(graph, tensors), config.providers)
-        first = next(iter(dataset.batches(batch_size_for(graph, config), config.num_samples, config.trim_padding)))
-        auto_choice = choose(graph, collectors, dict(zip(tensors, runner.run(tensors, first))))
+        first = next(iter(model_batches(graph, dataset, config)[1]))
+        auto_choice = choose(graph, collectors, dict(zip(tensors, run(runner, tensors, first, "calibration batch 0"))))
     reports = apply_scales(graph, collectors, config, auto_choice)
     return collectors, reports, samples, time.perf_counter() - start
 

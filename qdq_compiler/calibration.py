@@ -177,7 +177,8 @@ def _amax_mse(counts, edges, num_bits, unsigned, start_bin, stride) -> float:
         amax = centers[chunk][:, None]
         scale = np.float32(bound) / amax            # fake_tensor_quant: scale = bound / amax
         quantized = np.clip(np.rint(points[None, :] * scale), low, bound) / scale
-        errors = ((quantized - points[None, :]) ** 2 * weights[None, :]).sum(axis=1) / np.float32(len(centers))
+        with np.errstate(over="ignore"):   # ranges near float32's max (1e38): such candidates err at inf
+            errors = ((quantized - points[None, :]) ** 2 * weights[None, :]).sum(axis=1) / np.float32(len(centers))
         index = int(np.argmin(errors))              # first minimum
         if errors[index] < best_error:  # strictly: an equal later chunk keeps the first minimum
             best, best_error = chunk[index], errors[index]
@@ -206,19 +207,25 @@ def _amax_entropy(counts, edges, num_bits, unsigned, start_bin, stride) -> float
     filled = np.concatenate([[0], np.cumsum(bins != 0)])
     with np.errstate(divide="ignore", invalid="ignore"):
         prefix_xlogx = np.concatenate([[0.0], np.cumsum(np.where(bins > 0, bins * np.log(bins), 0.0))])
-        kept = np.arange(start_bin, n + 1, stride)
-        bounds = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels
-        weight = np.diff(prefix[bounds], axis=1)
-        members = np.diff(filled[bounds], axis=1)
-        level_terms = np.where(members > 0, weight * np.log(weight / members), 0.0).sum(axis=1)
-        last, tail = bins[kept - 1], total - prefix[kept]
-        p_last = last + tail
-        sum_p_log_p = prefix_xlogx[kept - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
-        last_level_mean = weight[:, -1] / members[:, -1]
-        sum_p_log_q = level_terms + np.where(tail > 0, tail * np.log(last_level_mean), 0.0)
-        q_total = prefix[kept]
-        divergences = sum_p_log_p / total - np.log(total) - sum_p_log_q / total + np.log(q_total)
-    divergences[((tail > 0) & (last == 0)) | (q_total == 0)] = math.inf
+    every = np.arange(start_bin, n + 1, stride)
+    parts = []
+    # candidates in chunks: [candidates, levels] arrays stay a few MB even for a grown histogram (128K bins)
+    for kept in np.array_split(every, max(1, len(every) // 4096)):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bounds = (np.arange(levels + 1)[None, :] * kept[:, None] + levels - 1) // levels
+            weight = np.diff(prefix[bounds], axis=1)
+            members = np.diff(filled[bounds], axis=1)
+            level_terms = np.where(members > 0, weight * np.log(weight / members), 0.0).sum(axis=1)
+            last, tail = bins[kept - 1], total - prefix[kept]
+            p_last = last + tail
+            sum_p_log_p = prefix_xlogx[kept - 1] + np.where(p_last > 0, p_last * np.log(p_last), 0.0)
+            last_level_mean = weight[:, -1] / members[:, -1]
+            sum_p_log_q = level_terms + np.where(tail > 0, tail * np.log(last_level_mean), 0.0)
+            q_total = prefix[kept]
+            part = sum_p_log_p / total - np.log(total) - sum_p_log_q / total + np.log(q_total)
+        part[((tail > 0) & (last == 0)) | (q_total == 0)] = math.inf
+        parts.append(part)
+    divergences = np.concatenate(parts)
     final = len(divergences) - 1 - int(np.argmin(divergences[::-1]))   # last minimum
     return float(edges[final * stride + start_bin])
 
@@ -253,12 +260,67 @@ def save_states(path, collectors: dict[str, HistogramCollector]) -> None:
 
 
 def load_states(path) -> dict[str, HistogramCollector]:
-    with np.load(path, allow_pickle=False) as data:
-        names = [str(n) for n in data["names"]]
-        states = {}
-        for i, name in enumerate(names):
-            width, amax = data[f"{i}.scalars"]
-            num_bins, zeros, elements, nonfinite = (int(v) for v in data[f"{i}.integers"])
-            states[name] = HistogramCollector(num_bins, float(width), data[f"{i}.counts"].astype(np.int64),
-                                              zeros, float(amax), elements, nonfinite)
+    """Collector states written by `save_states`, checked: anything else is a QdqcError naming the file."""
+    from pathlib import Path
+
+    from .data import Npz
+    from .errors import QdqcError, UsageError
+
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected a statistics .npz")
+    with Npz(path) as data:
+        try:
+            names = [str(n) for n in data["names"]]
+            if len(set(names)) != len(names):
+                raise ValueError("a tensor is listed twice")
+            states = {}
+            for i, name in enumerate(names):
+                scalars, integers, counts = data[f"{i}.scalars"], data[f"{i}.integers"], data[f"{i}.counts"]
+                if scalars.shape != (2,) or integers.shape != (4,) or counts.ndim != 1:
+                    raise ValueError(f"tensor '{name}': unexpected array shapes")
+                width, amax = (float(v) for v in scalars)
+                num_bins, zeros, elements, nonfinite = (int(v) for v in integers)
+                if not (math.isfinite(width) and math.isfinite(amax) and width >= 0 and amax >= 0) \
+                        or not 0 < num_bins <= MAX_BINS or len(counts) > MAX_BINS \
+                        or min(zeros, elements, nonfinite) < 0 or (counts.size and counts.min() < 0) \
+                        or not np.issubdtype(counts.dtype, np.integer):
+                    raise ValueError(f"tensor '{name}': values out of range")
+                states[name] = HistogramCollector(num_bins, width, counts.astype(np.int64), zeros, amax, elements,
+                                                  nonfinite)
+        except KeyError as exc:
+            raise QdqcError(f"{path}: not a qdqc statistics file (no array {exc})") from None
+        except (ValueError, TypeError) as exc:
+            raise QdqcError(f"{path}: not a qdqc statistics file ({exc})") from None
     return states
+
+
+def merge_state_files(paths) -> dict[str, HistogramCollector]:
+    """The exact merge of several `--shard` runs' states; refuses a file given twice, states of another
+    model and states on another bin grid."""
+    from pathlib import Path
+
+    from .errors import QdqcError, UsageError
+    from .ir import same_file
+
+    paths = [Path(p) for p in paths]
+    for i, path in enumerate(paths):
+        for earlier in paths[:i]:
+            if same_file(path, earlier):
+                raise UsageError(f"{path}: listed twice (its samples would count double)")
+    merged = None
+    for path in paths:
+        states = load_states(path)
+        if merged is None:
+            merged = states
+            continue
+        if set(states) != set(merged):
+            raise QdqcError(f"{path}: its tensors differ from {paths[0]}'s (collected on another model?)")
+        for name, collector in states.items():
+            try:
+                merged[name].merge(collector)
+            except ValueError as exc:
+                raise QdqcError(f"{path}: tensor '{name}': {exc}") from None
+    return merged

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ir
+from . import ir, quant
 from .bert import match_encoder, match_layer_norm
 
 
@@ -37,7 +37,7 @@ def _check_qdq(node: gs.Node) -> list[Violation]:
     out: list[Violation] = []
 
     def bad(rule: str, message: str):
-        out.append(Violation(rule, node.name, message))
+        out.append(Violation(rule, ir.label(node), message))
 
     scale = ir.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if scale is None:
@@ -63,7 +63,7 @@ def _check_qdq(node: gs.Node) -> list[Violation]:
         if weight is None:
             bad("per-channel-activation", "per-channel scale on an activation (only constant weights may be per-channel)")
         else:
-            dim = weight.shape[(axis if axis is not None else 1) % weight.ndim]
+            dim = weight.shape[quant.channel_axis(node.attrs, scale.size) % weight.ndim]
             if scale.size != dim:
                 bad("per-channel-length", f"{scale.size} scales for axis {axis} of length {dim}")
     elif axis is not None:
@@ -85,20 +85,19 @@ def _quantized_constant(node: gs.Node) -> np.ndarray | None:
 
 def _check_float_regions(graph: gs.Graph) -> list[Violation]:
     """No Q/DQ between the nodes of a LayerNorm or GELU (they must run in float)."""
-    regions: dict[tuple[str, ...], tuple[str, str]] = {}
+    regions: list[tuple[tuple[gs.Node, ...], str, str]] = []
     for tensor in graph.tensors().values():
         if any(n.op in ("ReduceMean", "LayerNormalization") for n in tensor.outputs):
             norm = match_layer_norm(tensor)
             if norm is not None and norm.kind == "decomposed":
-                regions[norm.nodes] = ("LayerNorm", norm.output)
+                regions.append((norm.nodes, "LayerNorm", norm.output))
     for layer in match_encoder(graph).layers:
-        regions[layer.activation.nodes] = ("GELU", layer.activation.output)
-    nodes = {n.name: n for n in graph.nodes}
+        regions.append((layer.activation.nodes, "GELU", layer.activation.output))
     found = []
-    for members, (kind, output) in regions.items():
-        internal = {t.name for name in members for t in nodes[name].outputs} - {output}
+    for members, kind, output in regions:
+        internal = {t.name for member in members for t in member.outputs} - {output}
         for node in graph.nodes:
             if node.op == "QuantizeLinear" and node.inputs[0].name in internal:
-                found.append(Violation("float-region", node.name,
+                found.append(Violation("float-region", ir.label(node),
                                        f"quantizes '{node.inputs[0].name}' inside a {kind} (keep it in float)"))
     return found

@@ -103,14 +103,25 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(run=run_compile, report_command=False)
 
 
-def _checked_output(args) -> Path:
-    """The output path, refused when it is the input and --overwrite was not given."""
+def _checked_output(args, *extra: Path | None) -> Path:
+    """The output path, checked before any work (writable folder; the input only with --overwrite), and
+    the command's other outputs (`extra`, e.g. --report), which may replace neither an input nor it."""
     from . import ir
 
-    output = _output_path(args)
-    if ir.same_file(output, args.model) and not args.overwrite:
-        raise UsageError(f"{output}: output would overwrite the input model (pass --overwrite to allow it)")
+    ir.check_input(args.model)
+    output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
+    _checked_extra(args, *extra, output=output)
     return output
+
+
+def _checked_extra(args, *paths: Path | None, output: Path | None = None) -> None:
+    from . import ir
+
+    inputs = [getattr(args, "model", None), getattr(args, "data", None), getattr(args, "eval", None)]
+    inputs += list(getattr(args, "models", None) or []) + list(getattr(args, "compare", None) or [])
+    paths = [p for p in paths if p is not None]
+    for index, path in enumerate(paths):
+        ir.check_output(path, inputs=inputs, others=[output, *paths[:index]])
 
 
 def _output_path(args) -> Path:
@@ -125,6 +136,8 @@ def _output_path(args) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qdqc", description="INT8 Q/DQ compiler for BERT-family ONNX models")
     parser.add_argument("--version", action="version", version=f"qdqc {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback (also QDQC_DEBUG=1), for bug reports")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     insert = sub.add_parser("insert", help="insert Q/DQ at the FasterTransformer BERT sites")
@@ -230,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_insert(args) -> int:
-    from . import api
+    from . import api, ir
     from .config import InsertConfig
     from .insert import summary
 
-    output = _checked_output(args)
+    output = _checked_output(args, args.report)
     result = api.insert(args.model, mode=args.mode, verify=args.verify)
     result.save(output, overwrite=args.overwrite)
     if args.report:
@@ -243,8 +256,8 @@ def run_insert(args) -> int:
     if not args.quiet:
         print(text)
         if args.explain:
-            for node, why in result.inserted.match.unmatched_gemms.items():
-                print(f"  unmatched {node}: {why}")
+            for node, why in result.inserted.match.unmatched_gemms:
+                print(f"  unmatched {ir.label(node)}: {why}")
         print(f"wrote {output}")
     elif result.inserted.plan.fallback:
         print(text.splitlines()[0], file=sys.stderr)
@@ -298,7 +311,7 @@ def run_calibrate(args) -> int:
 
     if args.data is None and args.stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
-    output = _checked_output(args)
+    output = _checked_output(args, args.report, args.stats if args.data is not None else None)
     result = api.calibrate(args.model, args.data, stats=args.stats, shard=args.shard, **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     if args.report:
@@ -310,31 +323,16 @@ def run_calibrate(args) -> int:
 
 
 def run_merge(argv: list[str]) -> int:
-    from .calibration import load_states, save_states
+    from . import ir
+    from .calibration import merge_state_files, save_states
 
     parser = argparse.ArgumentParser(prog="qdqc calibrate merge",
                                      description="merge collector states from shards (exact with --shard)")
     parser.add_argument("states", type=Path, nargs="+")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    merged = None
-    for path in args.states:
-        if not path.exists():
-            raise UsageError(f"{path}: no such file")
-        try:
-            states = load_states(path)
-        except (OSError, ValueError, KeyError) as exc:
-            raise QdqcError(f"{path}: not a qdqc statistics file ({exc})") from None
-        if merged is None:
-            merged = states
-            continue
-        if set(states) != set(merged):
-            raise QdqcError(f"{path}: its tensors differ from {args.states[0]}'s (collected on another model?)")
-        for name, collector in states.items():
-            try:
-                merged[name].merge(collector)
-            except ValueError as exc:
-                raise QdqcError(f"{path}: tensor '{name}': {exc}") from None
+    ir.check_output(args.output, inputs=args.states)
+    merged = merge_state_files(args.states)
     save_states(args.output, merged)
     print(f"merged {len(args.states)} statistics files ({len(merged)} tensors) into {args.output}")
     return 0
@@ -366,7 +364,7 @@ def run_compile(args) -> int:
         raise UsageError(f"{'report' if args.report_command else 'compile'} needs --data (calibration samples)")
     if args.report_command and args.html is None:
         raise UsageError("report needs --html FILE (where to write the report)")
-    output = _checked_output(args)
+    output = _checked_output(args, args.report, args.html)
     result = api.compile(args.model, args.data, target=args.target, mode=args.mode, keep_fp32=args.keep_fp32,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine, html=args.html,
                          eval=args.eval, **_calibration_options(args))
@@ -395,10 +393,11 @@ def run_compile(args) -> int:
 def run_analyze(args) -> int:
     from . import api
 
+    _checked_extra(args, args.json)
     ranking = api.analyze(args.model, args.data, samples=args.samples, providers=args.providers,
                           tokenizer=args.tokenizer, max_length=args.max_length, field=args.field, quiet=args.quiet)
     if args.json:
-        _write_json(args.json, [vars(s) for s in ranking])
+        _write_json(args.json, [s.to_json() for s in ranking])
     if not args.quiet:
         print(f"{'rank':>4}  {'only this site: cos':>19} {'SNR dB':>7}  {'all but this: cos':>17} {'SNR dB':>7}  tensor")
         for rank, site in enumerate(ranking, 1):
@@ -431,14 +430,8 @@ def run_bench(args) -> int:
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")
-    data = None
-    if args.data is not None:
-        import numpy as np
-
-        if not args.data.exists():
-            raise UsageError(f"{args.data}: no such file")
-        with np.load(args.data, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
+    _checked_extra(args, args.json, args.plot)
+    data = args.data
     results = []
     for batch, seq in _sweep(args.sweep):
         config = replace(base, batch=batch or base.batch, sequence=seq or base.sequence)
@@ -455,9 +448,11 @@ def run_bench(args) -> int:
 
 
 def run_build_engine(args) -> int:
+    from . import ir
     from .bench import parse_shapes
     from .engine_build import EngineConfig, build_engine, profile_line, summary_line
 
+    ir.check_output(args.output, inputs=[ir.check_input(args.model)])
     capabilities = tuple(c.strip() for c in args.compute_capability.split(",") if c.strip())
     config = EngineConfig(args.int8, args.fp16, parse_shapes(args.opt_shapes or args.shapes),
                           parse_shapes(args.min_shapes), parse_shapes(args.max_shapes), args.workspace,
@@ -473,6 +468,7 @@ def run_check(args) -> int:
     from . import ir
     from .check import check_graph
 
+    _checked_extra(args, args.json)
     graph = ir.load(args.model)
     violations = check_graph(graph)
     for violation in violations:
@@ -500,27 +496,44 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import warnings
+
+    from .errors import Interrupted, on_termination
 
     warnings.formatwarning = _one_line_warning
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or os.environ.get("QDQC_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
-        if argv[:2] == ["calibrate", "merge"]:
-            return run_merge(argv[2:])
-        args = build_parser().parse_args(argv)
-        return args.run(args)
+        with on_termination():
+            if argv[:2] == ["calibrate", "merge"]:
+                return run_merge(argv[2:])
+            args = build_parser().parse_args(argv)
+            return args.run(args)
     except QdqcError as exc:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"qdqc: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("qdqc: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print("qdqc: interrupted" if isinstance(exc, KeyboardInterrupt) else f"qdqc: {exc}", file=sys.stderr)
+        return 130 if isinstance(exc, KeyboardInterrupt) else exc.exit_code
     except BrokenPipeError:  # `qdqc analyze ... | head`
         sys.stderr.close()
         return 0
     except MemoryError:
         print("qdqc: error: out of memory", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug in qdqc: one line, the traceback with --debug
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"qdqc: internal error: {type(exc).__name__}: {first} (rerun with --debug or QDQC_DEBUG=1 "
+              "for the traceback, and report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
 """User-facing errors: each becomes one line on stderr and a non-zero exit code."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
 
 
 class QdqcError(Exception):
@@ -23,3 +28,30 @@ class PassError(QdqcError):
 
 class QdqcNote(UserWarning):
     """Something qdqc did on the user's behalf that they should know about (the CLI prints `qdqc: note: ...`)."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM: unwinds like Ctrl-C, so temporary files are removed and the output is never half written."""
+
+    exit_code = 143
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def on_termination():
+    """While the body runs, SIGTERM raises `Interrupted` in the main thread (Python's default would end
+    the process without running cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_interrupted(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -8,18 +8,26 @@ def open_session(model, threads: int | None = None, optimize: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     payload = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        from .calibrate import ort_message
+        from .errors import QdqcError
+
+        raise QdqcError(f"onnxruntime cannot load {'the model' if hasattr(model, 'SerializeToString') else model}: "
+                        f"{ort_message(exc)}") from None
 
 
 def embeddings(session, feeds: dict[str, np.ndarray], batch_size: int = 32) -> np.ndarray:
     """Mean-pooled (over attended tokens) first output for every sample."""
+    from .calibrate import run
     from .data import trim
 
     names = {i.name for i in session.get_inputs()}
@@ -27,7 +35,7 @@ def embeddings(session, feeds: dict[str, np.ndarray], batch_size: int = 32) -> n
     pooled = []
     for start in range(0, count, batch_size):
         batch = trim({k: v[start:start + batch_size] for k, v in feeds.items() if k in names})
-        hidden = session.run(None, batch)[0]
+        hidden = run(session, None, batch, f"evaluation samples {start}..{start + len(batch['attention_mask']) - 1}")[0]
         mask = batch["attention_mask"][..., None].astype(np.float32)
         pooled.append((hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1e-9))
     return np.concatenate(pooled)

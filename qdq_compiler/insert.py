@@ -12,6 +12,10 @@ from .config import InsertConfig
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 from .placement import QuantPlan
 
+# what `qdqc lower` (or onnxruntime's own quantizer) leaves: integer kernels instead of Q/DQ pairs
+LOWERED_OPS = frozenset({"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearConv",
+                         "ConvInteger", "DynamicQuantizeLinear"})
+
 
 @dataclass(frozen=True)
 class InsertResult:
@@ -32,6 +36,13 @@ def insert(graph: gs.Graph, config: InsertConfig, *, verify: bool = False) -> In
     before = count_qdq(graph)
     ctx = PassContext(config)
     records = run_pipeline(graph, PIPELINES["insert"], ctx, verify=verify)
+    plan = ctx.analyses["plan"]
+    if not plan.quantizers and not plan.existing:
+        from .errors import QdqcError
+
+        lowered = [n.op for n in graph.nodes if n.op in LOWERED_OPS]
+        raise QdqcError("nothing to quantize: " + (f"the model is already lowered ({lowered[0]})" if lowered else
+                                                   "the model has no MatMul, Gemm or Conv"))
     return InsertResult(ctx.analyses["encoder"], ctx.analyses["plan"], tuple(records),
                         ctx.analyses.get("created", {}), before)
 
@@ -56,10 +67,12 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
         layers.append({
             "index": layer.index, "input": layer.input, "output": layer.output,
             "fused_qkv": layer.fused_qkv,
-            "linears": {role: {"node": lin.node, "op": lin.op, "weight": lin.weight, "bias_add": lin.bias_add}
+            "linears": {role: {"node": ir.label(lin.node), "op": lin.op, "weight": lin.weight,
+                               "bias_add": lin.bias_add and ir.label(lin.bias_add)}
                         for role, lin in layer.linears().items()},
-            "attention": {"bmm1": attn.bmm1, "bmm2": attn.bmm2, "softmax": attn.softmax,
-                          "scale": list(attn.scale), "scale_position": attn.scale_position, "mask": attn.mask},
+            "attention": {"bmm1": ir.label(attn.bmm1), "bmm2": ir.label(attn.bmm2), "softmax": ir.label(attn.softmax),
+                          "scale": [ir.label(n) for n in attn.scale], "scale_position": attn.scale_position,
+                          "mask": attn.mask and ir.label(attn.mask)},
             "layer_norm": [layer.attention_norm.kind, layer.ffn_norm.kind],
             "activation": layer.activation.kind,
             "sites": sites,
@@ -71,8 +84,9 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
         "layers": layers,
         "other_sites": other,
         "quantizers": [q.to_json() for q in result.plan.quantizers],
-        "unmatched_gemms": [{"node": n, "reason": why} for n, why in result.match.unmatched_gemms.items()],
-        "rejected_attention_blocks": [vars(r) | {"gemms": list(r.gemms)} for r in result.match.rejections],
+        "unmatched_gemms": [{"node": ir.label(n), "reason": why} for n, why in result.match.unmatched_gemms],
+        "rejected_attention_blocks": [{"anchor": ir.label(r.anchor), "reason": r.reason,
+                                       "gemms": [ir.label(g) for g in r.gemms]} for r in result.match.rejections],
         "input_quantization": {"qdq_nodes": result.input_qdq,
                                "sites_already_quantized": [vars(e) for e in result.plan.existing]},
         "skipped_sites": [{"site": s, "reason": why} for s, why in result.plan.skipped],

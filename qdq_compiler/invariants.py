@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from .ir import GENERATED_MARK, describe
 
 
 def check_invariants(graph: gs.Graph) -> list[str]:
@@ -16,14 +17,15 @@ def check_invariants(graph: gs.Graph) -> list[str]:
     available |= {name for name, t in graph.tensors().items() if isinstance(t, gs.Constant)}
     produced: set[str] = set()
     for node in graph.nodes:
-        if not node.name:
-            problems.append(f"a {node.op} node has no name")
-        elif node.name in seen_nodes:
-            problems.append(f"node name '{node.name}' is used twice")
-        seen_nodes.add(node.name)
+        # empty and repeated names are legal ONNX (the input model may have them); the names qdqc
+        # generates (`{tensor}::q`, ...: GENERATED_MARK) are unique by construction
+        if GENERATED_MARK in node.name:
+            if node.name in seen_nodes:
+                problems.append(f"generated node name '{node.name}' is used twice")
+            seen_nodes.add(node.name)
         for tensor in node.inputs:
             if tensor.name and not isinstance(tensor, gs.Constant) and tensor.name not in available:
-                problems.append(f"node '{node.name}' reads '{tensor.name}' before it is produced")
+                problems.append(f"{describe(node)} reads '{tensor.name}' before it is produced")
         for tensor in node.outputs:
             if tensor.name in produced:
                 problems.append(f"tensor '{tensor.name}' is produced twice")

@@ -5,6 +5,7 @@ lives in this module; passes see a `gs.Graph`.
 """
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 import shutil
@@ -22,30 +23,59 @@ MIN_OPSET = 13
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT - (64 << 20)  # weights past this go to <model>.data
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# graphsurgeon logs a multi-line warning on every export of a graph whose nodes share a name; repeated
+# and empty node names are legal ONNX and qdqc keys nodes by identity, so only its errors are shown
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+GENERATED_MARK = "::"   # every node and tensor name qdqc makes is `{what it attaches to}::{role}`
 
 
 # ---------------------------------------------------------------- load / save
 
-def load(path: str | os.PathLike) -> gs.Graph:
-    """Load an ONNX model (external data included) as a graph, or say why not."""
+def check_input(path: str | os.PathLike, what: str = "an .onnx file") -> Path:
+    """An input file that exists and is not a folder, or a one-line UsageError."""
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
     if path.is_dir():
-        raise UsageError(f"{path}: is a directory, expected an .onnx file")
+        raise UsageError(f"{path}: is a directory, expected {what}")
+    return path
+
+
+def load(path: str | os.PathLike) -> gs.Graph:
+    """Load an ONNX model (external data included) as a graph, or say why not."""
+    model = read_model(path)
     try:
-        model = onnx.load(str(path), load_external_data=True)
+        onnx.external_data_helper.load_external_data_for_model(model, str(Path(path).parent))
+    except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ModelError(f"{path}: cannot read its external data ({str(exc).strip().splitlines()[0]})") from None
+    return gs.import_onnx(model)
+
+
+def read_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model's protobuf without its external data, checked: a readable graph, a supported opset,
+    external-data files inside the model's folder. What `load` and the benchmark runner rely on."""
+    path = check_input(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
     except DecodeError as exc:
         raise ModelError(f"{path}: not a readable ONNX model (truncated or corrupt protobuf: {exc})") from None
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{path}: cannot read ONNX model ({exc})") from None
-    return from_model(model, str(path))
+        raise ModelError(f"{path}: cannot read ONNX model ({str(exc).strip().splitlines()[0]})") from None
+    check_readable(model, str(path))
+    _check_external_locations(model, path)
+    return model
 
 
 def from_model(model: onnx.ModelProto, where: str = "model") -> gs.Graph:
     """A graph from an in-memory model, with `load`'s checks (`where` names it in errors)."""
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"{where}: expected an onnx.ModelProto, got {type(model).__name__}")
+    check_readable(model, where)
+    return gs.import_onnx(model)
+
+
+def check_readable(model: onnx.ModelProto, where: str) -> None:
+    """A graph with nodes and an opset qdqc supports, or a one-line ModelError naming `where`."""
     if not model.graph.node or model.ir_version == 0:
         raise ModelError(f"{where}: not an ONNX model (no graph nodes or IR version)")
     opset = default_opset(model)
@@ -53,7 +83,33 @@ def from_model(model: onnx.ModelProto, where: str = "model") -> gs.Graph:
     if opset < MIN_OPSET or opset > newest:
         raise ModelError(f"{where}: opset {opset} is unsupported (need {MIN_OPSET}..{newest}; "
                          f"convert with onnx.version_converter.convert_version)")
-    return gs.import_onnx(model)
+
+
+def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
+    """Every external-data file must lie inside the model's folder (no `../../etc/passwd`, no absolute path)."""
+    folder = path.parent.resolve()
+    for tensor in _all_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or folder not in target.parents:
+            raise ModelError(f"{path}: tensor '{tensor.name}' keeps its data at {location!r}, outside the model's "
+                             "folder: refused")
+        if not target.is_file():
+            raise ModelError(f"{path}: tensor '{tensor.name}': external data file {location!r} is missing")
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    """Initializers and attribute tensors of a graph and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _all_tensors(sub)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -191,6 +247,33 @@ def write_model(graph: gs.Graph, path: Path, data_name: str | None = None) -> No
             data.close()
 
 
+def check_output(path: str | os.PathLike, *, inputs=(), overwrite: bool | None = None, others=()) -> Path:
+    """Refuse, before any work, an output that cannot be written or would replace an input.
+
+    `inputs` are the files the command reads: replacing one is refused, unless `overwrite` is True
+    (None: the command has no --overwrite for this output); `others` are its other outputs."""
+    path = Path(path)
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            if overwrite:
+                break
+            raise UsageError(f"{path}: output would overwrite the input {source}"
+                             + (" (pass --overwrite to allow it)" if overwrite is not None else ""))
+    for other in others:
+        if other is not None and same_file(path, other):
+            raise UsageError(f"{path}: is also the command's output {other}")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected an output file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise QdqcError(f"{path}: cannot write output (directory {parent} does not exist)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise QdqcError(f"{path}: cannot write output (directory {parent} is not writable)")
+    if path.exists() and not os.access(path, os.W_OK) and not os.access(parent, os.W_OK):
+        raise QdqcError(f"{path}: cannot write output (permission denied)")
+    return path
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -205,15 +288,23 @@ def _umask() -> int:
 
 
 def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+    """Write through a temp file in the same folder and rename: the path holds the old file or the whole
+    new one, never part of it; the temp file is removed whatever stops the write (Ctrl-C, SIGTERM)."""
     path = Path(path)
+    tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=".qdqc-", dir=path.parent if str(path.parent) else ".")
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report or engine is an ordinary file
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
         raise QdqcError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -300,6 +391,23 @@ def cleanup(graph: gs.Graph) -> None:
     toposort(graph)
 
 
+def unique_node_names(graph: gs.Graph) -> int:
+    """Give every repeat of a node name a fresh one (`name::1`, ...); returns how many were renamed.
+
+    Repeated names are legal ONNX but onnxruntime refuses to load such a model, so what qdqc hands to
+    a runtime (the calibration network, a lowered model) gets them; the first holder and unnamed nodes
+    keep their names."""
+    names = Names(graph)
+    seen: set[str] = set()
+    renamed = 0
+    for node in graph.nodes:
+        if node.name and node.name in seen:
+            node.name = names.fresh(f"{node.name}{GENERATED_MARK}1")
+            renamed += 1
+        seen.add(node.name)
+    return renamed
+
+
 class Names:
     """Unique, deterministic names: `base`, then `base_1`, `base_2`, ..."""
 
@@ -317,6 +425,22 @@ class Names:
 
 # ---------------------------------------------------------------- small graph queries
 
+def describe(node: gs.Node) -> str:
+    """How a message names a node: `Op 'name'`, or by its first output when it has no name.
+
+    Only for people: empty and repeated node names are legal ONNX, so code keys nodes by
+    identity, never by this text."""
+    if node.name:
+        return f"{node.op} '{node.name}'"
+    output = node.outputs[0].name if node.outputs else "nothing"
+    return f"unnamed {node.op} (output '{output}')"
+
+
+def label(node: gs.Node) -> str:
+    """A report's name for a node: its name, or `<op producing 'output'>` when it has none."""
+    return node.name or describe(node)
+
+
 def producer(tensor: gs.Tensor) -> gs.Node | None:
     return tensor.inputs[0] if tensor.inputs else None
 
@@ -330,6 +454,19 @@ def constant(tensor: gs.Tensor) -> np.ndarray | None:
         value = node.attrs["value"]
         return value.values if isinstance(value, gs.Constant) else None
     return None
+
+
+def inline_constant(graph: gs.Graph, tensor: gs.Variable, value: np.ndarray) -> gs.Constant:
+    """Replace a Constant node's output by an initializer of the same name and value, in every reader."""
+    initializer = gs.Constant(tensor.name, np.array(value))
+    for reader in list(tensor.outputs):
+        for index, current in enumerate(reader.inputs):
+            if current is tensor:
+                reader.inputs[index] = initializer
+    producer(tensor).outputs.clear()
+    tensor.name = ""   # the initializer holds the name now; the orphaned Constant node goes at cleanup
+    graph.nodes = [n for n in graph.nodes if n.outputs]
+    return initializer
 
 
 def is_constant(tensor: gs.Tensor) -> bool:

@@ -33,7 +33,21 @@ class LowerConfig:
         object.__setattr__(self, "keep_fp32", keep)
 
 
-def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False) -> list[PassRecord]:
+def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False,
+          require_calibrated: bool = True) -> list[PassRecord]:
+    """Lower a calibrated Q/DQ graph; one whose activation scales are still insert's placeholders is
+    refused unless `require_calibrated` is False (structure-only uses)."""
     if not any(n.op == "QuantizeLinear" for n in graph.nodes):
         raise UsageError("the model has no QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
-    return run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)
+    if require_calibrated:
+        from .calibrate import require_calibrated as check
+
+        check(graph, "qdqc lower")
+    from .calibrate import require_fake_quant
+
+    require_fake_quant(graph, "qdqc lower")
+    records = run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)
+    from . import ir
+
+    ir.unique_node_names(graph)   # a lowered model is for a runtime, and onnxruntime refuses repeated node names
+    return records

@@ -6,7 +6,7 @@ quantized consumers gets one quantizer (one scale) whatever the number of sites.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from enum import Enum
 
@@ -16,7 +16,7 @@ from . import ir
 from .bert import RESHAPE_OPS, EncoderLayer, EncoderMatch, weight_of
 from .config import InsertConfig, Mode, SiteKind
 
-GRAPH_OUTPUT = "<graph output>"
+GRAPH_OUTPUT = "<graph output>"   # how a report names the graph-output use
 
 
 class TensorKind(str, Enum):
@@ -24,10 +24,23 @@ class TensorKind(str, Enum):
     WEIGHT = "weight"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Use:
-    node: str    # GRAPH_OUTPUT for a graph output
-    tensor: str  # the tensor this use reads now (resolved to input indices at insertion)
+    """A reader of a tensor: the node itself (None for a graph output), never its name, which may be
+    empty or shared with other nodes (legal ONNX)."""
+
+    node: gs.Node | None   # None: the graph output
+    tensor: str            # the tensor this use reads now (resolved to input indices at insertion)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Use) and self.node is other.node and self.tensor == other.tensor
+
+    def __hash__(self) -> int:
+        return hash((id(self.node), self.tensor))
+
+    @property
+    def label(self) -> str:
+        return GRAPH_OUTPUT if self.node is None else ir.label(self.node)
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,7 @@ class Quantizer:
         return {"tensor": self.tensor, "kind": self.kind.value,
                 "granularity": "per-channel" if self.axis is not None else "per-tensor",
                 "axis": self.axis, "sites": list(self.sites), "scale_group": self.scale_group,
-                "consumers": [u.node for u in self.uses]}
+                "consumers": [u.label for u in self.uses]}
 
 
 @dataclass(frozen=True)
@@ -69,7 +82,7 @@ class QuantPlan:
 class _Request:
     site: str
     tensor: str
-    use: Use
+    use: Use | None      # None: every reader of the tensor (resolved from the graph in _merge)
     kind: TensorKind
     axis: int | None = None
     group: str | None = None
@@ -90,7 +103,7 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
     return _merge(graph, requests, skipped, config.mode, fallback)
 
 
-def gemm_input_site(tensors: dict[str, gs.Tensor], node: str, tensor: str) -> Use:
+def gemm_input_site(tensors: dict[str, gs.Tensor], node: gs.Node, tensor: str) -> Use:
     """Where a GEMM input is quantized: before the reshapes that only flatten it for this GEMM,
     so Q, K and V Gemms behind their own Reshapes still share the one LayerNorm-output quantizer."""
     use = Use(node, tensor)
@@ -98,7 +111,7 @@ def gemm_input_site(tensors: dict[str, gs.Tensor], node: str, tensor: str) -> Us
         reshape = ir.producer(tensors[use.tensor])
         if reshape is None or reshape.op not in RESHAPE_OPS or len(reshape.outputs[0].outputs) != 1:
             return use
-        use = Use(reshape.name, reshape.inputs[0].name)
+        use = Use(reshape, reshape.inputs[0].name)
 
 
 def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str, gs.Tensor],
@@ -118,7 +131,7 @@ def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str
         if SiteKind.GEMM_OUTPUT in sites:
             site = f"{prefix}.{role}.gemm_output"
             if linear.bias_add is None:
-                skipped.append((site, f"{linear.op} '{linear.node}' has no separate bias Add to quantize before"))
+                skipped.append((site, f"{ir.describe(linear.node)} has no separate bias Add to quantize before"))
             else:
                 out.append(_Request(site, linear.gemm_output, Use(linear.bias_add, linear.gemm_output),
                                     TensorKind.ACTIVATION, group=shared and shared + ".gemm_output"))
@@ -132,7 +145,7 @@ def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str
             out.append(_Request(f"{prefix}.{name}", tensor, Use(node, tensor), TensorKind.ACTIVATION, group=group))
     if SiteKind.QK_OUTPUT in sites:
         # the readers are resolved from the graph in _merge (scale Mul, mask Add or Softmax)
-        out.append(_Request(f"{prefix}.qk_output", attn.scores, Use("*", attn.scores), TensorKind.ACTIVATION))
+        out.append(_Request(f"{prefix}.qk_output", attn.scores, None, TensorKind.ACTIVATION))
     for name, residual in (("attention_residual", layer.attention_residual), ("ffn_residual", layer.ffn_residual)):
         if SiteKind.RESIDUAL_SKIP in sites:
             out.append(_Request(f"{prefix}.{name}.skip", residual.skip, Use(residual.add, residual.skip),
@@ -143,19 +156,22 @@ def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str
 
 
 def _final_requests(graph: gs.Graph, last: EncoderLayer, out: list[_Request]) -> None:
-    out.append(_Request("final_output", last.output, Use("*", last.output), TensorKind.ACTIVATION))
+    out.append(_Request("final_output", last.output, None, TensorKind.ACTIVATION))
     if any(t.name == last.output for t in graph.outputs):
-        out.append(_Request("final_output", last.output, Use(GRAPH_OUTPUT, last.output), TensorKind.ACTIVATION))
+        out.append(_Request("final_output", last.output, Use(None, last.output), TensorKind.ACTIVATION))
 
 
 def _generic_requests(graph: gs.Graph, config: InsertConfig) -> list[_Request]:
     """Every MatMul/Gemm/Conv input: activations per tensor, constant weights per channel."""
     requests = []
+    names = Counter(n.name for n in graph.nodes)
     for node in graph.nodes:
         if node.op not in ("MatMul", "Gemm", "Conv"):
             continue
+        # a site is named after its node, or after the node's output when the name is empty or shared
+        owner = node.name if node.name and names[node.name] == 1 else node.outputs[0].name
         for index, tensor in enumerate(node.inputs[:2]):
-            site = f"{node.name}.input{index}"
+            site = f"{owner}.input{index}"
             found = weight_of(node, index) if index == 1 and node.op != "Conv" else None
             if found is not None:
                 const, transposed, user, _ = found
@@ -163,9 +179,9 @@ def _generic_requests(graph: gs.Graph, config: InsertConfig) -> list[_Request]:
                 requests.append(_Request(site, const.name, Use(user[0], const.name), TensorKind.WEIGHT, axis))
             elif ir.is_constant(tensor):
                 axis = 0 if node.op == "Conv" and config.per_channel_weights else None
-                requests.append(_Request(site, tensor.name, Use(node.name, tensor.name), TensorKind.WEIGHT, axis))
+                requests.append(_Request(site, tensor.name, Use(node, tensor.name), TensorKind.WEIGHT, axis))
             else:
-                requests.append(_Request(site, tensor.name, Use(node.name, tensor.name), TensorKind.ACTIVATION))
+                requests.append(_Request(site, tensor.name, Use(node, tensor.name), TensorKind.ACTIVATION))
     return requests
 
 
@@ -177,7 +193,6 @@ def _generic_axis(node: gs.Node, transposed: bool) -> int:
 def _merge(graph: gs.Graph, requests: list[_Request], skipped: list[tuple[str, str]], mode: Mode,
            fallback: bool) -> QuantPlan:
     tensors = graph.tensors()
-    nodes = {n.name: n for n in graph.nodes}
     merged: OrderedDict[str, dict] = OrderedDict()
     existing: list[ExistingQuantizer] = []
     for request in requests:
@@ -186,18 +201,18 @@ def _merge(graph: gs.Graph, requests: list[_Request], skipped: list[tuple[str, s
         if source is not None and source.op == "DequantizeLinear":
             existing.append(ExistingQuantizer(request.site, request.tensor, "already dequantized in the input model"))
             continue
-        reader = nodes.get(request.use.node)
+        reader = request.use.node if request.use is not None else None
         if reader is not None and request.tensor not in {t.name for t in reader.inputs}:
             existing.append(ExistingQuantizer(request.site, request.tensor,
-                                              f"'{reader.name}' already reads it through a DequantizeLinear"))
+                                              f"{ir.describe(reader)} already reads it through a DequantizeLinear"))
             continue
         entry = merged.setdefault(request.tensor, {"kind": request.kind, "axis": request.axis, "uses": [],
                                                    "sites": [], "group": request.group})
         if entry["axis"] != request.axis or entry["kind"] != request.kind:
             skipped.append((request.site, f"'{request.tensor}' is already quantized with another granularity"))
             continue
-        uses = ([Use(n.name, request.tensor) for n in tensor.outputs if n.op != "Shape"]
-                if request.use.node == "*" else [request.use])
+        uses = ([Use(n, request.tensor) for n in tensor.outputs if n.op != "Shape"]
+                if request.use is None else [request.use])
         for use in uses:
             if use not in entry["uses"]:
                 entry["uses"].append(use)

@@ -5,6 +5,15 @@ import numpy as np
 
 QMAX = 127
 MIN_AMAX = 2.0 ** -24   # below this pytorch-quantization treats a range as zero
+PLACEHOLDER_SCALE = 1.0  # what `insert` gives every activation quantizer until calibration
+DEFAULT_AXIS = 1        # ONNX QuantizeLinear/DequantizeLinear: `axis` defaults to 1
+
+
+def channel_axis(attrs: dict, scale_size: int) -> int | None:
+    """The per-channel axis of a Q/DQ with these attributes and this many scales, None when per-tensor.
+
+    A per-channel node without an `axis` attribute (QAT exports) quantizes along ONNX's default axis 1."""
+    return int(attrs.get("axis", DEFAULT_AXIS)) if scale_size > 1 else None
 
 
 def amax(values: np.ndarray, axis: int | None = None) -> np.ndarray:

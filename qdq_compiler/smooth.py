@@ -20,11 +20,11 @@ from .quant import fake_quantize
 from .bert import linear_at
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SmoothSite:
-    quantizer: str              # the activation QuantizeLinear
-    tensor: str                 # the float activation it reads
-    readers: tuple[str, ...]    # the linear layers reading its DequantizeLinear
+    quantizer: gs.Node              # the activation QuantizeLinear (nodes by identity, not name)
+    tensor: str                     # the float activation it reads
+    readers: tuple[gs.Node, ...]    # the linear layers reading its DequantizeLinear
 
 
 def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
@@ -40,7 +40,7 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
             continue
         readers = [reader for dq in dequantizers for reader in dq.outputs[0].outputs]
         if readers and all(_smoothable(reader) for reader in readers):
-            sites.append(SmoothSite(q.name, q.inputs[0].name, tuple(r.name for r in readers)))
+            sites.append(SmoothSite(q, q.inputs[0].name, tuple(readers)))
     return sites
 
 
@@ -132,11 +132,10 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verif
     maxima, first = channel_maxima(graph, dataset, calibration, [s.tensor for s in sites])
     ctx.analyses["channel_max"] = maxima
     if config.alpha is None:
-        nodes = {n.name: n for n in graph.nodes}
         alphas = {}
         for site in sites:
             weights = [(w.values if axis == 0 else w.values.T) for w, axis in
-                       (reader_weight(nodes[name]) for name in site.readers)]
+                       (reader_weight(reader) for reader in site.readers)]
             alphas[site.tensor] = best_alpha(first[site.tensor], weights, maxima[site.tensor])
         ctx.analyses["alpha"] = alphas
     return run_pipeline(graph, ("smooth-gemm-inputs",), ctx, verify=verify)

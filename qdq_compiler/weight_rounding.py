@@ -111,16 +111,16 @@ def gptq_targets(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
 def input_hessians(graph: gs.Graph, dataset, config, activations: list[gs.Node]) -> dict[str, np.ndarray]:
     """XᵀX of each activation quantizer's output as the GEMM sees it (quantized at its scale), over the
     calibration tokens the attention mask keeps."""
-    from .calibrate import batch_size_for, float_network, session
+    from .calibrate import float_network, model_batches, run, session
 
     tensors = sorted({q.inputs[0].name for q in activations})
     amax = {q.inputs[0].name: float(np.max(q.inputs[1].values)) * QMAX for q in activations}
     runner = session(float_network(graph, tensors), config.providers)
-    total = dataset.samples if config.num_samples is None else min(config.num_samples, dataset.samples)
+    _, batches = model_batches(graph, dataset, config)
     hessians: dict[str, np.ndarray] = {}
-    for feeds in dataset.batches(batch_size_for(graph, config), total, config.trim_padding):
+    for index, feeds in enumerate(batches):
         mask = feeds.get("attention_mask")
-        for name, values in zip(tensors, runner.run(tensors, feeds)):
+        for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
             tokens = int(np.prod(mask.shape)) if mask is not None else values.shape[0]
             rows = values.reshape(tokens, -1)  # [B, S, heads, d] before the head merge: same tokens
             if mask is not None and rows.shape[0] == mask.size:

@@ -25,7 +25,7 @@ def test_ranking_covers_every_activation_site_and_is_sorted(tmp_path):
     ranking = sensitivity(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False), 8)
     assert len(ranking) == len(activation_sites(graph)) == 8
     assert [s.only_cosine for s in ranking] == sorted(s.only_cosine for s in ranking)
-    assert ranking[0].quantizer == victim.name
+    assert ranking[0].quantizer == victim.name and ranking[0].node is victim
     worst = ranking[0]
     assert worst.without_cosine > min(s.without_cosine for s in ranking[1:])  # removing it helps most
     assert all(s.only_cosine <= 1.0 + 1e-9 and s.only_snr_db > 0 for s in ranking)
@@ -36,9 +36,9 @@ def test_leave_in_float_bypasses_exactly_those_sites(tmp_path):
     feeds = example_inputs(SPEC, batch=2, seq=16, seed=5)
     reference = run_model(build_bert(SPEC), feeds)[0]
     before = cosine(run_model(graph, feeds)[0], reference)
-    names = [q.name for q in activation_sites(graph)]
-    assert leave_in_float(graph, names[:3]) == 3
-    assert [q.name for q in activation_sites(graph)] == names[3:]
+    sites = activation_sites(graph)
+    assert leave_in_float(graph, sites[:3]) == 3
+    assert [id(q) for q in activation_sites(graph)] == [id(q) for q in sites[3:]]
     assert cosine(run_model(graph, feeds)[0], reference) >= before - 1e-6
 
 
@@ -106,6 +106,6 @@ def test_float_gemm_share(tmp_path):
     graph, _ = calibrated(tmp_path)
     sites = activation_sites(graph)
     qkv = next(q for q in sites if len(q.outputs[0].outputs[0].outputs[0].outputs) == 3)
-    count, share = float_gemm_share(graph, [qkv.name])
+    count, share = float_gemm_share(graph, [qkv])
     # hidden 64, FFN 256: Q, K, V are 3 * 64*64 of 4*64*64 + 2*64*256 multiply-adds
     assert count == 3 and abs(share - 3 * 64 * 64 / (4 * 64 * 64 + 2 * 64 * 256)) < 1e-9

@@ -65,3 +65,22 @@ def test_cli_errors(tmp_path, bert_file):
     assert proc.returncode == 2 and "--sweep" in proc.stderr
     proc = qdqc("bench", bert_file, "--provider", "cuda", "--iterations", "1")
     assert proc.returncode == 1 and "onnxruntime here has" in proc.stderr
+
+
+def test_data_with_fewer_samples_than_the_batch_reports_the_batch_that_ran(tmp_path, bert_file):
+    import pytest
+
+    from qdq_compiler.bench import bench
+
+    data = tmp_path / "d.npz"
+    np.savez(data, **example_inputs(BertSpec(), batch=3, seq=8))
+    with pytest.warns(UserWarning, match="holds only 3 samples"):
+        (summary,) = bench([bert_file], BenchConfig(batch=64, iterations=2, warmup=0), data)
+    assert summary.batch == 3
+    assert abs(summary.throughput - 3000 / summary.stat("median")) < 1e-9   # 3 samples per run, not 64
+    bad = tmp_path / "neg.npz"
+    feeds = example_inputs(BertSpec(), batch=3, seq=8)
+    feeds["input_ids"][1, 2] = -1
+    np.savez(bad, **feeds)
+    with pytest.raises(Exception, match="sample 1 has id -1"):   # the calibration data checks, not a bypass
+        bench([bert_file], BenchConfig(batch=2, iterations=1, warmup=0), bad)

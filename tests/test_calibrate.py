@@ -343,3 +343,44 @@ def test_auto_has_no_single_amax():
 
     with pytest.raises(ValueError, match="per tensor"):
         compute_amax(np.array([1, 2, 3]), np.arange(4.0), "auto")
+
+
+def test_raw_qat_export_with_constant_node_scales_and_separate_dq_scales(tmp_path):
+    """torch writes each Q's and DQ's scale as its own Constant node: calibration must write both, or the
+    DQ dequantizes with the stale scale (a wrong model reported as success)."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 4)).astype(np.float32)
+
+    def constant(name, value):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name + "_value"))
+
+    nodes = [constant(n, np.array(v, d)) for n, v, d in (("xs", 1.0, np.float32), ("xs_dq", 1.0, np.float32),
+                                                          ("xz", 0, np.int8))]
+    nodes += [constant("ws", np.full(4, 0.5, np.float32)), constant("ws_dq", np.full(4, 0.5, np.float32)),
+              constant("wz", np.zeros(4, np.int8)),
+              helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+              helper.make_node("DequantizeLinear", ["xq", "xs_dq", "xz"], ["xd"]),
+              helper.make_node("QuantizeLinear", ["w", "ws", "wz"], ["wq"]),      # per channel, default axis 1
+              helper.make_node("DequantizeLinear", ["wq", "ws_dq", "wz"], ["wd"]),
+              helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    graph = helper.make_graph(nodes, "qat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [numpy_helper.from_array(weight, "w")])
+    path, data, out = tmp_path / "qat.onnx", tmp_path / "x.npz", tmp_path / "qat.calib.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = rng.standard_normal((16, 8)).astype(np.float32) * 3
+    np.savez(data, x=x)
+    proc = qdqc("calibrate", path, "--data", data, "--method", "max", "--smooth", "off", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    scales = {}
+    result = ir.load(out)
+    for node in result.nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear"):
+            scales[(node.op, node.inputs[0].name)] = ir.constant(node.inputs[1])
+    expected_w = np.abs(weight).max(axis=0) / 127          # one scale per output column (axis 1)
+    np.testing.assert_allclose(scales[("QuantizeLinear", "w")], expected_w, rtol=1e-6)
+    np.testing.assert_array_equal(scales[("DequantizeLinear", "wq")], scales[("QuantizeLinear", "w")])
+    assert float(scales[("QuantizeLinear", "x")]) == pytest.approx(np.abs(x).max() / 127, rel=1e-6)
+    np.testing.assert_array_equal(scales[("DequantizeLinear", "xq")], scales[("QuantizeLinear", "x")])

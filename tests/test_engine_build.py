@@ -203,7 +203,9 @@ def test_long_sequences_warn_about_int8_fused_attention(tmp_path, engines):
 
 def test_output_folder_is_checked_before_building(tmp_path, bert_file):
     proc = qdqc("build-engine", bert_file, "-o", tmp_path / "missing" / "m.plan")
-    assert proc.returncode == 2 and "no such folder" in proc.stderr
+    assert proc.returncode == 1 and "does not exist" in proc.stderr  # the CLI's check, before TensorRT loads
+    with pytest.raises(UsageError, match="no such folder"):             # the library's own
+        build_engine(bert_file, tmp_path / "missing" / "m.plan", EngineConfig())
 
 
 def test_int8_on_an_unlowered_graph_is_refused(tmp_path, bert_file):

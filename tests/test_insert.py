@@ -52,9 +52,9 @@ def test_layer_norm_output_is_quantized_once_for_q_k_v_and_the_residual_stays_fl
     quantizers = [n for n in ln_out.outputs if n.op == "QuantizeLinear"]
     assert len(quantizers) == 1
     dequantized = quantizers[0].outputs[0].outputs[0].outputs[0]
-    readers = {n.name for n in dequantized.outputs}
-    assert {layer.linears()[r].node for r in ("query", "key", "value")} <= readers
-    residual = next(n for n in graph.nodes if n.name == layer.attention_residual.add)
+    readers = {id(n) for n in dequantized.outputs}
+    assert {id(layer.linears()[r].node) for r in ("query", "key", "value")} <= readers
+    residual = layer.attention_residual.add
     assert ln_out in residual.inputs and dequantized not in residual.inputs
     site = report(result, InsertConfig("ft1"))["layers"][1]["sites"]["query.input"]
     assert sorted(site["shared_with"]) == ["layer1.key.input", "layer1.value.input"]
@@ -63,7 +63,7 @@ def test_layer_norm_output_is_quantized_once_for_q_k_v_and_the_residual_stays_fl
 def test_ft2_residual_reads_the_shared_quantized_tensor():
     graph, result = inserted(BertSpec(), "ft2")
     layer = result.match.layers[0]
-    residual = next(n for n in graph.nodes if n.name == layer.attention_residual.add)
+    residual = layer.attention_residual.add
     assert any(ir.producer(t) is not None and ir.producer(t).op == "DequantizeLinear" for t in residual.inputs)
 
 

@@ -102,6 +102,11 @@ def test_cli(tmp_path, bert_file):
     assert proc.returncode == 2 and "qdqc insert" in proc.stderr and "Traceback" not in proc.stderr
     assert qdqc("insert", bert_file).returncode == 0
     qdq = tmp_path / "bert.qdq.onnx"
+    proc = qdqc("lower", qdq, "--verify")  # placeholder scales: refused, nothing written
+    assert proc.returncode == 2 and "not calibrated" in proc.stderr and not (tmp_path / "bert.int8.onnx").exists()
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(BertSpec(), batch=4, seq=16, seed=1))
+    assert qdqc("calibrate", qdq, "--data", data, "-o", qdq, "--overwrite").returncode == 0
     proc = qdqc("lower", qdq, "--verify")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "bert.int8.onnx").exists() and "gemms_lowered 16" in proc.stdout
