@@ -54,7 +54,7 @@ def make_pair(graph: gs.Graph, names: ir.Names, tensor: gs.Tensor, scale_const: 
     return dequantized, [q.name, dq.name]
 
 
-@register("insert-qdq")
+@register("insert-qdq", requires=("plan",), provides=("created", "qdq"))
 def insert_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     plan = ctx.analyses["plan"]
     tensors = graph.tensors()

@@ -163,7 +163,7 @@ class Lowering:
         return add, other
 
 
-@register("lower-onnxruntime")
+@register("lower-onnxruntime", requires=("qdq",))
 def lower_onnxruntime(graph: gs.Graph, ctx: PassContext) -> PassResult:
     lowering = Lowering(graph)
     lowered = weights = batched = 0

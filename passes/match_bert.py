@@ -8,7 +8,7 @@ from qdq_compiler.bert import match_encoder
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 
-@register("match-bert")
+@register("match-bert", provides=("encoder",))
 def match_bert(graph: gs.Graph, ctx: PassContext) -> PassResult:
     match = match_encoder(graph)
     ctx.analyses["encoder"] = match

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
+from qdq_compiler.config import InsertConfig
 from qdq_compiler.placement import TensorKind, plan_quantizers
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 
-@register("place-quantizers")
+@register("place-quantizers", requires=("encoder",), provides=("plan",), settings=InsertConfig)
 def place_quantizers(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    plan = plan_quantizers(graph, ctx.analyses["encoder"], ctx.config)
+    plan = plan_quantizers(graph, ctx.analyses["encoder"], ctx.settings(InsertConfig))
     ctx.analyses["plan"] = plan
     diagnostics = []
     if plan.fallback:

@@ -21,9 +21,9 @@ def _dequantized(tensor: gs.Tensor) -> bool:
     return node is not None and node.op == "DequantizeLinear"
 
 
-@register("report-mha")
+@register("report-mha", requires=("qdq",))
 def report_mha(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    ir.annotate_shapes(graph)  # head sizes come from the shapes of Q (data propagation through Reshape)
+    typed = ir.annotate_shapes(graph)  # head sizes come from the shapes of Q (data propagation through Reshape)
     tensors = graph.tensors()
     head_sizes, quantized, diagnostics = set(), 0, []
     for layer in match_encoder(graph).layers:
@@ -41,6 +41,6 @@ def report_mha(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if head_sizes and not eligible:
         diagnostics.append(Diagnostic("warning", f"head size {sorted(head_sizes)}: TensorRT fuses INT8 attention "
                                       f"only for {FUSED_HEAD_SIZES}"))
-    return PassResult(True, {"attention_blocks_quantized": quantized, "head_sizes": sorted(head_sizes),
+    return PassResult(typed > 0, {"attention_blocks_quantized": quantized, "head_sizes": sorted(head_sizes),
                               "int8_fused_mha_head_size_ok": eligible,
                               "int8_fused_mha_max_sequence": FUSED_MAX_SEQUENCE}, tuple(diagnostics))

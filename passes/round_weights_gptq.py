@@ -7,7 +7,7 @@ from qdq_compiler.pipeline import PassContext, PassResult, register
 from qdq_compiler.weight_rounding import gptq_targets, round_weights
 
 
-@register("round-weights-gptq")
+@register("round-weights-gptq", requires=("hessians", "qdq"))
 def round_weights_gptq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     targets = gptq_targets(graph)
     rounded = round_weights(graph, ctx.analyses["hessians"], targets)

@@ -7,10 +7,10 @@ import onnx_graphsurgeon as gs
 from qdq_compiler import ir
 from qdq_compiler.calibrate import refresh_weight_scales
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
-from qdq_compiler.smooth import reader_weight, smooth_sites, smoothing_factors
+from qdq_compiler.smooth import SmoothConfig, reader_weight, smooth_sites, smoothing_factors
 
 
-@register("smooth-gemm-inputs")
+@register("smooth-gemm-inputs", requires=("channel_max", "qdq"), settings=SmoothConfig)
 def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     maxima: dict[str, np.ndarray] = ctx.analyses["channel_max"]
     alphas: dict[str, float] = ctx.analyses.get("alpha", {})
@@ -24,7 +24,7 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if len({len(r) for r in rows}) != 1 or len(rows[0]) != len(maxima[site.tensor]):
             diagnostics.append(Diagnostic("info", f"'{site.tensor}': channel counts disagree, not smoothed"))
             continue
-        alpha = alphas.get(site.tensor, ctx.config.alpha)
+        alpha = alphas.get(site.tensor, ctx.settings(SmoothConfig).alpha)
         factors = smoothing_factors(maxima[site.tensor], np.max(rows, axis=0), alpha)
         for weight, axis in weights:
             shape = [1, 1]

@@ -6,6 +6,8 @@ alpha = beta = 1 and a constant C broadcast over rows.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
@@ -13,9 +15,18 @@ from qdq_compiler.config import SiteKind
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 
-@register("split-gemm-bias")
+@dataclass(frozen=True)
+class SplitGemmBiasSettings:
+    split: bool = False    # true when the mode quantizes GEMM outputs before the bias (ft2, ft3)
+
+    @classmethod
+    def from_config(cls, config) -> "SplitGemmBiasSettings":
+        return cls(SiteKind.GEMM_OUTPUT in config.sites)
+
+
+@register("split-gemm-bias", settings=SplitGemmBiasSettings)
 def split_gemm_bias(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    if SiteKind.GEMM_OUTPUT not in ctx.config.sites:
+    if not ctx.settings(SplitGemmBiasSettings).split:
         return PassResult(False, {"gemms_split": 0})
     names = ir.Names(graph)
     split = 0

@@ -9,6 +9,8 @@ Q/DQ scales become FP16 (opset 19), so a DequantizeLinear produces FP16 directly
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -70,11 +72,21 @@ class Retyper:
         return self.halves[constant.name]
 
 
-@register("to-fp16")
+@dataclass(frozen=True)
+class Fp16Settings:
+    keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # of LayerNorm, Softmax, Gelu
+
+    @classmethod
+    def from_config(cls, config) -> "Fp16Settings":
+        return cls(frozenset(config.keep_fp32))
+
+
+@register("to-fp16", settings=Fp16Settings)
 def to_fp16(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    if graph.opset < QDQ_FP16_OPSET:
+    upgraded = graph.opset < QDQ_FP16_OPSET
+    if upgraded:
         ir.replace_contents(graph, ir.upgrade_opset(graph, QDQ_FP16_OPSET))
-    keep = fp32_islands(graph, ctx.config.keep_fp32)
+    keep = fp32_islands(graph, ctx.settings(Fp16Settings).keep_fp32)
     retype = Retyper(graph)
     converted = 0
     for node in list(graph.nodes):
@@ -112,6 +124,8 @@ def to_fp16(graph: gs.Graph, ctx: PassContext) -> PassResult:
             restored = retype.cast(tensor, np.float32)
             restored.name = public
             graph.outputs[position] = restored
-    ir.cleanup(graph)
-    return PassResult(True, {"fp16_nodes": converted, "fp32_nodes": len(keep), "casts_inserted": retype.inserted,
+    retyped = converted > 0 or retype.inserted > 0 or bool(retype.halves)
+    if retyped:
+        ir.cleanup(graph)
+    return PassResult(upgraded or retyped, {"fp16_nodes": converted, "fp32_nodes": len(keep), "casts_inserted": retype.inserted,
                              "opset": graph.opset})

@@ -1,8 +1,10 @@
 """Pass registry and pipeline runner.
 
-A pass is a function `(graph, ctx) -> PassResult`, registered by name. A
-pipeline is a tuple of pass names; the runner checks the graph after each pass
-when asked and records a per-pass summary for the report.
+A pass is a function `(graph, ctx) -> PassResult`, registered by name with its contract: the
+analyses or graph properties it `requires`, those it `provides`, and the frozen settings class it
+reads (`ctx.settings(cls)`). A pipeline is a tuple of pass names; the runner refuses a pass whose
+requirements nothing before it provided ("place-quantizers needs match-bert"), checks the graph after
+each pass when asked and records a per-pass summary for the report.
 """
 from __future__ import annotations
 
@@ -33,10 +35,21 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes share: the settings and the analyses earlier passes produced."""
+    """What passes share: the caller's configuration, the analyses earlier passes produced, and the
+    properties the graph is known to have. A pass reads its own settings with `settings(cls)`."""
 
-    config: Any
+    config: Any = None
     analyses: dict[str, Any] = field(default_factory=dict)
+    properties: set[str] = field(default_factory=set)
+
+    def settings(self, cls: type):
+        """The pass settings of type `cls`: the config itself when it is one, else `cls.from_config(config)`
+        when the settings class knows how to read it, else the class defaults."""
+        if isinstance(self.config, cls):
+            return self.config
+        if self.config is not None and hasattr(cls, "from_config"):
+            return cls.from_config(self.config)
+        return cls()
 
 
 @dataclass(frozen=True)
@@ -54,7 +67,31 @@ class PassRecord:
 
 
 PassFn = Callable[[gs.Graph, PassContext], PassResult]
-_REGISTRY: dict[str, PassFn] = {}
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A registered pass and its contract."""
+
+    name: str
+    fn: PassFn
+    requires: tuple[str, ...] = ()   # analyses (keys of ctx.analyses) or graph properties
+    provides: tuple[str, ...] = ()
+    settings: type | None = None     # the frozen settings class the pass reads
+
+
+# Graph properties a pass may require without an earlier pass providing them in the same pipeline:
+# each is checked on the graph itself (a model saved by `insert` and loaded again has its Q/DQ).
+PROPERTIES: Mapping[str, tuple[Callable[[gs.Graph], bool], str]] = {
+    "qdq": (lambda graph: any(n.op == "QuantizeLinear" for n in graph.nodes),
+            "Q/DQ pairs in the graph (insert-qdq)"),
+}
+# Analyses that callers compute outside any pass and put in ctx.analyses before running the pass.
+EXTERNAL_ANALYSES: Mapping[str, str] = {
+    "channel_max": "per-channel activation maxima (qdq_compiler.smooth.smooth computes them)",
+    "hessians": "input Hessians (qdq_compiler.weight_rounding.apply_gptq computes them)",
+}
+_REGISTRY: dict[str, PassSpec] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
@@ -64,17 +101,18 @@ PIPELINES: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def register(name: str) -> Callable[[PassFn], PassFn]:
+def register(name: str, *, requires: tuple[str, ...] = (), provides: tuple[str, ...] = (),
+             settings: type | None = None) -> Callable[[PassFn], PassFn]:
     def decorate(fn: PassFn) -> PassFn:
         if name in _REGISTRY:
             raise ValueError(f"pass '{name}' is already registered")
-        _REGISTRY[name] = fn
+        _REGISTRY[name] = PassSpec(name, fn, tuple(requires), tuple(provides), settings)
         return fn
 
     return decorate
 
 
-def get_pass(name: str) -> PassFn:
+def get_spec(name: str) -> PassSpec:
     importlib.import_module("qdq_compiler.passes")
     try:
         return _REGISTRY[name]
@@ -82,22 +120,59 @@ def get_pass(name: str) -> PassFn:
         raise QdqcError(f"unknown pass '{name}' (known: {', '.join(sorted(_REGISTRY))})") from None
 
 
+def get_pass(name: str) -> PassFn:
+    return get_spec(name).fn
+
+
+def _provider(requirement: str) -> str:
+    """Who provides `requirement`, for the message of a pass run out of order."""
+    if requirement in PROPERTIES:
+        return PROPERTIES[requirement][1]
+    passes = [spec.name for spec in _REGISTRY.values() if requirement in spec.provides]
+    if passes:
+        return " or ".join(passes)
+    return EXTERNAL_ANALYSES.get(requirement, f"'{requirement}'")
+
+
+def missing_requirements(spec: PassSpec, graph: gs.Graph, ctx: PassContext) -> list[str]:
+    missing = []
+    for requirement in spec.requires:
+        if requirement in ctx.analyses or requirement in ctx.properties:
+            continue
+        if requirement in PROPERTIES and PROPERTIES[requirement][0](graph):
+            continue
+        missing.append(requirement)
+    return missing
+
+
 def run_pipeline(graph: gs.Graph, passes: tuple[str, ...], ctx: PassContext, *,
                  verify: bool = False) -> list[PassRecord]:
     """Run `passes` in order on `graph` (in place); returns one record per pass."""
     records: list[PassRecord] = []
     for name in passes:
-        fn = get_pass(name)
+        spec = get_spec(name)
         ran = ", ".join(r.name for r in records) or "none"
+        missing = missing_requirements(spec, graph, ctx)
+        if missing:
+            raise PassError(f"{name} needs {'; '.join(_provider(m) for m in missing)}; passes run before it: {ran}")
+        if spec.settings is not None:
+            try:
+                ctx.settings(spec.settings)
+            except QdqcError:
+                raise
+            except Exception as exc:
+                raise PassError(f"{name}: its settings ({spec.settings.__name__}) cannot be read from "
+                                f"{type(ctx.config).__name__} ({exc})") from None
         start = time.perf_counter()
         try:
-            result = fn(graph, ctx)
+            result = spec.fn(graph, ctx)
         except QdqcError:
             raise
         except Exception as exc:  # a bug or an unexpected graph: say where it happened
             raise PassError(f"pass '{name}' failed ({type(exc).__name__}: {exc}); passes run before it: {ran}") from exc
         records.append(PassRecord(name, result.modified, result.stats, result.diagnostics,
                                   time.perf_counter() - start))
+        ctx.properties.update(spec.provides)
         if verify and result.modified:
             try:
                 verify_graph(graph)
