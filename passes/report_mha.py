@@ -9,7 +9,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.bert import match_encoder
+from qdq_compiler.carried import encoder_layers
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 FUSED_HEAD_SIZES = (16, 32, 64)
@@ -24,23 +24,25 @@ def _dequantized(tensor: gs.Tensor) -> bool:
 @register("report-mha", requires=("qdq",))
 def report_mha(graph: gs.Graph, ctx: PassContext) -> PassResult:
     typed = ir.annotate_shapes(graph)  # head sizes come from the shapes of Q (data propagation through Reshape)
-    tensors = graph.tensors()
     head_sizes, quantized, diagnostics = set(), 0, []
-    for layer in match_encoder(graph).layers:
-        attention = layer.attention
-        shape = tensors[attention.query].shape
+    found = encoder_layers(graph)   # the plan insert stored, or matched for models without one
+    if found.note:
+        diagnostics.append(Diagnostic("info", found.note))
+    for layer in found.layers:
+        shape = layer.attention["query"].shape
         if shape and isinstance(shape[-1], int):
             head_sizes.add(shape[-1])
-        if all(_dequantized(tensors[name]) for name in (attention.query, attention.key, attention.probs,
-                                                         attention.value)):
+        if all(_dequantized(tensor) for tensor in layer.attention.values()):
             quantized += 1
         else:
+            where = ir.label(layer.bmm1) if layer.bmm1 is not None else None
             diagnostics.append(Diagnostic("warning", f"layer {layer.index}: batched-matmul inputs are not all "
-                                          "quantized, TensorRT will not fuse INT8 attention", ir.label(attention.bmm1)))
+                                          "quantized, TensorRT will not fuse INT8 attention", where))
     eligible = bool(head_sizes) and head_sizes <= set(FUSED_HEAD_SIZES)
     if head_sizes and not eligible:
         diagnostics.append(Diagnostic("warning", f"head size {sorted(head_sizes)}: TensorRT fuses INT8 attention "
                                       f"only for {FUSED_HEAD_SIZES}"))
-    return PassResult(typed > 0, {"attention_blocks_quantized": quantized, "head_sizes": sorted(head_sizes),
+    return PassResult(typed > 0, {"layers": len(found.layers), "layers_from": found.source,
+                                  "attention_blocks_quantized": quantized, "head_sizes": sorted(head_sizes),
                               "int8_fused_mha_head_size_ok": eligible,
                               "int8_fused_mha_max_sequence": FUSED_MAX_SEQUENCE}, tuple(diagnostics))

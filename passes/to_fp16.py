@@ -16,7 +16,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.bert import match_encoder, match_layer_norm
+from qdq_compiler.bert import match_layer_norm
+from qdq_compiler.carried import encoder_layers
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 FP16_MAX = 65504.0
@@ -37,8 +38,9 @@ def fp32_islands(graph: gs.Graph, keep: frozenset[str]) -> set[int]:
         nodes |= {id(n) for n in graph.nodes if n.op == "Softmax"}
     if "Gelu" in keep:
         nodes |= {id(n) for n in graph.nodes if n.op == "Gelu"}
-        for layer in match_encoder(graph).layers:
-            nodes |= {id(n) for n in layer.activation.nodes}
+        for layer in encoder_layers(graph).layers:   # the carried plan, or matched without one
+            if layer.activation is not None:
+                nodes |= {id(n) for n in layer.activation.nodes}
     return nodes
 
 

@@ -128,6 +128,7 @@ class EncoderMatch:
     layers: tuple[EncoderLayer, ...]
     rejections: tuple[Rejection, ...]
     unmatched_gemms: tuple[tuple[gs.Node, str], ...] = ()  # (node, why)
+    family: str = "bert-post-ln"
 
 
 class NoMatch(Exception):

@@ -8,7 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir, quant
-from .bert import match_encoder, match_layer_norm
+from .bert import match_layer_norm
+from .carried import encoder_layers
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ def _check_float_regions(graph: gs.Graph) -> list[Violation]:
             norm = match_layer_norm(tensor)
             if norm is not None and norm.kind == "decomposed":
                 regions.append((norm.nodes, "LayerNorm", norm.output))
-    for layer in match_encoder(graph).layers:
-        regions.append((layer.activation.nodes, "GELU", layer.activation.output))
+    for layer in encoder_layers(graph).layers:   # the carried plan, or matched without one
+        if layer.activation is not None:
+            regions.append((layer.activation.nodes, "GELU", layer.activation.output))
     found = []
     for members, kind, output in regions:
         internal = {t.name for member in members for t in member.outputs} - {output}

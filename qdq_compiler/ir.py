@@ -10,6 +10,7 @@ import heapq
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,36 @@ QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 # and empty node names are legal ONNX and qdqc keys nodes by identity, so only its errors are shown
 gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 GENERATED_MARK = "::"   # every node and tensor name qdqc makes is `{what it attaches to}::{role}`
+
+
+# ---------------------------------------------------------------- model metadata
+
+# graphsurgeon keeps no model-level metadata_props (import drops them, export writes none): qdqc carries
+# them beside each graph, keyed by the graph's identity, read on import and written on export here
+_METADATA: dict[int, dict[str, str]] = {}
+
+
+def metadata(graph: gs.Graph) -> dict[str, str]:
+    """The model-level metadata_props of `graph` (a mutable dict; what passes store there is saved)."""
+    key = id(graph)
+    if key not in _METADATA:
+        _METADATA[key] = {}
+        weakref.finalize(graph, _METADATA.pop, key, None)
+    return _METADATA[key]
+
+
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    graph = gs.import_onnx(model)
+    metadata(graph).update({entry.key: entry.value for entry in model.metadata_props})
+    return graph
+
+
+def export_model(graph: gs.Graph) -> onnx.ModelProto:
+    model = gs.export_onnx(graph, do_type_check=False)
+    del model.metadata_props[:]
+    for key, value in sorted(metadata(graph).items()):
+        model.metadata_props.add(key=key, value=value)
+    return model
 
 
 # ---------------------------------------------------------------- load / save
@@ -48,7 +79,7 @@ def load(path: str | os.PathLike) -> gs.Graph:
         onnx.external_data_helper.load_external_data_for_model(model, str(Path(path).parent))
     except (OSError, ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ModelError(f"{path}: cannot read its external data ({str(exc).strip().splitlines()[0]})") from None
-    return gs.import_onnx(model)
+    return import_model(model)
 
 
 def read_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -71,7 +102,7 @@ def from_model(model: onnx.ModelProto, where: str = "model") -> gs.Graph:
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"{where}: expected an onnx.ModelProto, got {type(model).__name__}")
     check_readable(model, where)
-    return gs.import_onnx(model)
+    return import_model(model)
 
 
 def check_readable(model: onnx.ModelProto, where: str) -> None:
@@ -121,7 +152,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def to_model(graph: gs.Graph) -> onnx.ModelProto:
     toposort(graph)
-    return gs.export_onnx(graph, do_type_check=False)
+    return export_model(graph)
 
 
 def constant_bytes(graph: gs.Graph) -> int:
@@ -212,7 +243,7 @@ def write_model(graph: gs.Graph, path: Path, data_name: str | None = None) -> No
     names = {t.name for t in heavy}
     toposort(graph)
     with _ConstantsAsInputs(graph, heavy):
-        model = gs.export_onnx(graph, do_type_check=False)
+        model = export_model(graph)
     kept = [value for value in model.graph.input if value.name not in names]
     del model.graph.input[:]
     model.graph.input.extend(kept)
@@ -324,7 +355,7 @@ def infer_shapes(graph: gs.Graph) -> gs.Graph:
             model = onnx.load(dst)
     else:
         model = onnx.shape_inference.infer_shapes(model)
-    return gs.import_onnx(model)
+    return import_model(model)
 
 
 def check_model(graph: gs.Graph) -> None:

@@ -84,7 +84,7 @@ class PassSpec:
 # each is checked on the graph itself (a model saved by `insert` and loaded again has its Q/DQ).
 PROPERTIES: Mapping[str, tuple[Callable[[gs.Graph], bool], str]] = {
     "qdq": (lambda graph: any(n.op == "QuantizeLinear" for n in graph.nodes),
-            "Q/DQ pairs in the graph (insert-qdq)"),
+            "Q/DQ pairs in the graph (run qdqc insert, or the insert-qdq pass)"),
 }
 # Analyses that callers compute outside any pass and put in ctx.analyses before running the pass.
 EXTERNAL_ANALYSES: Mapping[str, str] = {
@@ -95,7 +95,7 @@ _REGISTRY: dict[str, PassSpec] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
-    "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
+    "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq", "record-plan"),
     "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "residual-sum", "fold-weight-quantizers"),
     "lower-tensorrt": ("report-mha", "drop-nan-guard", "fold-weight-quantizers", "to-fp16"),
 }

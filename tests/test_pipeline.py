@@ -70,7 +70,7 @@ def test_a_pass_run_before_what_it_needs_names_the_pass_that_provides_it():
 def test_a_graph_property_is_checked_on_the_graph_itself():
     from qdq_compiler.lower import LowerConfig
 
-    with pytest.raises(PassError, match=r"^lower-onnxruntime needs Q/DQ pairs in the graph \(insert-qdq\)"):
+    with pytest.raises(PassError, match=r"^lower-onnxruntime needs Q/DQ pairs in the graph \(run qdqc insert"):
         run_pipeline(graph_of(), ("lower-onnxruntime",), PassContext(LowerConfig()))
 
 

@@ -1,0 +1,135 @@
+"""The plan travels with the model: what `insert` decided, stored in model-level metadata_props.
+
+After insert, the family, the mode, the site -> quantizer map and, per matched layer, the tensors
+later stages look at (what the attention's batched matmuls read, where the FFN activation starts and
+ends) are written under `qdqc.plan` as JSON. Model-level metadata_props survive save and load
+(`ir.metadata`); node-level ones do not. Calibration, lowering, `check` and the reports read this
+record instead of matching the encoder again, so the matcher never has to understand a later rewrite
+(SmoothQuant's Muls, FP16 casts, integer kernels). A model inserted by an older qdqc, or a QAT export,
+has no record: `encoder_layers` falls back to matching.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import onnx_graphsurgeon as gs
+
+from . import ir
+from .bert import Activation, EncoderMatch, match_activation, match_encoder
+from .errors import ModelError
+
+PLAN_KEY = "qdqc.plan"
+FORMAT = 1
+ATTENTION_ROLES = ("query", "key", "probs", "value")
+
+
+@dataclass(frozen=True)
+class CarriedLayer:
+    index: int
+    attention: Mapping[str, str]     # role (ATTENTION_ROLES) -> the tensor the batched matmul reads
+    activation: tuple[str, str]      # (FFN1 output, FFN2 input): the float region between them
+    output: str
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "attention": dict(self.attention), "activation": list(self.activation),
+                "output": self.output}
+
+
+@dataclass(frozen=True)
+class CarriedPlan:
+    family: str | None               # None: no layer matched (generic placement)
+    mode: str
+    layers: tuple[CarriedLayer, ...]
+    sites: Mapping[str, str] = field(default_factory=dict)   # site -> the float tensor its quantizer reads
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "family": self.family, "mode": self.mode,
+                "layers": [layer.to_json() for layer in self.layers], "sites": dict(self.sites)}
+
+    @classmethod
+    def from_json(cls, text: str) -> "CarriedPlan":
+        try:
+            data = json.loads(text)
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format {data.get('format')!r}, this qdqc reads {FORMAT}")
+            layers = tuple(CarriedLayer(int(e["index"]), {r: str(e["attention"][r]) for r in ATTENTION_ROLES},
+                                        (str(e["activation"][0]), str(e["activation"][1])), str(e["output"]))
+                           for e in data["layers"])
+            return cls(data["family"], str(data["mode"]), layers, {str(k): str(v) for k, v in data["sites"].items()})
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ModelError(f"metadata '{PLAN_KEY}' is unreadable ({type(exc).__name__}: {exc}); "
+                             f"remove it to fall back to matching") from None
+
+
+def record(match: EncoderMatch, plan, family: str | None) -> CarriedPlan:
+    """The record of an insertion, read off the graph right after insert-qdq (the tensors the batched
+    matmuls read are the dequantized ones by then)."""
+    layers = []
+    for layer in match.layers:
+        attention = layer.attention
+        reads = {"query": attention.bmm1.inputs[0].name, "key": attention.bmm1.inputs[1].name,
+                 "probs": attention.bmm2.inputs[0].name, "value": attention.bmm2.inputs[1].name}
+        layers.append(CarriedLayer(layer.index, reads, (layer.activation.input, layer.activation.output), layer.output))
+    sites = {e.site: e.tensor for e in plan.existing}   # quantized in the input model already
+    sites.update({site: q.tensor for q in plan.quantizers for site in q.sites})
+    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites)
+
+
+def store(graph: gs.Graph, carried: CarriedPlan) -> None:
+    ir.metadata(graph)[PLAN_KEY] = json.dumps(carried.to_json(), separators=(",", ":"))
+
+
+def read(graph: gs.Graph) -> CarriedPlan | None:
+    """The plan `insert` stored in the model, or None when it has none."""
+    text = ir.metadata(graph).get(PLAN_KEY)
+    return None if text is None else CarriedPlan.from_json(text)
+
+
+# ---------------------------------------------------------------- what later stages see
+
+@dataclass(frozen=True, eq=False)
+class LayerView:
+    """One encoder layer as later stages need it, from the carried plan or from matching."""
+
+    index: int
+    attention: Mapping[str, gs.Tensor]   # role -> the tensor the batched matmul reads
+    bmm1: gs.Node | None
+    activation: Activation | None
+
+
+@dataclass(frozen=True, eq=False)
+class EncoderLayers:
+    layers: tuple[LayerView, ...]
+    source: str            # "metadata" | "matched"
+    note: str = ""         # why the metadata was not used, when it was present
+
+
+def encoder_layers(graph: gs.Graph) -> EncoderLayers:
+    """The encoder layers: read from the carried plan when the model has one whose tensors all still
+    exist, else matched (models from older qdqc versions, QAT exports, hand-edited graphs)."""
+    carried = read(graph)
+    note = ""
+    if carried is not None:
+        tensors = graph.tensors()
+        names = {name for layer in carried.layers for name in (*layer.attention.values(), *layer.activation)}
+        missing = sorted(name for name in names if name not in tensors)
+        if not missing:
+            return EncoderLayers(tuple(_view(layer, tensors) for layer in carried.layers), "metadata")
+        note = f"{len(missing)} tensors of the carried plan are gone (e.g. '{missing[0]}'): matched instead"
+    views = []
+    for layer in match_encoder(graph).layers:
+        tensors = graph.tensors()
+        attention = layer.attention
+        reads = {"query": tensors[attention.query], "key": tensors[attention.key],
+                 "probs": tensors[attention.probs], "value": tensors[attention.value]}
+        views.append(LayerView(layer.index, reads, attention.bmm1, layer.activation))
+    return EncoderLayers(tuple(views), "matched", note)
+
+
+def _view(layer: CarriedLayer, tensors: dict[str, gs.Tensor]) -> LayerView:
+    reads = {role: tensors[name] for role, name in layer.attention.items()}
+    bmm1 = next((n for n in reads["query"].outputs if n.op == "MatMul" and n.inputs[0] is reads["query"]), None)
+    start, end = (tensors[name] for name in layer.activation)
+    return LayerView(layer.index, reads, bmm1, match_activation(start, end))
