@@ -4,6 +4,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
+from qdq_compiler.graph import replace_all_uses
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 
@@ -22,10 +23,7 @@ def remove_identities(graph: gs.Graph) -> int:
             source.dtype = target.dtype if target.dtype is not None else source.dtype
             source.shape = target.shape if target.shape is not None else source.shape
             graph.outputs = [source if t is target else t for t in graph.outputs]
-        for reader in list(target.outputs):
-            for index, value in enumerate(reader.inputs):
-                if value is target:
-                    reader.inputs[index] = source
+        replace_all_uses(target, source)
         node.outputs.clear()
         removed += 1
     return removed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.bert import is_nan_guard
+from qdq_compiler.graph import is_nan_guard, replace_all_uses
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 
@@ -30,10 +30,7 @@ def drop_nan_guard(graph: gs.Graph, ctx: PassContext) -> PassResult:
         result = where.outputs[0]
         if result in graph.outputs:
             continue
-        for reader in list(result.outputs):
-            for index, tensor in enumerate(reader.inputs):
-                if tensor is result:
-                    reader.inputs[index] = guarded
+        replace_all_uses(result, guarded)
         where.outputs.clear()
         dropped += 1
     if dropped:

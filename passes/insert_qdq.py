@@ -10,19 +10,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
+from qdq_compiler.graph import dequantized_source
 from qdq_compiler.placement import Quantizer, TensorKind
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 PLACEHOLDER_SCALE = quant.PLACEHOLDER_SCALE
-
-
-def existing_dequantized(tensor: gs.Tensor) -> gs.Tensor | None:
-    for q in tensor.outputs:
-        if q.op == "QuantizeLinear" and q.inputs[0] is tensor:
-            for dq in q.outputs[0].outputs:
-                if dq.op == "DequantizeLinear":
-                    return dq.outputs[0]
-    return None
 
 
 def weight_scales(quantizers: tuple[Quantizer, ...], tensors: dict[str, gs.Tensor]) -> dict[str, np.ndarray]:
@@ -65,7 +57,7 @@ def insert_qdq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     inserted = reused = rewired = 0
     for quantizer in plan.quantizers:
         tensor = tensors[quantizer.tensor]
-        dequantized = existing_dequantized(tensor)
+        dequantized = dequantized_source(tensor)
         if dequantized is None:
             # a scale group (FT's fuse_qkv) is one scale initializer read by all its quantizers,
             # so calibration and every later pass see the sharing in the graph itself

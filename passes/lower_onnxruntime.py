@@ -15,7 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
-from qdq_compiler.bert import LAYOUT_OPS
+from qdq_compiler.graph import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 from .fold_weight_quantizers import quantized_weight

@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.bert import match_encoder
+from qdq_compiler.patterns import match_encoder
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.bert import match_layer_norm
+from qdq_compiler.patterns.blocks import match_layer_norm
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 

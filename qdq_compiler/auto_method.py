@@ -12,7 +12,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .bert import float_source, linear_at
+from .graph import float_source
+from .patterns.blocks import linear_at
 from .calibration import HistogramCollector, amaxes, compute_amax
 from .quant import fake_quantize
 

@@ -17,7 +17,9 @@ from typing import Mapping
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .bert import Activation, EncoderMatch, match_activation, match_encoder
+from .patterns import match_encoder
+from .patterns.blocks import match_activation
+from .patterns.records import Activation, EncoderMatch
 from .errors import ModelError
 
 PLAN_KEY = "qdqc.plan"
@@ -31,10 +33,11 @@ class CarriedLayer:
     attention: Mapping[str, str]     # role (ATTENTION_ROLES) -> the tensor the batched matmul reads
     activation: tuple[str, str]      # (FFN1 output, FFN2 input): the float region between them
     output: str
+    named_sites: Mapping[str, str] = field(default_factory=dict)   # the family's named sites -> float tensors
 
     def to_json(self) -> dict:
         return {"index": self.index, "attention": dict(self.attention), "activation": list(self.activation),
-                "output": self.output}
+                "output": self.output, "named_sites": dict(self.named_sites)}
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class CarriedPlan:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, this qdqc reads {FORMAT}")
             layers = tuple(CarriedLayer(int(e["index"]), {r: str(e["attention"][r]) for r in ATTENTION_ROLES},
-                                        (str(e["activation"][0]), str(e["activation"][1])), str(e["output"]))
+                                        (str(e["activation"][0]), str(e["activation"][1])), str(e["output"]),
+                                        {str(k): str(v) for k, v in e.get("named_sites", {}).items()})
                            for e in data["layers"])
             return cls(data["family"], str(data["mode"]), layers, {str(k): str(v) for k, v in data["sites"].items()})
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
@@ -71,7 +75,8 @@ def record(match: EncoderMatch, plan, family: str | None) -> CarriedPlan:
         attention = layer.attention
         reads = {"query": attention.bmm1.inputs[0].name, "key": attention.bmm1.inputs[1].name,
                  "probs": attention.bmm2.inputs[0].name, "value": attention.bmm2.inputs[1].name}
-        layers.append(CarriedLayer(layer.index, reads, (layer.activation.input, layer.activation.output), layer.output))
+        layers.append(CarriedLayer(layer.index, reads, (layer.activation.input, layer.activation.output), layer.output,
+                                   layer.sites()))
     sites = {e.site: e.tensor for e in plan.existing}   # quantized in the input model already
     sites.update({site: q.tensor for q in plan.quantizers for site in q.sites})
     return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites)

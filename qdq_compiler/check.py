@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir, quant
-from .bert import match_layer_norm
+from .patterns.blocks import match_layer_norm
 from .carried import encoder_layers
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import onnx_graphsurgeon as gs
 
-from . import bert, ir
+from . import graph as queries, ir
 
 WEIGHTS = re.compile(r"Total Weights Memory:\s*(\d+)\s*bytes")
 ACTIVATIONS = re.compile(r"Total Activation Memory:\s*(\d+)\s*bytes")
@@ -126,7 +126,7 @@ def _forward(tensor: gs.Tensor) -> list[gs.Node]:
     """Readers of `tensor`, looking through Cast, Q/DQ and a softmax NaN guard (SDPA exports)."""
     found = []
     for node in tensor.outputs:
-        guard = node.op == "Where" and len(node.inputs) == 3 and node.inputs[2] is tensor and bert.is_nan_guard(node, 2)
+        guard = node.op == "Where" and len(node.inputs) == 3 and node.inputs[2] is tensor and queries.is_nan_guard(node, 2)
         if node.op in ("Cast", "QuantizeLinear", "DequantizeLinear") or guard:
             found += _forward(node.outputs[0])
         else:
@@ -140,17 +140,17 @@ def attention_blocks(graph: gs.Graph) -> list[AttentionBlock]:
     for softmax in graph.nodes:
         if softmax.op != "Softmax":
             continue
-        node = bert.up(softmax.inputs[0])
+        node = queries.up(softmax.inputs[0])
         for _ in range(8):
-            if node is None or bert.is_bmm(node):
+            if node is None or queries.is_bmm(node):
                 break
-            data = [t for t in node.inputs if not ir.is_constant(t) and bert.reaches_bmm(t)] \
+            data = [t for t in node.inputs if not ir.is_constant(t) and queries.reaches_bmm(t)] \
                 if node.op in ("Mul", "Div", "Add", "Where", "Sub") else []
-            node = bert.up(data[0]) if len(data) == 1 else None
-        context = next((n for n in _forward(softmax.outputs[0]) if bert.is_bmm(n)), None)
-        if node is None or not bert.is_bmm(node) or context is None:
+            node = queries.up(data[0]) if len(data) == 1 else None
+        context = next((n for n in _forward(softmax.outputs[0]) if queries.is_bmm(n)), None)
+        if node is None or not queries.is_bmm(node) or context is None:
             continue
-        quantized = all(bert.is_dequantized(t) for t in (*node.inputs[:2], *context.inputs[:2]))
+        quantized = all(queries.is_dequantized(t) for t in (*node.inputs[:2], *context.inputs[:2]))
         blocks.append(AttentionBlock(node.name, softmax.name, context.name, quantized))
     return blocks
 
@@ -158,7 +158,7 @@ def attention_blocks(graph: gs.Graph) -> list[AttentionBlock]:
 def quantized_gemms(graph: gs.Graph) -> set[str]:
     """MatMul/Gemm nodes whose first two inputs are both dequantized (INT8 GEMMs when TensorRT honours them)."""
     return {n.name for n in graph.nodes if n.op in ("MatMul", "Gemm") and len(n.inputs) >= 2
-            and all(bert.is_dequantized(t) for t in n.inputs[:2])}
+            and all(queries.is_dequantized(t) for t in n.inputs[:2])}
 
 
 def summarize(graph: gs.Graph, log: dict, layers: list[EngineLayer]) -> dict:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .bert import EncoderMatch
+from .patterns.records import EncoderMatch
 from .config import InsertConfig
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 from .placement import QuantPlan

@@ -13,7 +13,8 @@ from enum import Enum
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .bert import RESHAPE_OPS, EncoderLayer, EncoderMatch, weight_of
+from .graph import RESHAPE_OPS, weight_of
+from .patterns.records import EncoderLayer, EncoderMatch
 from .config import InsertConfig, Mode, SiteKind
 
 GRAPH_OUTPUT = "<graph output>"   # how a report names the graph-output use

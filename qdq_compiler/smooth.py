@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .errors import UsageError
 from .quant import fake_quantize
-from .bert import linear_at
+from .patterns.blocks import linear_at
 
 
 @dataclass(frozen=True, eq=False)

@@ -22,7 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .bert import RESHAPE_OPS, linear_at
+from .graph import RESHAPE_OPS
+from .patterns.blocks import linear_at
 from .quant import QMAX, fake_quantize
 
 DAMP, BLOCK = 0.01, 128

@@ -30,6 +30,7 @@ def test_insert_stores_family_mode_and_every_site_and_they_survive_save_and_load
     result = insert(graph, InsertConfig(mode))
     plan = carried.read(saved_and_loaded(graph, tmp_path))
     assert plan.family == "bert-post-ln" and plan.mode == mode and len(plan.layers) == 3
+    assert [dict(layer.named_sites) for layer in plan.layers] == [layer.sites() for layer in result.match.layers]
     expected = {site: q.tensor for q in result.plan.quantizers for site in q.sites}
     assert dict(plan.sites) == expected and len(expected) > 0
     tensors = graph.tensors()
@@ -100,7 +101,8 @@ def test_a_plan_whose_tensors_are_gone_is_matched_again_and_says_so(tmp_path):
     insert(graph, InsertConfig("ft1"))
     plan = carried.read(graph)
     layer = plan.layers[0]
-    gone = carried.CarriedLayer(0, {**layer.attention, "query": "no-such-tensor"}, layer.activation, layer.output)
+    gone = carried.CarriedLayer(0, {**layer.attention, "query": "no-such-tensor"}, layer.activation, layer.output,
+                                layer.named_sites)
     carried.store(graph, carried.CarriedPlan(plan.family, plan.mode, (gone, *plan.layers[1:]), plan.sites))
     found = carried.encoder_layers(graph)
     assert found.source == "matched" and "no-such-tensor" in found.note and len(found.layers) == 2

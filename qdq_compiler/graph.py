@@ -1,0 +1,149 @@
+"""Graph queries every pattern and pass shares: one place for walking through Q/DQ pairs and data
+movement, for the dequantized source of a tensor and for replacing every use of a tensor."""
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from . import ir
+
+MOVE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast", "Identity",
+                      "Dropout", "QuantizeLinear", "DequantizeLinear", "Split", "Slice", "Gather"})
+POINTWISE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Erf", "Tanh", "Sigmoid", "Gelu", "Relu",
+                           "Sqrt", "Cast", "QuantizeLinear", "DequantizeLinear", "FastGelu", "BiasGelu"})
+GEMM_OPS = frozenset({"MatMul", "Gemm"})
+RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# only rearrange elements: they commute with per-tensor quantization
+LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
+
+
+
+
+def float_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The float tensor behind any chain of Q->DQ pairs."""
+    while True:
+        dq = ir.producer(tensor)
+        if dq is None or dq.op != "DequantizeLinear":
+            return tensor
+        q = ir.producer(dq.inputs[0])
+        if q is None or q.op != "QuantizeLinear":
+            return tensor
+        tensor = q.inputs[0]
+
+
+def origin(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor behind Q/DQ pairs, reshapes (Gemm exports flatten tokens around each GEMM) and
+    per-channel constant Muls (SmoothQuant's 1/s on a GEMM branch)."""
+    while True:
+        tensor = float_source(tensor)
+        node = ir.producer(tensor)
+        if node is not None and is_channel_scale(node, 0):
+            tensor = node.inputs[0]
+        elif node is not None and node.op in RESHAPE_OPS:
+            tensor = node.inputs[0]
+        else:
+            return tensor
+
+
+def is_channel_scale(node: gs.Node, index: int) -> bool:
+    """Mul(x, constant vector) read at x: SmoothQuant's per-channel 1/s on a GEMM branch."""
+    return node.op == "Mul" and index == 0 and len(node.inputs) == 2 and ir.is_constant(node.inputs[1]) \
+        and ir.constant(node.inputs[1]).ndim == 1
+
+
+def uses(tensor: gs.Tensor) -> list[tuple[gs.Node, int]]:
+    """(node, input index) reading `tensor`, looking through Q->DQ pairs."""
+    found = []
+    for node in tensor.outputs:
+        if node.op == "QuantizeLinear" and node.inputs[0] is tensor:
+            for dq in node.outputs[0].outputs:
+                if dq.op == "DequantizeLinear":
+                    found.extend(uses(dq.outputs[0]))
+            continue
+        for index, value in enumerate(node.inputs):
+            if value is tensor:
+                found.append((node, index))
+    return found
+
+
+def up(tensor: gs.Tensor) -> gs.Node | None:
+    """The producer of `tensor`, skipping Q/DQ and Cast."""
+    tensor = float_source(tensor)
+    node = ir.producer(tensor)
+    while node is not None and node.op in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+        node = ir.producer(node.inputs[0])
+    return node
+
+
+def weight_of(node: gs.Node, index: int):
+    """(constant, output axis, user, already quantized) for a 2-D GEMM weight input, else None."""
+    tensor = node.inputs[index]
+    user = (node, index)
+    quantized = False
+    source = ir.producer(tensor)
+    if source is not None and source.op == "DequantizeLinear":
+        quantized = True
+        inner = ir.producer(source.inputs[0])
+        tensor = inner.inputs[0] if inner is not None and inner.op == "QuantizeLinear" else source.inputs[0]
+        source = ir.producer(tensor)
+    transposed = False
+    if source is not None and source.op == "Transpose" and ir.is_constant(source.inputs[0]):
+        if list(source.attrs.get("perm", [1, 0])) != [1, 0]:
+            return None
+        user, tensor, transposed = (source, 0), source.inputs[0], True
+    value = ir.constant(tensor)
+    if value is None or value.ndim != 2:
+        return None
+    return tensor, transposed, user, quantized
+
+
+def is_dequantized(tensor: gs.Tensor) -> bool:
+    """Produced by a DequantizeLinear, possibly reshaped, transposed or cast on the way (data movement
+    commutes with quantization; TensorRT moves Q/DQ across it)."""
+    node = ir.producer(tensor)
+    while node is not None and node.op in LAYOUT_OPS | {"Cast", "Identity"}:
+        node = ir.producer(node.inputs[0])
+    return node is not None and node.op == "DequantizeLinear"
+
+
+def is_nan_guard(node: gs.Node, index: int) -> bool:
+    """Where(IsNaN(x), 0, x): torch's SDPA export guards the softmax output this way."""
+    if node.op != "Where" or index != 2:
+        return False
+    test = ir.producer(node.inputs[0])
+    return test is not None and test.op == "IsNaN" and ir.is_constant(node.inputs[1])
+
+
+def is_bmm(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "MatMul" and not any(ir.is_constant(t) for t in node.inputs)
+
+
+def reaches_bmm(tensor: gs.Tensor, depth: int = 6) -> bool:
+    node = up(tensor)
+    if node is None or depth == 0:
+        return False
+    if is_bmm(node):
+        return True
+    if node.op in ("Mul", "Div", "Add", "Where", "Sub"):
+        return any(reaches_bmm(t, depth - 1) for t in node.inputs if not ir.is_constant(t))
+    return False
+
+
+def dequantized_source(tensor: gs.Tensor) -> gs.Tensor | None:
+    """The output of the DequantizeLinear of a Q->DQ pair that already reads `tensor`, if any."""
+    for q in tensor.outputs:
+        if q.op == "QuantizeLinear" and q.inputs[0] is tensor:
+            for dq in q.outputs[0].outputs:
+                if dq.op == "DequantizeLinear":
+                    return dq.outputs[0]
+    return None
+
+
+def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> int:
+    """Every node input reading `old` reads `new` instead (graph outputs untouched); returns the count."""
+    replaced = 0
+    for reader in list(old.outputs):
+        for index, value in enumerate(reader.inputs):
+            if value is old:
+                reader.inputs[index] = new
+                replaced += 1
+    return replaced
