@@ -22,7 +22,7 @@ from .blocks import Walk, linear_at
 from .records import EncoderLayer, EncoderMatch, NoMatch, Rejection
 
 # the pattern modules, tried in this order on each Softmax
-FAMILY_MODULES = ("bert_post_ln",)
+FAMILY_MODULES = ("bert_post_ln", "pre_ln")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ def match_encoder(graph: gs.Graph) -> EncoderMatch:
         if why is None:
             why = ("linear layer outside every matched encoder layer (e.g. embeddings projection, pooler or head)"
                    if linear_at(node) is not None else
+                   "convolution outside every matched encoder layer (e.g. a patch embedding)" if node.op == "Conv" else
                    f"{node.op} with no constant 2-D weight and no Softmax next to it: not an attention matmul")
         unmatched.append((node, why))
     families = sorted({layer.family for layer in layers})

@@ -86,6 +86,8 @@ class EncoderLayer:
     ffn_residual: Residual
     ffn_norm: Norm
     family: str = "bert-post-ln"
+    norm_position: str = "post"    # post: norms follow the residual Adds; pre: they lead each block
+    qkv_input: str | None = None   # what the projections read, when it is not the layer input (pre-LN)
 
     @property
     def fused_qkv(self) -> bool:
@@ -93,12 +95,12 @@ class EncoderLayer:
 
     @property
     def output(self) -> str:
-        return self.ffn_norm.output
+        return self.ffn_norm.output if self.norm_position == "post" else self.ffn_residual.output
 
     def sites(self) -> dict[str, str]:
         """The named sites every family exposes (SITE_NAMES) -> the float tensor at each."""
         attention = self.attention
-        return {"qkv.input": self.input, "q": attention.query, "k": attention.key, "v": attention.value,
+        return {"qkv.input": self.qkv_input or self.input, "q": attention.query, "k": attention.key, "v": attention.value,
                 "softmax.output": attention.probs, "attention_output.input": self.attention_output.input,
                 "ffn1.input": self.ffn1.input, "ffn2.input": self.ffn2.input,
                 "residual1": self.attention_residual.skip, "residual2": self.ffn_residual.skip,

@@ -1,0 +1,120 @@
+"""Every encoder family on random-weight transformers exports: every layer matched by its pattern,
+every GEMM inside the layers quantized, the onnxruntime model within cosine 0.99 of FP32, the
+TensorRT target parsed and built by TensorRT-RTX (its CPU-only ahead-of-time builder)."""
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from qdq_compiler import carried, ir  # noqa: E402
+from qdq_compiler.config import InsertConfig  # noqa: E402
+from qdq_compiler.graph import is_dequantized  # noqa: E402
+from qdq_compiler.hf_export import IMAGE_SIZE, export  # noqa: E402
+from qdq_compiler.insert import insert  # noqa: E402
+from qdq_compiler.lower import LowerConfig, lower  # noqa: E402
+
+from conftest import cosine, run_model  # noqa: E402
+
+# family -> (pattern family, exporters that export it, GEMMs outside the layers: the embeddings' own)
+FAMILIES = {
+    "vit": ("pre-ln", ("torchscript", "dynamo"), ["Conv"]),          # patch embedding
+    "deit": ("pre-ln", ("torchscript",), ["Conv"]),
+    "albert": ("bert-post-ln", ("torchscript",), ["MatMul"]),        # embedding -> hidden projection
+    "xlm-roberta": ("bert-post-ln", ("torchscript",), []),
+}
+CASES = [(family, exporter) for family, (_, exporters, _) in FAMILIES.items() for exporter in exporters]
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("families")
+    cache = {}
+
+    def get(family, exporter):
+        if (family, exporter) not in cache:
+            cache[family, exporter] = export(family, folder / f"{family}-{exporter}.onnx", exporter=exporter,
+                                             opset=17 if exporter == "torchscript" else 18, seq=SEQ)
+        return cache[family, exporter]
+
+    return get
+
+
+def random_feeds(graph, batch: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for tensor in graph.inputs:
+        if tensor.name == "pixel_values":
+            feeds[tensor.name] = rng.standard_normal((batch, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+        elif tensor.name == "input_ids":
+            feeds[tensor.name] = rng.integers(5, 500, (batch, SEQ), dtype=np.int64)
+        elif tensor.name == "attention_mask":
+            feeds[tensor.name] = np.ones((batch, SEQ), np.int64)
+        else:
+            feeds[tensor.name] = np.zeros((batch, SEQ), np.int64)
+    return feeds
+
+
+def calibrated(path, tmp_path, mode="ft1"):
+    from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+    from qdq_compiler.data import Dataset
+
+    graph = ir.load(path)
+    result = insert(graph, InsertConfig(mode), verify=True)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **random_feeds(graph, 16, seed=1))
+    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("percentile", progress=False))
+    return graph, result
+
+
+@pytest.mark.parametrize("family,exporter", CASES)
+def test_every_layer_matched_and_every_gemm_inside_quantized(exports, family, exporter):
+    graph = ir.load(exports(family, exporter))
+    result = insert(graph, InsertConfig("ft1"), verify=True)
+    match = result.match
+    assert match.family == FAMILIES[family][0]
+    assert len(match.layers) == 2 and match.rejections == ()
+    for layer in match.layers:
+        for linear in layer.linears().values():   # activation and weight through a DequantizeLinear
+            assert is_dequantized(linear.node.inputs[0]) and is_dequantized(linear.node.inputs[1]), \
+                ir.describe(linear.node)
+        attention = layer.attention
+        assert all(is_dequantized(t) for t in (*attention.bmm1.inputs, *attention.bmm2.inputs))
+    # what is left outside the layers is the embeddings' own GEMMs (patch Conv, ALBERT's projection)
+    assert sorted(node.op for node, _ in match.unmatched_gemms) == FAMILIES[family][2]
+    assert carried.read(graph).family == FAMILIES[family][0]
+
+
+@pytest.mark.parametrize("family,exporter", CASES)
+def test_onnxruntime_model_is_within_cosine_099_of_fp32(exports, tmp_path, family, exporter):
+    path = exports(family, exporter)
+    feeds = random_feeds(ir.load(path), 4, seed=7)
+    reference = run_model(ir.read_model(path), feeds)[0]
+    placeholder = ir.load(path)
+    insert(placeholder, InsertConfig("ft1"))
+    assert cosine(run_model(placeholder, feeds)[0], reference) < 0.9   # the layers matter in these weights
+    graph, _ = calibrated(path, tmp_path)
+    lower(graph, LowerConfig("onnxruntime"))
+    assert sum(n.op == "MatMulIntegerToFloat" for n in graph.nodes) == 2 * 8   # 6 GEMMs + 2 BMMs per layer
+    found = cosine(run_model(graph, feeds)[0], reference)
+    print(f"{family}/{exporter}: cosine {found:.5f}")
+    assert found > 0.99
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tensorrt_target_parses_and_builds_with_tensorrt_rtx(exports, tmp_path, family):
+    pytest.importorskip("tensorrt_rtx")
+    from qdq_compiler.engine_build import EngineConfig, build_engine
+    from qdq_compiler.trt_parse import parse
+
+    graph, _ = calibrated(exports(family, "torchscript"), tmp_path)
+    lower(graph, LowerConfig("tensorrt"))
+    lowered = ir.save(graph, tmp_path / f"{family}.trt.onnx")
+    parsed = parse(lowered)
+    assert parsed.ok, parsed.errors
+    summary = build_engine(lowered, tmp_path / f"{family}.plan", EngineConfig(int8=True, backend="tensorrt-rtx"))
+    print(f"{family}: {summary.get('attention_quantized')} attention quantized, "
+          f"{summary.get('attention_fused_int8')} fused INT8, {summary.get('int8_gemms')} INT8 GEMMs")
+    assert summary["attention_quantized"] == summary["attention_fused_int8"] == 2
+    assert summary["quantized_gemms"] == summary["int8_gemms"] == 2 * 8
