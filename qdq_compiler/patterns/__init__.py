@@ -22,7 +22,7 @@ from .blocks import Walk, linear_at
 from .records import EncoderLayer, EncoderMatch, NoMatch, Rejection
 
 # the pattern modules, tried in this order on each Softmax
-FAMILY_MODULES = ("bert_post_ln", "pre_ln")
+FAMILY_MODULES = ("bert_post_ln", "pre_ln", "modernbert")
 
 
 @dataclass(frozen=True)
