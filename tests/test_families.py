@@ -23,9 +23,12 @@ FAMILIES = {
     "albert": ("bert-post-ln", ("torchscript",), ["MatMul"]),        # embedding -> hidden projection
     "xlm-roberta": ("bert-post-ln", ("torchscript",), []),
     "modernbert": ("modernbert", ("torchscript", "dynamo"), []),
+    "deberta-v2": ("deberta-v2", ("torchscript",), ["MatMul"] * 4),   # relative-position terms, float by rule
 }
 # GEMMs per layer: linear layers and the two batched matmuls (ModernBERT's QKV is one fused GEMM)
 PER_LAYER = {"modernbert": 4 + 2}
+# TensorRT fuses INT8 attention only for Q·K^T -> softmax -> ·V; DeBERTa adds its relative terms between
+NOT_FUSED = {"deberta-v2"}
 CASES = [(family, exporter) for family, (_, exporters, _) in FAMILIES.items() for exporter in exporters]
 SEQ = 16
 
@@ -119,5 +122,27 @@ def test_tensorrt_target_parses_and_builds_with_tensorrt_rtx(exports, tmp_path, 
     summary = build_engine(lowered, tmp_path / f"{family}.plan", EngineConfig(int8=True, backend="tensorrt-rtx"))
     print(f"{family}: {summary.get('attention_quantized')} attention quantized, "
           f"{summary.get('attention_fused_int8')} fused INT8, {summary.get('int8_gemms')} INT8 GEMMs")
-    assert summary["attention_quantized"] == summary["attention_fused_int8"] == 2
+    fused = 0 if family in NOT_FUSED else 2
+    assert summary["attention_quantized"] == summary["attention_fused_int8"] == fused
     assert summary["quantized_gemms"] == summary["int8_gemms"] == 2 * PER_LAYER.get(family, 6 + 2)
+
+
+def test_deberta_relative_position_rule_is_measured(exports, tmp_path):
+    """The rule in patterns/deberta_v2.py: the relative-position matmuls stay float. Measured against
+    quantizing them too (generic mode quantizes every MatMul input, those included)."""
+    path = exports("deberta-v2", "torchscript")
+    feeds = random_feeds(ir.load(path), 4, seed=7)
+    reference = run_model(ir.read_model(path), feeds)[0]
+    found = {}
+    for mode in ("ft1", "generic"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        graph, result = calibrated(path, folder, mode)
+        relative = sum(site.startswith("/inner/encoder/layer.") and ("MatMul_1.input" in site or "MatMul_2.input" in site)
+                       for q in result.plan.quantizers for site in q.sites)
+        lower(graph, LowerConfig("onnxruntime"))
+        found[mode] = (cosine(run_model(graph, feeds)[0], reference), relative)
+    print(f"deberta-v2 relative terms float (ft1): cosine {found['ft1'][0]:.5f}; "
+          f"quantized too (generic): {found['generic'][0]:.5f}")
+    assert found["ft1"][1] == 0 and found["generic"][1] > 0
+    assert found["ft1"][0] > 0.99 and found["ft1"][0] >= found["generic"][0] - 1e-3

@@ -22,7 +22,7 @@ from .blocks import Walk, linear_at
 from .records import EncoderLayer, EncoderMatch, NoMatch, Rejection
 
 # the pattern modules, tried in this order on each Softmax
-FAMILY_MODULES = ("bert_post_ln", "pre_ln", "modernbert")
+FAMILY_MODULES = ("bert_post_ln", "pre_ln", "modernbert", "deberta_v2")
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,12 @@ def match_encoder(graph: gs.Graph) -> EncoderMatch:
     for layer in layers:
         claimed |= {id(lin.node) for lin in layer.linears().values()}
         claimed |= {id(layer.attention.bmm1), id(layer.attention.bmm2)}
+    kept_float = {id(gemm): f"layer {layer.index}: {why}" for layer in layers for gemm, why in layer.float_gemms}
     unmatched = []
     for node in graph.nodes:
         if node.op not in GEMM_OPS and node.op != "Conv" or id(node) in claimed:
             continue
-        why = next((f"attention block at {ir.describe(r.anchor)} rejected: {r.reason}"
+        why = kept_float.get(id(node)) or next((f"attention block at {ir.describe(r.anchor)} rejected: {r.reason}"
                     for r in rejections if any(g is node for g in r.gemms)), None)
         if why is None:
             why = ("linear layer outside every matched encoder layer (e.g. embeddings projection, pooler or head)"

@@ -88,6 +88,7 @@ class EncoderLayer:
     family: str = "bert-post-ln"
     norm_position: str = "post"    # post: norms follow the residual Adds; pre: they lead each block
     qkv_input: str | None = None   # what the projections read, when it is not the layer input (pre-LN)
+    float_gemms: tuple[tuple[gs.Node, str], ...] = ()   # GEMMs inside the layer its pattern keeps in float, why
 
     @property
     def fused_qkv(self) -> bool:
