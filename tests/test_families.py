@@ -19,11 +19,11 @@ from conftest import cosine, run_model  # noqa: E402
 # family -> (pattern family, exporters that export it, GEMMs outside the layers: the embeddings' own)
 FAMILIES = {
     "vit": ("pre-ln", ("torchscript", "dynamo"), ["Conv"]),          # patch embedding
-    "deit": ("pre-ln", ("torchscript",), ["Conv"]),
-    "albert": ("bert-post-ln", ("torchscript",), ["MatMul"]),        # embedding -> hidden projection
-    "xlm-roberta": ("bert-post-ln", ("torchscript",), []),
+    "deit": ("pre-ln", ("torchscript", "dynamo"), ["Conv"]),
+    "albert": ("bert-post-ln", ("torchscript", "dynamo"), ["MatMul"]),        # embedding -> hidden projection
+    "xlm-roberta": ("bert-post-ln", ("torchscript", "dynamo"), []),
     "modernbert": ("modernbert", ("torchscript", "dynamo"), []),
-    "deberta-v2": ("deberta-v2", ("torchscript",), ["MatMul"] * 4),   # relative-position terms, float by rule
+    "deberta-v2": ("deberta-v2", ("torchscript", "dynamo"), ["MatMul"] * 4),   # relative-position terms, float by rule
 }
 # GEMMs per layer: linear layers and the two batched matmuls (ModernBERT's QKV is one fused GEMM)
 PER_LAYER = {"modernbert": 4 + 2}
@@ -90,6 +90,9 @@ def test_every_layer_matched_and_every_gemm_inside_quantized(exports, family, ex
     # what is left outside the layers is the embeddings' own GEMMs (patch Conv, ALBERT's projection)
     assert sorted(node.op for node, _ in match.unmatched_gemms) == FAMILIES[family][2]
     assert carried.read(graph).family == FAMILIES[family][0]
+    if family == "albert" and exporter == "torchscript":   # one weight shared by both layers: one quantizer
+        weights = [q for q in result.plan.quantizers if q.kind.value == "weight"]
+        assert len(weights) == 6 and all(len(q.uses) == 2 for q in weights)
 
 
 @pytest.mark.parametrize("family,exporter", CASES)
