@@ -1,4 +1,6 @@
-"""Find the BERT encoder layers (analysis only: the graph is not touched)."""
+"""Find the encoder layers with the registered layer patterns (analysis only: the graph is not touched).
+
+Named match-bert for its history; every family in qdq_compiler/patterns/ is tried."""
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
@@ -15,7 +17,7 @@ def match_bert(graph: gs.Graph, ctx: PassContext) -> PassResult:
     diagnostics = tuple(Diagnostic("info", f"attention at {ir.describe(r.anchor)} rejected: {r.reason}", ir.label(r.anchor))
                         for r in match.rejections)
     layers = match.layers
-    return PassResult(False, {"layers": len(layers),
+    return PassResult(False, {"layers": len(layers), "family": match.family,
                               "fused_qkv_layers": sum(layer.fused_qkv for layer in layers),
                               "rejected_attention_blocks": len(match.rejections),
                               "unmatched_gemms": len(match.unmatched_gemms)}, diagnostics)

@@ -149,3 +149,19 @@ def test_deberta_relative_position_rule_is_measured(exports, tmp_path):
           f"quantized too (generic): {found['generic'][0]:.5f}")
     assert found["ft1"][1] == 0 and found["generic"][1] > 0
     assert found["ft1"][0] > 0.99 and found["ft1"][0] >= found["generic"][0] - 1e-3
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_mode_places_on_every_family(exports, family):
+    """ft2/ft3/trt on each family: every layer placed, a valid model that runs, `check` clean; a site a
+    family cannot have (a GEMM output before a bias ModernBERT does not have) is skipped with its reason."""
+    from qdq_compiler.check import check_graph
+
+    path = exports(family, "torchscript")
+    for mode in ("ft2", "ft3", "trt"):
+        graph = ir.load(path)
+        result = insert(graph, InsertConfig(mode), verify=True)
+        assert len(result.match.layers) == 2 and check_graph(graph) == []
+        assert np.isfinite(run_model(graph, random_feeds(graph, 2, seed=3))[0]).all()
+        assert all("no separate bias Add" in why for _, why in result.plan.skipped)
+        assert bool(result.plan.skipped) == (family == "modernbert" and mode != "trt")
