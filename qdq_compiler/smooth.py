@@ -9,15 +9,20 @@ are smoothed, so a residual branch (which reads x itself) never changes.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ir
+from . import carried, ir
 from .errors import UsageError
 from .quant import fake_quantize
 from .patterns.blocks import linear_at
+
+
+# placement's GEMM-input sites: `layer3.ffn1.input` (matched layers), `{node}.input0` (generic)
+GEMM_INPUT_SITE = re.compile(r"\.input\d?$")
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,9 +33,15 @@ class SmoothSite:
 
 
 def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
+    """The activation quantizers that feed only linear layers; with the plan insert stored in the model,
+    only those it placed at GEMM inputs (a model without one: every such quantizer)."""
+    plan = carried.read(graph)
+    planned = None if plan is None else {tensor for site, tensor in plan.sites.items() if GEMM_INPUT_SITE.search(site)}
     sites = []
     for q in graph.nodes:
         if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]).size != 1:
+            continue
+        if planned is not None and q.inputs[0].name not in planned and "::smooth" not in q.inputs[0].name:
             continue
         source = ir.producer(q.inputs[0])
         if source is not None and source.op == "Mul" and "::smooth" in source.name:

@@ -135,3 +135,19 @@ def test_generic_placement_records_its_mode_and_no_family_when_nothing_matched()
     insert(graph, InsertConfig("ft1"))
     plan = carried.read(graph)
     assert plan.family is None and plan.layers == () and set(plan.sites) == {"y.input0", "y.input1"}
+
+
+def test_smoothing_reads_the_gemm_input_sites_from_the_plan():
+    from qdq_compiler.smooth import smooth_sites
+
+    graph = graph_of()
+    insert(graph, InsertConfig("ft1"))
+    assert len(smooth_sites(graph)) == 6   # per layer: the QKV input, FFN1 input, FFN2 input
+    plan = carried.read(graph)
+    dropped = plan.sites["layer1.ffn2.input"]
+    sites = {site: tensor for site, tensor in plan.sites.items() if tensor != dropped}
+    carried.store(graph, carried.CarriedPlan(plan.family, plan.mode, plan.layers, sites))
+    found = smooth_sites(graph)
+    assert len(found) == 5 and dropped not in {s.tensor for s in found}
+    del ir.metadata(graph)[carried.PLAN_KEY]   # no plan (older qdqc, QAT export): every GEMM-only quantizer
+    assert len(smooth_sites(graph)) == 6
