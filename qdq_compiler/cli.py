@@ -109,7 +109,13 @@ def _checked_output(args, *extra: Path | None) -> Path:
     from . import ir
 
     ir.check_input(args.model)
+    data = [getattr(args, name, None) for name in ("data", "eval", "stats")]
+    if data[2] is not None and data[0] is None:   # recomputing from --stats: it must exist, said first
+        ir.check_input(data[2], "a statistics .npz")
     output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
+    for path in data:   # the data and statistics are never an output, --overwrite or not
+        if path is not None and ir.same_file(output, path):
+            raise UsageError(f"{output}: output would overwrite the input {path}")
     _checked_extra(args, *extra, output=output)
     return output
 
@@ -275,6 +281,8 @@ def run_data(args) -> int:
     from .text import calibration_data, fit_to_model, save_npz
 
     output = args.output or args.texts.with_suffix(".npz")
+    if ir.same_file(output, args.texts) or (args.model is not None and ir.same_file(output, args.model)):
+        raise UsageError(f"{output}: output would overwrite an input")
     if args.tokenizer is None:
         raise UsageError("data needs --tokenizer DIR (the model's Hugging Face folder)")
     graph = ir.load(args.model) if args.model is not None else None
@@ -301,7 +309,7 @@ def _calibration_line(result) -> str:
     rounding = result.report.get("weights", {})
     weights = f"weights {rounding.get('rounding', 'nearest')}"
     if "weights_rounded" in rounding:
-        weights += f": {rounding['weights_rounded']} GEMMs"
+        weights += f": {rounding['weights_rounded']} GEMMs in {result.report['timings'].get('round weights', 0):.1f} s"
     return (f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method}, "
             f"{weights})")
 

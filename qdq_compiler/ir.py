@@ -71,7 +71,9 @@ def from_model(model: onnx.ModelProto, where: str = "model") -> gs.Graph:
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"{where}: expected an onnx.ModelProto, got {type(model).__name__}")
     check_readable(model, where)
-    return gs.import_onnx(model)
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)   # graphsurgeon keeps references into the proto (Constant tensors): never the user's
+    return gs.import_onnx(copied)
 
 
 def check_readable(model: onnx.ModelProto, where: str) -> None:
