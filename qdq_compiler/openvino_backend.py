@@ -88,7 +88,9 @@ def read_model(model):
 def compile_model(model, *, threads: int = 2, precision: Precision | str = Precision.DEFAULT,
                   profile: bool = False, device: str = "CPU"):
     """The compiled model, latency mode, `threads` inference threads, one stream."""
-    precision = Precision(precision)
+    from .config import choice
+
+    precision = choice(Precision, precision, "precision")
     config = {"INFERENCE_NUM_THREADS": int(threads), "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
     if precision is not Precision.DEFAULT:
         config["INFERENCE_PRECISION_HINT"] = precision.value
