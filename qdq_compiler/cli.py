@@ -199,11 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--quiet", action="store_true")
     analyze.set_defaults(run=run_analyze)
 
-    bench = sub.add_parser("bench", help="latency of ONNX models (onnxruntime) or TensorRT engines, interleaved")
-    bench.add_argument("models", type=Path, nargs="*", help="one or more .onnx / .plan files (compared to the first)")
+    bench = sub.add_parser("bench", help="latency of ONNX models (onnxruntime or OpenVINO), OpenVINO IR or TensorRT "
+                                          "engines, interleaved")
+    bench.add_argument("models", type=Path, nargs="*",
+                       help="one or more .onnx / .xml (OpenVINO IR) / .plan files (compared to the first)")
     bench.add_argument("--compare", type=Path, nargs="+", default=[], help="more models, run interleaved with them")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op / OpenVINO threads (default 2)")
+    bench.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                       help="what runs the .onnx models (an .xml always runs in OpenVINO)")
+    bench.add_argument("--ov-precision", default="default", choices=["default", "f32", "bf16"],
+                       help="OpenVINO float precision (default: OpenVINO's own choice, bf16 on CPUs that have it)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--seq", type=int, default=128)
     bench.add_argument("--shapes", help="name:AxB,... for every input (overrides --batch/--seq)")
@@ -434,7 +440,7 @@ def run_bench(args) -> int:
     from .bench import BenchConfig, bench, format_summary, parse_shapes, plot
 
     base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, args.seq,
-                       parse_shapes(args.shapes))
+                       parse_shapes(args.shapes), args.runtime, args.ov_precision)
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")
