@@ -58,7 +58,7 @@ _REGISTRY: dict[str, PassFn] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
-    "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
+    "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
     "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "residual-sum", "fold-weight-quantizers"),
     "lower-tensorrt": ("report-mha", "drop-nan-guard", "fold-weight-quantizers", "to-fp16"),
 }
