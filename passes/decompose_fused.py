@@ -34,12 +34,13 @@ def decompose_fused(graph: gs.Graph, ctx: PassContext) -> PassResult:
     cache: dict = {}
     done: Counter = Counter()
     kept: Counter = Counter()
+    created: list[gs.Node] = []
     for node in fused_nodes(graph):
         if node.op not in fused.DECOMPOSERS:
             kept[node.op] += 1
             continue
         try:
-            fused.decompose(graph, node, names, cache)
+            created += fused.decompose(graph, node, names, cache)
         except fused.Unsupported as exc:
             raise ModelError(f"{ir.describe(node)} (com.microsoft): {exc}") from None
         done[node.op] += 1
@@ -53,5 +54,12 @@ def decompose_fused(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if done:
         ir.cleanup(graph)
         ir.annotate_shapes(graph)
+        # past an op shape inference does not know, a made tensor keeps no type: a typed value_info
+        # without a shape is refused by onnx.checker
+        outputs = {id(t) for t in graph.outputs}
+        for made in created:
+            for tensor in made.outputs:
+                if tensor.shape is None and id(tensor) not in outputs:
+                    tensor.dtype = None
     return PassResult(bool(done), {"decomposed": sum(done.values()), "by_op": dict(sorted(done.items())),
                                    "kept": dict(sorted(kept.items()))}, diagnostics)
