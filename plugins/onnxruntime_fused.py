@@ -56,7 +56,7 @@ def _used(graph: gs.Graph, node: gs.Node, index: int) -> bool:
 
 
 class Builder:
-    """Creates the nodes of one decomposition, named `{fused node's output}::{role}`."""
+    """Creates the nodes of one decomposition, named `{fused node's first output}::{role}` (node and output alike)."""
 
     def __init__(self, graph: gs.Graph, names: ir.Names, node: gs.Node, cache: dict):
         self.graph, self.names, self.cache = graph, names, cache
@@ -71,8 +71,10 @@ class Builder:
            dtype=None) -> gs.Tensor:
         if out is None:
             out = gs.Variable(self.names.fresh(f"{self.base}::{role}"), dtype=dtype or self.dtype)
-        node = gs.Node(op, self.names.fresh(f"{self.base}::{role}"), attrs=attrs or {}, inputs=inputs,
-                       outputs=[out])
+            name = out.name   # node and tensor names are separate namespaces: a made node shares its output's
+        else:
+            name = self.names.fresh(f"{self.base}::{role}")
+        node = gs.Node(op, name, attrs=attrs or {}, inputs=inputs, outputs=[out])
         self.graph.nodes.append(node)
         self.created.append(node)
         return out
