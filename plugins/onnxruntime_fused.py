@@ -155,10 +155,10 @@ def _additive_mask(b: Builder, mask: gs.Tensor | None, key: gs.Tensor, filter_va
                 and isinstance(key.shape[0], int) and mask.shape[0] != key.shape[0]:
             raise Unsupported(f"1-D mask of {mask.shape[0]} entries for batch {key.shape[0]} "
                               "(left-padding start/end positions are not supported)")
-        length = b.op("Cast", [b.dim(key, 1, "mask_keys")], "mask_keys_float", {"to": 1}, dtype=np.float32)
-        positions = b.op("Range", [b.const("mask_start", np.float32(0.0)), length,
-                                   b.const("mask_step", np.float32(1.0))], "mask_positions")
-        ends = b.op("Cast", [mask], "mask_ends", {"to": 1}, dtype=np.float32)
+        # integer positions: a float Range would become float16 in the TensorRT lowering, which TensorRT refuses
+        positions = b.op("Range", [b.const("mask_start", np.int64(0)), b.dim(key, 1, "mask_keys"),
+                                   b.const("mask_step", np.int64(1))], "mask_positions", dtype=np.int64)
+        ends = b.op("Cast", [mask], "mask_ends", {"to": 7}, dtype=np.int64)
         ends = b.unsqueeze(ends, [1], "mask_ends_column")
         valid = b.op("Less", [positions, ends], "mask_valid", dtype=np.bool_)
         additive = b.op("Where", [valid, zero, fill], "mask_additive")
@@ -171,9 +171,8 @@ def _additive_mask(b: Builder, mask: gs.Tensor | None, key: gs.Tensor, filter_va
         additive = b.unsqueeze(additive, [1, 2] if rank == 2 else [1], "mask_heads")
     if unidirectional:
         # every query position t attends to key positions <= t (no past state: query and key lengths agree)
-        length = b.op("Cast", [b.dim(key, 1, "causal_keys")], "causal_keys_float", {"to": 1}, dtype=np.float32)
-        positions = b.op("Range", [b.const("causal_start", np.float32(0.0)), length,
-                                   b.const("causal_step", np.float32(1.0))], "causal_positions")
+        positions = b.op("Range", [b.const("causal_start", np.int64(0)), b.dim(key, 1, "causal_keys"),
+                                   b.const("causal_step", np.int64(1))], "causal_positions", dtype=np.int64)
         rows = b.unsqueeze(positions, [1], "causal_rows")
         future = b.op("Greater", [positions, rows], "causal_future", dtype=np.bool_)
         causal = b.op("Where", [future, fill, zero], "causal_additive")

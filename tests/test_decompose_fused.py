@@ -1,4 +1,5 @@
 """decompose-fused: each com.microsoft op against onnxruntime running it, on tiny onnx.helper graphs."""
+import importlib.util
 from collections import Counter
 
 import numpy as np
@@ -245,3 +246,70 @@ def test_a_graph_without_fused_ops_is_left_alone():
                      [helper.make_tensor_value_info("y", FLOAT, None)])
     _, record = decomposed(model)
     assert record.modified is False and record.stats == {"decomposed": 0}
+
+
+# ---------------------------------------------------------------- the real MiniLM through onnxruntime's optimizer
+
+@pytest.fixture(scope="module")
+def optimized_minilm(tmp_path_factory):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from onnxruntime.transformers import optimizer
+
+    from qdq_compiler.hf_export import export
+
+    folder = tmp_path_factory.mktemp("fused")
+    plain = export("minilm", folder / "minilm.onnx", exporter="torchscript", opset=17)
+    fused = optimizer.optimize_model(str(plain), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
+    fused.save_model_to_file(str(folder / "minilm.fused.onnx"))
+    return plain, folder / "minilm.fused.onnx"
+
+
+@pytest.mark.slow
+def test_optimized_minilm_matches_every_layer_and_lowers_for_both_targets(optimized_minilm, tmp_path):
+    """onnxruntime's BERT fusions (EmbedLayerNormalization, Attention, SkipLayerNormalization, BiasGelu) undone:
+    the same numbers as the fused model, all 6 layers matched as in the plain export, both targets lowered,
+    the TensorRT one parsed by TensorRT's ONNX parser."""
+    from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+    from qdq_compiler.check import check_graph
+    from qdq_compiler.config import InsertConfig
+    from qdq_compiler.data import Dataset
+    from qdq_compiler.evaluate import cosines, embeddings, open_session
+    from qdq_compiler.hf_export import corpus, encode
+    from qdq_compiler.insert import insert
+    from qdq_compiler.lower import LowerConfig, lower
+
+    plain, fused = optimized_minilm
+    ops = Counter(n.op_type for n in onnx.load(fused).graph.node if n.domain == MS)
+    assert ops == {"EmbedLayerNormalization": 1, "Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6}
+    feeds = encode(corpus("evaluation")[:64])
+    reference = embeddings(open_session(fused), feeds)
+
+    graph = ir.load(fused)
+    result = insert(graph, InsertConfig("ft1"), verify=True)
+    assert len(result.match.layers) == 6 and result.match.rejections == () and result.match.unmatched_gemms == ()
+    assert len(result.plan.quantizers) == 84 and not result.plan.fallback
+    assert not [n for n in graph.nodes if n.domain == MS]
+    record = next(r for r in result.records if r.name == "decompose-fused")
+    assert record.stats["decomposed"] == 25 and record.stats["kept"] == {}
+    expected = insert(ir.load(plain), InsertConfig("ft1"))
+    assert [layer.activation.kind for layer in result.match.layers] == \
+        [layer.activation.kind for layer in expected.match.layers]
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, **encode(corpus("calibration")[:64]))
+    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("mse", progress=False))
+    trt_graph = graph.copy()
+    lower(graph, LowerConfig("onnxruntime"))
+    found = cosines(reference, embeddings(open_session(ir.to_model(graph)), feeds))
+    assert found.mean() > 0.99 and found.min() > 0.95
+
+    lower(trt_graph, LowerConfig("tensorrt"))
+    assert check_graph(trt_graph) == []
+    assert not [n for n in trt_graph.nodes if n.domain == MS]
+    path = ir.save(trt_graph, tmp_path / "minilm.fused.trt.onnx")
+    if importlib.util.find_spec("tensorrt_rtx") is not None:
+        from qdq_compiler.trt_parse import parse
+
+        parsed = parse(path)
+        assert parsed.ok, parsed.errors[:3]
