@@ -61,11 +61,16 @@ class Builder:
     def __init__(self, graph: gs.Graph, names: ir.Names, node: gs.Node, cache: dict):
         self.graph, self.names, self.cache = graph, names, cache
         self.base = node.outputs[0].name or node.name or node.op
-        self.dtype = node.outputs[0].dtype or np.float32
+        # the float type the node computes in (float16 models too): the first float input's
+        self.dtype = next((t.dtype for t in node.inputs if t.dtype is not None
+                           and np.issubdtype(np.dtype(t.dtype), np.floating)), np.float32)
         self.created: list[gs.Node] = []
 
     def const(self, role: str, value) -> gs.Constant:
-        return gs.Constant(self.names.fresh(f"{self.base}::{role}"), np.asarray(value))
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating):
+            value = value.astype(self.dtype)
+        return gs.Constant(self.names.fresh(f"{self.base}::{role}"), value)
 
     def op(self, op: str, inputs: list, role: str, attrs: dict | None = None, out: gs.Tensor | None = None,
            dtype=None) -> gs.Tensor:

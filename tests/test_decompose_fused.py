@@ -331,3 +331,23 @@ def test_optimized_minilm_matches_every_layer_and_compiles_for_both_targets(opti
         built = build_engine(path, tmp_path / "int8.plan", EngineConfig(backend="tensorrt-rtx", int8=True))
         assert built["attention_quantized"] == built["attention_fused_int8"] == 6
         assert built["quantized_gemms"] == built["int8_gemms"] == 48
+
+
+@pytest.mark.parametrize("op", ["SkipLayerNormalization", "BiasGelu", "Attention"])
+def test_float16_models_stay_float16(op):
+    """Constants the decomposition makes take the node's float type (the optimizer's float16=True models)."""
+    r = rng()
+    f16 = TensorProto.FLOAT16
+    names = {"SkipLayerNormalization": ["x", "skip", "gamma", "beta", "bias"], "BiasGelu": ["x", "bias"],
+             "Attention": ["x", "w", "b", "mask"]}[op]
+    values = {"gamma": r.normal(1, 0.1, D), "beta": r.normal(0, 0.1, D), "bias": r.normal(0, 0.1, D),
+              "w": r.normal(0, 0.3, (D, 3 * D)), "b": r.normal(0, 0.3, 3 * D)}
+    node = helper.make_node(op, names, ["y"], domain=MS, **({"num_heads": HEADS} if op == "Attention" else {}))
+    inputs = [helper.make_tensor_value_info(n, f16, [B, S, D]) for n in names if n in ("x", "skip")]
+    feeds = {n: r.normal(0, 1, (B, S, D)).astype(np.float16) for n in names if n in ("x", "skip")}
+    if "mask" in names:
+        inputs.append(helper.make_tensor_value_info("mask", INT32, [B]))
+        feeds["mask"] = np.array([5, 3], np.int32)
+    model = model_of([node], inputs, [helper.make_tensor_value_info("y", f16, [B, S, D])],
+                     [(n, values[n].astype(np.float16)) for n in names if n in values])
+    assert_same(model, feeds, atol=4e-3)
