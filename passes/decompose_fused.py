@@ -10,12 +10,13 @@ the restatement does not cover (past state, packed QKV, 4-D masks) is an error.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.errors import ModelError
+from qdq_compiler.errors import ModelError, QdqcNote
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 from qdq_compiler.plugins import onnxruntime_fused as fused
 
@@ -47,8 +48,10 @@ def decompose_fused(graph: gs.Graph, ctx: PassContext) -> PassResult:
     diagnostics = ()
     if kept:
         listed = ", ".join(f"{op} x{count}" for op, count in sorted(kept.items()))
-        diagnostics = (Diagnostic("warning", f"com.microsoft ops left as they are (no standard-ONNX restatement): "
-                                             f"{listed}; they stay unquantized and TensorRT cannot parse them"),)
+        message = (f"com.microsoft ops left as they are (no standard-ONNX restatement): {listed}; "
+                   "they stay unquantized and TensorRT cannot parse them")
+        diagnostics = (Diagnostic("warning", message),)
+        warnings.warn(message, QdqcNote, stacklevel=2)   # the CLI prints it as one `qdqc: note:` line
     else:
         graph.import_domains = [d for d in (graph.import_domains or []) if d.domain != fused.DOMAIN] or None
     if done:

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qdq_compiler import ir
-from qdq_compiler.errors import ModelError
+from qdq_compiler.errors import ModelError, QdqcNote
 from qdq_compiler.pipeline import PassContext, run_pipeline
 
 MS = "com.microsoft"
@@ -236,7 +236,8 @@ def test_an_unknown_com_microsoft_op_stays_and_is_reported_in_one_line():
     model = model_of([node, gelu], [helper.make_tensor_value_info("x", FLOAT, [B, S, D])],
                      [helper.make_tensor_value_info("y", FLOAT, [B, S, D])], [("bias", np.ones(D, np.float32))])
     feeds = {"x": rng().normal(0, 1, (B, S, D)).astype(np.float32)}
-    lowered, record = decomposed(model)
+    with pytest.warns(QdqcNote, match="QuickGelu x1"):
+        lowered, record = decomposed(model)
     assert [n.op_type for n in lowered.graph.node if n.domain == MS] == ["QuickGelu"]
     assert record.stats["kept"] == {"QuickGelu": 1} and record.stats["by_op"] == {"BiasGelu": 1}
     (warning,) = record.diagnostics
