@@ -58,7 +58,7 @@ _REGISTRY: dict[str, PassFn] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
-    "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
+    "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq"),
     "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "residual-sum", "floor-softmax-input",
                           "fold-weight-quantizers"),
     "lower-openvino": ("unsigned-linear-inputs", "fold-weight-quantizers"),
