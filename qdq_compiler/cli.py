@@ -10,6 +10,15 @@ from . import __version__
 from .errors import QdqcError, QdqcNote, UsageError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (`qdqc insert: error: ...`, exit 2) instead of
+    printing the whole usage block; `--help` still shows it."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("qdqc").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="input ONNX model")
 
@@ -140,7 +149,7 @@ def _output_path(args) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdqc", description="INT8 Q/DQ compiler for BERT-family ONNX models")
+    parser = _Parser(prog="qdqc", description="INT8 Q/DQ compiler for BERT-family ONNX models")
     parser.add_argument("--version", action="version", version=f"qdqc {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the full traceback (also QDQC_DEBUG=1), for bug reports")
@@ -340,7 +349,7 @@ def run_merge(argv: list[str]) -> int:
     from . import ir
     from .calibration import merge_state_files, save_states
 
-    parser = argparse.ArgumentParser(prog="qdqc calibrate merge",
+    parser = _Parser(prog="qdqc calibrate merge",
                                      description="merge collector states from shards (exact with --shard)")
     parser.add_argument("states", type=Path, nargs="+")
     parser.add_argument("-o", "--output", type=Path, required=True)

@@ -110,3 +110,12 @@ def test_check_exits_non_zero_on_violations(tmp_path, bert_file):
     assert proc.returncode == 1
     assert f"{q.name}: [zero-point]" in proc.stdout
     assert json.loads((tmp_path / "v.json").read_text())[0]["rule"] == "zero-point"
+
+
+@pytest.mark.parametrize("argv,word", [(["compile", "m.onnx", "--percentile", "abc"], "--percentile"),
+                                       (["bogus"], "invalid choice"), ([], "COMMAND"),
+                                       (["calibrate", "merge"], "states")])
+def test_a_bad_command_line_is_one_line(argv, word):
+    proc = qdqc(*argv)
+    assert proc.returncode == 2 and word in proc.stderr and "usage:" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
