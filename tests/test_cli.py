@@ -3,6 +3,7 @@ import json
 import os
 
 import onnx
+import pytest
 
 from qdq_compiler.synthetic import BertSpec, build_bert
 
