@@ -1,1 +1,2 @@
-"""TensorRT plugin handling (filled by the engine-building work; nothing here yet)."""
+"""Ops from outside the standard ONNX domain: `onnxruntime_fused` restates onnxruntime's com.microsoft
+transformer ops in standard ONNX (the `decompose-fused` pass)."""

@@ -174,7 +174,7 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
 def float_gemm_share(graph: gs.Graph, quantizers: list[gs.Node]) -> tuple[int, float]:
     """How many weight GEMMs read these QuantizeLinear nodes, and their share of all weight-GEMM
     multiply-adds (per token, K·N each): what leaving those sites in float costs in integer work."""
-    from .bert import linear_at
+    from .patterns.blocks import linear_at
 
     sizes = {}
     for node in graph.nodes:

@@ -64,7 +64,14 @@ class Result:
         return ir.to_model(self.graph)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`."""
+        """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`.
+        A `.xml` path writes OpenVINO IR (`.xml` + `.bin`, needs the `openvino` extra)."""
+        if Path(path).suffix == ".xml":
+            from .openvino_backend import save_ir
+
+            if self.source is not None and ir.same_file(path, self.source) and not overwrite:
+                raise UsageError(f"{path}: output would overwrite the input model (pass --overwrite to allow it)")
+            return save_ir(self.model, path)
         return ir.save(self.graph, path, source=self.source, overwrite=overwrite)
 
 

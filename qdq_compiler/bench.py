@@ -1,14 +1,17 @@
-"""`qdqc bench`: latency of ONNX models (onnxruntime) or TensorRT engines, trtexec-style.
+"""`qdqc bench`: latency of ONNX models (onnxruntime or OpenVINO), OpenVINO IR (.xml) or TensorRT
+engines, trtexec-style.
 
 Several models are run interleaved round by round in one process (the fair way to compare on a
 noisy machine) and each is reported with its ratio to the first. onnxruntime sessions run with
-thread spinning off; the thread count is printed.
+thread spinning off; OpenVINO with the same number of inference threads, one stream, latency
+mode; the thread count is printed.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,13 @@ from .errors import QdqcError, UsageError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 MAX_FEED_ELEMENTS = 1 << 28   # one random input past this (2 GiB of int64) is refused, not allocated
+
+
+class Runtime(str, Enum):
+    """What runs an .onnx file (an .xml is always OpenVINO IR, a .plan/.engine a TensorRT engine)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
 
 
 @dataclass(frozen=True)
@@ -29,8 +39,15 @@ class BenchConfig:
     batch: int = 1
     sequence: int = 128
     shapes: dict = field(default_factory=dict)   # input name -> shape, overrides batch/sequence
+    runtime: Runtime = Runtime.ONNXRUNTIME
+    precision: Enum | str = "default"   # OpenVINO's float precision: default (bf16 where the CPU has it), f32, bf16
 
     def __post_init__(self):
+        from .config import choice
+        from .openvino_backend import Precision
+
+        object.__setattr__(self, "runtime", choice(Runtime, self.runtime, "--runtime"))
+        object.__setattr__(self, "precision", choice(Precision, self.precision, "--ov-precision"))
         if self.provider not in PROVIDERS:
             raise UsageError(f"--provider {self.provider!r}: expected one of {', '.join(PROVIDERS)}")
         for name, value in (("--threads", self.threads), ("--iterations", self.iterations),
@@ -162,6 +179,12 @@ def make_runner(path: Path, config: BenchConfig):
         from .trt_engine import EngineRunner
 
         return EngineRunner(path)
+    if path.suffix == ".xml" or config.runtime is Runtime.OPENVINO:
+        if config.provider != "cpu":
+            raise UsageError(f"{path}: OpenVINO runs here on the CPU only (--provider cpu)")
+        from .openvino_backend import OpenVinoRunner
+
+        return OpenVinoRunner(path, threads=config.threads, precision=config.precision)
     from . import ir
 
     ir.read_model(path)   # a readable graph, a supported opset, external data inside the model's folder
@@ -229,8 +252,10 @@ def _batch_of(feeds: dict[str, np.ndarray]) -> int:
 
 def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
     """trtexec's summary layout, one block per model, plus ratios to the first."""
-    lines = [f"=== Performance summary ({config.provider}, intra-op threads {config.threads}, spinning off, "
-             f"{len(summaries[0].latencies_ms)} interleaved iterations) ==="]
+    openvino = config.runtime is Runtime.OPENVINO or any(s.name.endswith(".xml") for s in summaries)
+    where = (f"{config.provider}, intra-op threads {config.threads}, spinning off"
+             + (f"; OpenVINO threads {config.threads}, 1 stream, precision {config.precision.value}" if openvino else ""))
+    lines = [f"=== Performance summary ({where}, {len(summaries[0].latencies_ms)} interleaved iterations) ==="]
     base = summaries[0].stat("median")
     for summary in summaries:
         s = summary.stat

@@ -10,6 +10,15 @@ from . import __version__
 from .errors import QdqcError, QdqcNote, UsageError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line (`qdqc insert: error: ...`, exit 2) instead of
+    printing the whole usage block; `--help` still shows it."""
+
+    def error(self, message):
+        command = self.prog.removeprefix("qdqc").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)")
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="input ONNX model")
 
@@ -109,7 +118,13 @@ def _checked_output(args, *extra: Path | None) -> Path:
     from . import ir
 
     ir.check_input(args.model)
+    data = [getattr(args, name, None) for name in ("data", "eval", "stats")]
+    if data[2] is not None and data[0] is None:   # recomputing from --stats: it must exist, said first
+        ir.check_input(data[2], "a statistics .npz")
     output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
+    for path in data:   # the data and statistics are never an output, --overwrite or not
+        if path is not None and ir.same_file(output, path):
+            raise UsageError(f"{output}: output would overwrite the input {path}")
     _checked_extra(args, *extra, output=output)
     return output
 
@@ -134,7 +149,7 @@ def _output_path(args) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qdqc", description="INT8 Q/DQ compiler for BERT-family ONNX models")
+    parser = _Parser(prog="qdqc", description="INT8 Q/DQ compiler for BERT-family ONNX models")
     parser.add_argument("--version", action="version", version=f"qdqc {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the full traceback (also QDQC_DEBUG=1), for bug reports")
@@ -193,11 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--quiet", action="store_true")
     analyze.set_defaults(run=run_analyze)
 
-    bench = sub.add_parser("bench", help="latency of ONNX models (onnxruntime) or TensorRT engines, interleaved")
-    bench.add_argument("models", type=Path, nargs="*", help="one or more .onnx / .plan files (compared to the first)")
+    bench = sub.add_parser("bench", help="latency of ONNX models (onnxruntime or OpenVINO), OpenVINO IR or TensorRT "
+                                          "engines, interleaved")
+    bench.add_argument("models", type=Path, nargs="*",
+                       help="one or more .onnx / .xml (OpenVINO IR) / .plan files (compared to the first)")
     bench.add_argument("--compare", type=Path, nargs="+", default=[], help="more models, run interleaved with them")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
-    bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
+    bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op / OpenVINO threads (default 2)")
+    bench.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                       help="what runs the .onnx models (an .xml always runs in OpenVINO)")
+    bench.add_argument("--ov-precision", default="default", choices=["default", "f32", "bf16"],
+                       help="OpenVINO float precision (default: OpenVINO's own choice, bf16 on CPUs that have it)")
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--seq", type=int, default=128)
     bench.add_argument("--shapes", help="name:AxB,... for every input (overrides --batch/--seq)")
@@ -275,6 +296,8 @@ def run_data(args) -> int:
     from .text import calibration_data, fit_to_model, save_npz
 
     output = args.output or args.texts.with_suffix(".npz")
+    if ir.same_file(output, args.texts) or (args.model is not None and ir.same_file(output, args.model)):
+        raise UsageError(f"{output}: output would overwrite an input")
     if args.tokenizer is None:
         raise UsageError("data needs --tokenizer DIR (the model's Hugging Face folder)")
     graph = ir.load(args.model) if args.model is not None else None
@@ -301,7 +324,7 @@ def _calibration_line(result) -> str:
     rounding = result.report.get("weights", {})
     weights = f"weights {rounding.get('rounding', 'nearest')}"
     if "weights_rounded" in rounding:
-        weights += f": {rounding['weights_rounded']} GEMMs"
+        weights += f": {rounding['weights_rounded']} GEMMs in {result.report['timings'].get('round weights', 0):.1f} s"
     return (f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method}, "
             f"{weights})")
 
@@ -326,7 +349,7 @@ def run_merge(argv: list[str]) -> int:
     from . import ir
     from .calibration import merge_state_files, save_states
 
-    parser = argparse.ArgumentParser(prog="qdqc calibrate merge",
+    parser = _Parser(prog="qdqc calibrate merge",
                                      description="merge collector states from shards (exact with --shard)")
     parser.add_argument("states", type=Path, nargs="+")
     parser.add_argument("-o", "--output", type=Path, required=True)
@@ -426,7 +449,7 @@ def run_bench(args) -> int:
     from .bench import BenchConfig, bench, format_summary, parse_shapes, plot
 
     base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, args.seq,
-                       parse_shapes(args.shapes))
+                       parse_shapes(args.shapes), args.runtime, args.ov_precision)
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")

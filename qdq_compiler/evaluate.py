@@ -58,7 +58,7 @@ def exact_accumulation(graph):
     import onnx_graphsurgeon as gs
 
     from . import ir
-    from .bert import is_dequantized
+    from .graph import is_dequantized
 
     graph = graph.copy()
     names = ir.Names(graph)

@@ -102,7 +102,9 @@ def from_model(model: onnx.ModelProto, where: str = "model") -> gs.Graph:
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"{where}: expected an onnx.ModelProto, got {type(model).__name__}")
     check_readable(model, where)
-    return import_model(model)
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)   # graphsurgeon keeps references into the proto (Constant tensors): never the user's
+    return import_model(copied)
 
 
 def check_readable(model: onnx.ModelProto, where: str) -> None:

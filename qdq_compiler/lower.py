@@ -13,6 +13,7 @@ from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 
 class Target(str, Enum):
     ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
     TENSORRT = "tensorrt"
 
 

@@ -95,8 +95,11 @@ _REGISTRY: dict[str, PassSpec] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
-    "insert": ("canonicalize", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq", "record-plan"),
-    "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "residual-sum", "fold-weight-quantizers"),
+    "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq",
+               "record-plan"),
+    "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "residual-sum", "floor-softmax-input",
+                          "fold-weight-quantizers"),
+    "lower-openvino": ("unsigned-linear-inputs", "fold-weight-quantizers"),
     "lower-tensorrt": ("report-mha", "drop-nan-guard", "fold-weight-quantizers", "to-fp16"),
 }
 

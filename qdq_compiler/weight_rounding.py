@@ -59,12 +59,13 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, damp: fl
     order = np.argsort(-np.diag(h), kind="stable")
     w, h = w[:, order], h[order][:, order]
     h[np.diag_indices(rows)] += damp * np.mean(np.diag(h))
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T                # H⁻¹ = UᵀU
-    step = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (w.shape[0],))
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T                # H⁻¹ = UᵀU, factored in float64
+    w, upper = w.astype(np.float32), upper.astype(np.float32)     # the row loop in float32, as the paper's code
+    step = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (w.shape[0],))
     quantized = np.zeros_like(w)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
-        part, errors = w[:, start:stop].copy(), np.zeros((w.shape[0], stop - start))
+        part, errors = w[:, start:stop].copy(), np.zeros((w.shape[0], stop - start), np.float32)
         for i in range(stop - start):
             column = part[:, i]
             rounded = np.clip(np.rint(column / step), -QMAX, QMAX) * step
@@ -74,8 +75,10 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, damp: fl
         w[:, stop:] -= errors @ upper[start:stop, stop:]
     result = quantized[:, np.argsort(order)].T                    # back to [K, N], original row order
     nearest = fake_quantize(np.asarray(weight, np.float32), np.asarray(step * QMAX, np.float32))
-    # keep the scale a fixed point: a column whose largest integer fell below 127 keeps nearest rounding
-    shrunk = np.abs(result).max(axis=0) < (QMAX - 0.5) * step
+    # keep the scales a fixed point: a column that holds its scale's amax (±127 when rounded to nearest)
+    # and lost it keeps nearest rounding, so recomputing scales from these weights changes nothing
+    full = (QMAX - 0.5) * step
+    shrunk = (np.abs(nearest).max(axis=0) >= full) & (np.abs(result).max(axis=0) < full)
     result[:, shrunk] = nearest[:, shrunk]
     return result.astype(np.float32)
 
@@ -133,20 +136,28 @@ def input_hessians(graph: gs.Graph, dataset, config, activations: list[gs.Node])
 
 def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
                   targets: list[tuple[gs.Node, gs.Node]]) -> int:
-    """Replace each target weight by its GPTQ-rounded values (on the INT8 grid of its scale)."""
-    rounded = 0
+    """Replace each target weight by its GPTQ-rounded values (on the INT8 grid of its scale). GEMMs reading
+    the same activation (Q, K and V) share its Hessian: their columns are rounded in one pass."""
+    groups: dict[str, list[tuple[gs.Constant, bool, np.ndarray]]] = {}
     for weight_q, activation_q in targets:
-        hessian = hessians.get(activation_q.inputs[0].name)
         constant, scale = weight_q.inputs[0], weight_q.inputs[1].values
         axis = weight_q.attrs.get("axis", 1)                      # ONNX's default for per-channel
         transposed = scale.size > 1 and axis % 2 == 0             # [N, K] (Gemm transB=1): rows are outputs
         weight = constant.values.T if transposed else constant.values
+        hessian = hessians.get(activation_q.inputs[0].name)
         if hessian is None or hessian.shape[0] != weight.shape[0]:
             continue
-        result = gptq(weight, hessian, scale)
-        constant.values = (result.T if transposed else result).astype(constant.values.dtype)
-        rounded += 1
-    return rounded
+        columns = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (weight.shape[1],))
+        groups.setdefault(activation_q.inputs[0].name, []).append((constant, transposed, columns))
+    for name, members in groups.items():
+        weights = [(c.values.T if t else c.values) for c, t, _ in members]
+        result = gptq(np.concatenate(weights, axis=1), hessians[name], np.concatenate([s for _, _, s in members]))
+        start = 0
+        for (constant, transposed, _), weight in zip(members, weights):
+            part = result[:, start:start + weight.shape[1]]
+            start += weight.shape[1]
+            constant.values = (part.T if transposed else part).astype(constant.values.dtype)
+    return sum(len(members) for members in groups.values())
 
 
 def apply_gptq(graph: gs.Graph, dataset, config, *, verify: bool = False):

@@ -161,3 +161,26 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     saved = tmp_path / "model.int8.onnx"
     test = example_inputs(spec, batch=2, seq=16, seed=3)
     assert cosine(run_model(saved, test)[0], run_model(tmp_path / "model.onnx", test)[0]) > 0.98
+
+
+def test_a_model_given_in_memory_is_never_modified():
+    model = build_bert(SPEC)
+    for index, tensor in enumerate(list(model.graph.initializer)):  # torch writes many constants as nodes
+        if tensor.data_type == onnx.TensorProto.INT64:               # (graphsurgeon used to name their tensors)
+            value = onnx.TensorProto()
+            value.CopyFrom(tensor)
+            value.ClearField("name")                                  # as torch writes them
+            model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [tensor.name], value=value))
+            model.graph.initializer.remove(tensor)
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    before = model.SerializeToString()
+    inserted = qdq_compiler.insert(model)
+    assert model.SerializeToString() == before and inserted.model.SerializeToString() != before
+
+
+def test_the_cosine_histogram_takes_a_model_indistinguishable_from_fp32():
+    pytest.importorskip("matplotlib")
+    from qdq_compiler.html_report import cosine_figure
+
+    figure = cosine_figure(np.full(20, 0.9999982, np.float32) + np.arange(20, dtype=np.float32) * 1e-8)
+    assert figure.axes[0].patches   # drawn, where 50 bins over a few ulps raised "Too many bins"

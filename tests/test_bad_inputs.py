@@ -210,6 +210,9 @@ ROWS = (
         ("calibrate {qdq} --data {data} -o {out} --report {root}/r.json --stats {root}/r.json", 2, "also"),
         ("calibrate merge {stats} {stats2} -o {stats}", 2, "overwrite the input"),
         ("compile {model} --data {data} -o {model}", 2, "--overwrite"),
+        ("compile {model} --data {data} -o {data}", 2, "overwrite the input"),
+        ("calibrate {qdq} --data {data} -o {data} --overwrite", 2, "overwrite the input"),
+        ("calibrate {calib} --stats {stats} -o {stats}", 2, "overwrite the input"),
         ("lower {calib} -o {calib}", 2, "--overwrite"),
         ("analyze {calib} --data {data} --json {data}", 2, "overwrite the input"),
         ("check {calib} --json {calib}", 2, "overwrite the input"),
@@ -318,7 +321,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 170 and len(GOOD_ROWS) == 12
+    assert len(ROWS) == 173 and len(GOOD_ROWS) == 12
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):

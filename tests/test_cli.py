@@ -3,6 +3,7 @@ import json
 import os
 
 import onnx
+import pytest
 
 from qdq_compiler.synthetic import BertSpec, build_bert
 
@@ -28,8 +29,8 @@ def test_insert_writes_model_report_and_explains(tmp_path, bert_file):
     site = data["layers"][0]["sites"]["query.weight"]
     assert site["granularity"] == "per-tensor" and site["scale_group"] == "layer0.qkv.weight"
     assert data["unmatched_gemms"] == []
-    assert [p["pass"] for p in data["passes"]] == ["canonicalize", "split-gemm-bias", "match-bert",
-                                                   "place-quantizers", "insert-qdq", "record-plan"]
+    assert [p["pass"] for p in data["passes"]] == ["canonicalize", "decompose-fused", "split-gemm-bias",
+                                                   "match-bert", "place-quantizers", "insert-qdq", "record-plan"]
     created = data["created_nodes"]
     assert all(v["pass"] == "insert-qdq" for v in created.values()) and len(created) == 2 * 40
     assert qdqc("check", out).returncode == 0
@@ -110,3 +111,12 @@ def test_check_exits_non_zero_on_violations(tmp_path, bert_file):
     assert proc.returncode == 1
     assert f"{q.name}: [zero-point]" in proc.stdout
     assert json.loads((tmp_path / "v.json").read_text())[0]["rule"] == "zero-point"
+
+
+@pytest.mark.parametrize("argv,word", [(["compile", "m.onnx", "--percentile", "abc"], "--percentile"),
+                                       (["bogus"], "invalid choice"), ([], "COMMAND"),
+                                       (["calibrate", "merge"], "states")])
+def test_a_bad_command_line_is_one_line(argv, word):
+    proc = qdqc(*argv)
+    assert proc.returncode == 2 and word in proc.stderr and "usage:" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

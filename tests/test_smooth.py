@@ -89,7 +89,8 @@ def test_factors():
 def test_cli_validates_smooth(tmp_path, bert_file):
     assert qdqc("insert", bert_file).returncode == 0
     qdq = tmp_path / "bert.qdq.onnx"
-    proc = qdqc("calibrate", qdq, "--stats", tmp_path / "s.npz", "--smooth", "0.8")
+    (tmp_path / "s.npz").write_bytes(b"")   # exists: the option is what is wrong
+    proc = qdqc("calibrate", qdq, "--stats", tmp_path / "s.npz", "--smooth", "0.8", "-o", tmp_path / "o.onnx")
     assert proc.returncode == 2 and "needs --data" in proc.stderr
     data = tmp_path / "d.npz"
     np.savez(data, **example_inputs(BertSpec(), batch=8, seq=16))

@@ -65,13 +65,18 @@ def test_gptq_output_error_is_below_nearest_rounding(seed):
 def test_dead_inputs_and_one_scale_for_all_columns():
     x, w, scale = problem(rows=16, cols=8)
     x[:, 3] = 0
-    rounded = gptq(w, x.T @ x, np.float32(scale.max()))
-    assert np.isfinite(rounded).all() and np.allclose(rounded / scale.max(), np.rint(rounded / scale.max()), atol=1e-3)
+    one = np.float32(np.abs(w).max() / QMAX)   # per tensor (ft2/trt modes): most columns never reach ±127
+    rounded = gptq(w, x.T @ x, one)
+    assert np.isfinite(rounded).all() and np.allclose(rounded / one, np.rint(rounded / one), atol=1e-3)
+    assert np.abs(rounded).max() == pytest.approx(QMAX * one)          # the tensor's amax is kept
+    nearest = fake_quantize(w, one * QMAX)
+    assert np.sum((x @ w - x @ rounded) ** 2) < np.sum((x @ w - x @ nearest) ** 2)  # and GPTQ still acts
 
 
-def test_pass_on_a_calibrated_bert_lowers_error_and_keeps_scales(tmp_path):
+@pytest.mark.parametrize("mode", ["ft1", "ft2"])   # per-channel weights; per-tensor with Q, K, V sharing one scale
+def test_pass_on_a_calibrated_bert_lowers_error_and_keeps_scales(tmp_path, mode):
     spec = BertSpec(layers=2)
-    graph, data = calibrated_bert(tmp_path, spec, batch=32)
+    graph, data = calibrated_bert(tmp_path, spec, mode, batch=32)
     targets = gptq_targets(graph)
     assert len(targets) == 2 * 6
     before = {q.name: q.inputs[1].values.copy() for q, _ in targets}

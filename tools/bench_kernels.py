@@ -10,7 +10,10 @@ optimizations off (each variant is exactly the graph named), median / p90 ms:
   quantizing a smoothed activation: Mul(1/s) + per-tensor QuantizeLinear vs one per-channel
       QuantizeLinear with the 1/s folded into its scale (why the smoothing Mul stays);
   attention scores: MatMulIntegerToFloat + Mul(1/sqrt(d)) vs the factor folded into its scale
-      (the `fold-output-scale` pass).
+      (the `fold-output-scale` pass);
+  softmax of masked scores (three quarters of the keys padded, −3.4e38 added): Softmax vs
+      Max(x, rowmax − 80) -> Softmax (the `floor-softmax-input` pass) vs Softmax in a session that
+      flushes denormals (`session.set_denormal_as_zero`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qdq_compiler.bench import interleaved, p90
 
 
-def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], threads: int):
+def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarray], threads: int,
+            flush_denormals: bool = False):
     def info(name, value):
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
 
@@ -41,6 +45,8 @@ def session(nodes, inputs: dict[str, np.ndarray], constants: dict[str, np.ndarra
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if flush_denormals:
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]), inputs
 
 
@@ -99,7 +105,17 @@ def main() -> None:
             scales | {"c": np.array(head ** -0.5, np.float32)}, args.threads),
         "MatMulIntegerToFloat, factor in its scale": session([gemm], {"q": q, "k": k}, scales, args.threads),
     }, args.rounds)
-
+    scores = rng.standard_normal((args.batch, heads, args.seq, args.seq), np.float32) * 3
+    scores[..., args.seq // 4:] += np.finfo(np.float32).min   # padded keys, as BERT masks them
+    softmax = node("Softmax", ["x"], ["y"], axis=-1)
+    race(f"softmax of masked scores, {scores.shape}", {
+        "Softmax": session([softmax], {"x": scores}, {}, args.threads),
+        "Max(x, rowmax - 80) -> Softmax": session(
+            [node("ReduceMax", ["x"], ["m"], axes=[-1], keepdims=1), node("Add", ["m", "floor"], ["f"]),
+             node("Max", ["x", "f"], ["xf"]), node("Softmax", ["xf"], ["y"], axis=-1)],
+            {"x": scores}, {"floor": np.array(-80, np.float32)}, args.threads),
+        "Softmax, session flushing denormals": session([softmax], {"x": scores}, {}, args.threads, True),
+    }, args.rounds)
 
 if __name__ == "__main__":
     main()

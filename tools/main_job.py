@@ -6,9 +6,10 @@ calibrate, 1000 others to evaluate), inserts Q/DQ at the FasterTransformer sites
 result, calibrates (one pass, every method from the saved statistics, and SmoothQuant), compiles
 with the defaults (text -> data -> `qdq_compiler.compile`), measures fidelity against FP32 on the
 1000 evaluation sentences (cosine of mean-pooled embeddings), lowers for TensorRT (FP16 + INT8,
-checked by TensorRT's parser), prints the table of fidelity and CPU latency for FP32, qdqc and
-onnxruntime's own quantizers (tools/bench_cpu.py; the TensorRT graph's fidelity as onnxruntime runs
-it), and ends by building the FP32 and INT8 engines with TensorRT-RTX (no GPU needed). Artifacts
+checked by TensorRT's parser) and, with OpenVINO installed, for OpenVINO (minilm.openvino.xml),
+prints the table of fidelity and CPU latency at batch 1/8 x seq 128/384 for FP32, qdqc and
+onnxruntime's own quantizers, and OpenVINO FP32 (f32 and its bf16 default), NNCF INT8 and qdqc's
+OpenVINO target (tools/bench_cpu.py; the TensorRT graph's fidelity as onnxruntime runs it), and ends by building the FP32 and INT8 engines with TensorRT-RTX (no GPU needed). Artifacts
 go to ./artifacts.
 """
 from __future__ import annotations
@@ -121,9 +122,15 @@ def main() -> None:
 
     qdq_compiler.lower(smoothed, target="tensorrt").save(out / "minilm.trt.onnx")
     lint(out / "minilm.trt.onnx", parse=True)
-    import bench_cpu  # tools/: FP32, qdqc (compile: mse, and the defaults), ORT dynamic and static, side by side
+    import importlib.util
 
-    bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128),
+    openvino = importlib.util.find_spec("openvino") is not None
+    if openvino:
+        qdq_compiler.lower(smoothed, target="openvino").save(out / "minilm.openvino.xml")
+    import bench_cpu  # tools/: FP32, qdqc, ORT dynamic and static, OpenVINO FP32 / NNCF / ours, side by side
+
+    bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128, batch=[1, 8],
+                                                 seq=[128, 384], openvino=openvino),
                          tensorrt_graph=out / "minilm.trt.onnx")
     build_engines(out)
 
