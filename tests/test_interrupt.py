@@ -19,7 +19,10 @@ from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 from conftest import ROOT
 
 HARNESS = """
-import os, sys, time
+import os, signal, sys, time
+# a shell starting a background job (CI) makes it ignore SIGINT, and Python keeps that: restore the
+# interactive default, where Ctrl-C raises KeyboardInterrupt
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real = os.replace
 def slow_replace(src, dst):
     print("WRITING", flush=True)
