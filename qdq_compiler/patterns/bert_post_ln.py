@@ -21,18 +21,10 @@ FAMILY = "bert-post-ln"
 def match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Walk) -> EncoderLayer:
     t = graph_tensors
     attention, (query, key, value) = walk.attention(softmax)
-    if query.node is key.node is value.node:
-        projections = (query,)
-    elif len({id(query.node), id(key.node), id(value.node)}) == 3:
-        projections = (query, key, value)
-    else:
-        walk.fail("query, key and value come from two different projections")
-    layer_input = {origin(t[p.input]).name for p in projections}
-    if len(layer_input) != 1:
-        walk.fail("query, key and value projections read different tensors")
+    projections, layer_input = walk.projections(t, query, key, value)
     attn_out = walk.linear_reading(t[attention.context])
     attn_res = walk.residual(t, attn_out.output, "attention output projection")
-    if origin(t[attn_res.skip]).name not in layer_input:
+    if origin(t[attn_res.skip]).name != layer_input:
         walk.fail("attention residual does not add the layer input (not a post-LayerNorm BERT layer)")
     attn_norm = match_layer_norm(t[attn_res.output])
     if attn_norm is None:
@@ -48,7 +40,7 @@ def match_layer(graph_tensors: dict[str, gs.Tensor], softmax: gs.Node, walk: Wal
     ffn_norm = match_layer_norm(t[ffn_res.output])
     if ffn_norm is None:
         walk.fail(f"FFN residual {ir.describe(ffn_res.add)} is not followed by a LayerNorm")
-    return EncoderLayer(0, layer_input.pop(), projections, attention, attn_out, attn_res, attn_norm,
+    return EncoderLayer(0, layer_input, projections, attention, attn_out, attn_res, attn_norm,
                         ffn1, activation, ffn2, ffn_res, ffn_norm, family=FAMILY)
 
 

@@ -7,7 +7,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..graph import (GEMM_OPS, MOVE_OPS, POINTWISE_OPS, RESHAPE_OPS, float_source, is_bmm, is_channel_scale,
-                     is_nan_guard, reaches_bmm, up, uses, weight_of)
+                     is_nan_guard, origin, reaches_bmm, up, uses, weight_of)
 from .records import Activation, Attention, Linear, NoMatch, Norm, Residual
 
 def linear_at(node: gs.Node) -> Linear | None:
@@ -138,6 +138,20 @@ class Walk:
                            tuple(scale), position, mask, softmax, bmm2.inputs[0].name, bmm2,
                            bmm2.inputs[1].name, bmm2.outputs[0].name)
         return record, [query_linear, key_linear, value_linear]
+
+    def projections(self, tensors: dict[str, gs.Tensor], query: Linear, key: Linear,
+                    value: Linear) -> tuple[tuple[Linear, ...], str]:
+        """The distinct Q/K/V projections (one fused, or three) and the one tensor they all read."""
+        if query.node is key.node is value.node:
+            found = (query,)
+        elif len({id(query.node), id(key.node), id(value.node)}) == 3:
+            found = (query, key, value)
+        else:
+            self.fail("query, key and value come from two different projections")
+        inputs = {origin(tensors[p.input]).name for p in found}
+        if len(inputs) != 1:
+            self.fail("query, key and value projections read different tensors")
+        return found, inputs.pop()
 
     def linear_reading(self, tensor: gs.Tensor) -> Linear:
         node, _ = self.down_to(tensor, lambda n, i: i == 0 and linear_at(n) is not None)

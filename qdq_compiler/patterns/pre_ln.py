@@ -42,16 +42,7 @@ def norm_producing(tensor: gs.Tensor) -> Norm | None:
 
 def match_layer(t: dict[str, gs.Tensor], softmax: gs.Node, walk: Walk) -> EncoderLayer:
     attention, (query, key, value) = walk.attention(softmax)
-    if query.node is key.node is value.node:
-        projections = (query,)
-    elif len({id(query.node), id(key.node), id(value.node)}) == 3:
-        projections = (query, key, value)
-    else:
-        walk.fail("query, key and value come from two different projections")
-    qkv_input = {origin(t[p.input]).name for p in projections}
-    if len(qkv_input) != 1:
-        walk.fail("query, key and value projections read different tensors")
-    qkv_input = qkv_input.pop()
+    projections, qkv_input = walk.projections(t, query, key, value)
     attn_norm = norm_producing(t[qkv_input])
     if attn_norm is None:
         walk.fail("the projections do not read a LayerNorm (not a pre-LayerNorm layer)")
