@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from qdq_compiler.pipeline import PassContext, PassResult, register
+from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 from qdq_compiler.weight_rounding import gptq_targets, round_weights
 
 
 @register("round-weights-gptq", requires=("hessians", "qdq"))
 def round_weights_gptq(graph: gs.Graph, ctx: PassContext) -> PassResult:
     targets = gptq_targets(graph)
-    rounded = round_weights(graph, ctx.analyses["hessians"], targets)
-    return PassResult(rounded > 0, {"weights_rounded": rounded, "linear_layers": len(targets)})
+    rounded, skipped = round_weights(graph, ctx.analyses["hessians"], targets)
+    diagnostics = () if not skipped else (Diagnostic("warning", f"{skipped} weight(s) kept nearest rounding: their "
+                                                                "GEMM inputs are not token rows of their width"),)
+    return PassResult(rounded > 0, {"weights_rounded": rounded, "linear_layers": len(targets), "skipped": skipped},
+                      diagnostics)

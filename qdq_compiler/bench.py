@@ -264,7 +264,7 @@ def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
                   f"Latency: min = {s('min'):.3f} ms, max = {s('max'):.3f} ms, mean = {s('mean'):.3f} ms, "
                   f"median = {s('median'):.3f} ms, percentile(90%) = {s('p90'):.3f} ms, "
                   f"percentile(95%) = {s('p95'):.3f} ms, percentile(99%) = {s('p99'):.3f} ms",
-                  f"Median vs first model: {base / s('median'):.2f}x faster" if summary is not summaries[0] else ""]
+                  _versus(base, s("median")) if summary is not summaries[0] else ""]
     return "\n".join(line for line in lines if line)
 
 
@@ -284,3 +284,10 @@ def plot(summaries: list[Summary], path: Path) -> None:
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     ir.write_bytes_atomic(path, buffer.getvalue())
+
+
+def _versus(first: float, median: float) -> str:
+    """'Median vs first model: 2.31x faster' or '1.09x slower' (never 'faster' for a slowdown)."""
+    ratio = first / median
+    return (f"Median vs first model: {ratio:.2f}x faster" if ratio >= 1
+            else f"Median vs first model: {1 / ratio:.2f}x slower")

@@ -325,6 +325,8 @@ def _calibration_line(result) -> str:
     weights = f"weights {rounding.get('rounding', 'nearest')}"
     if "weights_rounded" in rounding:
         weights += f": {rounding['weights_rounded']} GEMMs in {result.report['timings'].get('round weights', 0):.1f} s"
+        if rounding.get("skipped"):
+            weights += f", {rounding['skipped']} kept nearest rounding"
     return (f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method}, "
             f"{weights})")
 

@@ -94,10 +94,11 @@ def _activation_quantizer(tensor: gs.Tensor) -> gs.Node | None:
     return q if q is not None and q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) else None
 
 
-def gptq_targets(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
-    """(weight QuantizeLinear, activation QuantizeLinear) of every linear layer with both quantized,
-    its weight a constant read only through that quantizer."""
-    found = []
+def gptq_targets(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
+    """(weight QuantizeLinear, the activation QuantizeLinears of the GEMMs it feeds) for every constant 2-D
+    weight quantized on both sides, once per weight: a weight shared by several layers (ALBERT) is one
+    target whose GEMMs read several activations."""
+    found: dict[int, tuple[gs.Node, list[gs.Node]]] = {}
     for node in graph.nodes:
         linear = linear_at(node) if node.op in ("MatMul", "Gemm") else None
         if linear is None:
@@ -108,25 +109,38 @@ def gptq_targets(graph: gs.Graph) -> list[tuple[gs.Node, gs.Node]]:
             continue
         activation = _activation_quantizer(node.inputs[0])
         if activation is not None and len(q.inputs[0].outputs) == 1 and q.inputs[0].values.ndim == 2:
-            found.append((q, activation))
-    return found
+            _, readers = found.setdefault(id(q), (q, []))
+            if all(a is not activation for a in readers):
+                readers.append(activation)
+    return list(found.values())
 
 
-def input_hessians(graph: gs.Graph, dataset, config, activations: list[gs.Node]) -> dict[str, np.ndarray]:
-    """XᵀX of each activation quantizer's output as the GEMM sees it (quantized at its scale), over the
-    calibration tokens the attention mask keeps."""
+def _oriented(weight_q: gs.Node) -> tuple[np.ndarray, bool]:
+    """The weight as [K inputs, N outputs], and whether it is stored transposed ([N, K], Gemm transB=1)."""
+    scale = weight_q.inputs[1].values
+    transposed = scale.size > 1 and weight_q.attrs.get("axis", 1) % 2 == 0   # ONNX's default axis is 1
+    values = weight_q.inputs[0].values
+    return (values.T if transposed else values), transposed
+
+
+def input_hessians(graph: gs.Graph, dataset, config,
+                   targets: list[tuple[gs.Node, list[gs.Node]]]) -> dict[str, np.ndarray]:
+    """XᵀX of each activation quantizer's output as its GEMMs see it (quantized at its scale, one row per
+    token, as wide as their weights' inputs), over the calibration tokens the attention mask keeps."""
     from .calibrate import float_network, model_batches, run, session
 
-    tensors = sorted({q.inputs[0].name for q in activations})
-    amax = {q.inputs[0].name: float(np.max(q.inputs[1].values)) * QMAX for q in activations}
+    width = {a.inputs[0].name: _oriented(q)[0].shape[0] for q, readers in targets for a in readers}
+    amax = {a.inputs[0].name: float(np.max(a.inputs[1].values)) * QMAX for _, readers in targets for a in readers}
+    tensors = sorted(width)
     runner = session(float_network(graph, tensors), config.providers)
     _, batches = model_batches(graph, dataset, config)
     hessians: dict[str, np.ndarray] = {}
     for index, feeds in enumerate(batches):
         mask = feeds.get("attention_mask")
         for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
-            tokens = int(np.prod(mask.shape)) if mask is not None else values.shape[0]
-            rows = values.reshape(tokens, -1)  # [B, S, heads, d] before the head merge: same tokens
+            if values.size % width[name]:
+                continue   # not token rows of the GEMM's width: left out, the weight keeps nearest rounding
+            rows = values.reshape(-1, width[name])  # [B, S, heads, d] before the head merge: the same tokens
             if mask is not None and rows.shape[0] == mask.size:
                 rows = rows[mask.reshape(-1).astype(bool)]
             rows = fake_quantize(rows, amax[name])
@@ -135,29 +149,31 @@ def input_hessians(graph: gs.Graph, dataset, config, activations: list[gs.Node])
 
 
 def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
-                  targets: list[tuple[gs.Node, gs.Node]]) -> int:
-    """Replace each target weight by its GPTQ-rounded values (on the INT8 grid of its scale). GEMMs reading
-    the same activation (Q, K and V) share its Hessian: their columns are rounded in one pass."""
-    groups: dict[str, list[tuple[gs.Constant, bool, np.ndarray]]] = {}
-    for weight_q, activation_q in targets:
-        constant, scale = weight_q.inputs[0], weight_q.inputs[1].values
-        axis = weight_q.attrs.get("axis", 1)                      # ONNX's default for per-channel
-        transposed = scale.size > 1 and axis % 2 == 0             # [N, K] (Gemm transB=1): rows are outputs
-        weight = constant.values.T if transposed else constant.values
-        hessian = hessians.get(activation_q.inputs[0].name)
-        if hessian is None or hessian.shape[0] != weight.shape[0]:
+                  targets: list[tuple[gs.Node, list[gs.Node]]]) -> tuple[int, int]:
+    """Replace each target weight by its GPTQ-rounded values (on the INT8 grid of its scale); returns
+    (rounded, left with nearest rounding). Weights whose GEMMs read the same activations (Q, K and V)
+    share its Hessian and are rounded in one pass; a weight shared by several layers takes the sum of
+    its layers' Hessians."""
+    groups: dict[tuple[str, ...], list[tuple[gs.Constant, bool, np.ndarray]]] = {}
+    skipped = 0
+    for weight_q, readers in targets:
+        weight, transposed = _oriented(weight_q)
+        names = tuple(sorted({a.inputs[0].name for a in readers}))
+        if any(hessians.get(name) is None or hessians[name].shape[0] != weight.shape[0] for name in names):
+            skipped += 1
             continue
-        columns = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1), (weight.shape[1],))
-        groups.setdefault(activation_q.inputs[0].name, []).append((constant, transposed, columns))
-    for name, members in groups.items():
+        columns = np.broadcast_to(np.asarray(weight_q.inputs[1].values, np.float32).reshape(-1), (weight.shape[1],))
+        groups.setdefault(names, []).append((weight_q.inputs[0], transposed, columns))
+    for names, members in groups.items():
         weights = [(c.values.T if t else c.values) for c, t, _ in members]
-        result = gptq(np.concatenate(weights, axis=1), hessians[name], np.concatenate([s for _, _, s in members]))
+        hessian = sum(hessians[name] for name in names)
+        result = gptq(np.concatenate(weights, axis=1), hessian, np.concatenate([s for _, _, s in members]))
         start = 0
         for (constant, transposed, _), weight in zip(members, weights):
             part = result[:, start:start + weight.shape[1]]
             start += weight.shape[1]
             constant.values = (part.T if transposed else part).astype(constant.values.dtype)
-    return sum(len(members) for members in groups.values())
+    return sum(len(members) for members in groups.values()), skipped
 
 
 def apply_gptq(graph: gs.Graph, dataset, config, *, verify: bool = False):
@@ -167,5 +183,5 @@ def apply_gptq(graph: gs.Graph, dataset, config, *, verify: bool = False):
 
     ctx = PassContext(config)
     targets = gptq_targets(graph)
-    ctx.analyses["hessians"] = input_hessians(graph, dataset, config, [a for _, a in targets])
+    ctx.analyses["hessians"] = input_hessians(graph, dataset, config, targets)
     return run_pipeline(graph, ("round-weights-gptq",), ctx, verify=verify)

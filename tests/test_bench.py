@@ -84,3 +84,10 @@ def test_data_with_fewer_samples_than_the_batch_reports_the_batch_that_ran(tmp_p
     np.savez(bad, **feeds)
     with pytest.raises(Exception, match="sample 1 has id -1"):   # the calibration data checks, not a bypass
         bench([bert_file], BenchConfig(batch=2, iterations=1, warmup=0), bad)
+
+
+def test_a_slower_model_is_called_slower():
+    from qdq_compiler.bench import _versus
+
+    assert _versus(10.0, 8.0) == "Median vs first model: 1.25x faster"
+    assert _versus(8.0, 10.0) == "Median vs first model: 1.25x slower"

@@ -2,6 +2,7 @@
 every GEMM inside the layers quantized, the onnxruntime model within cosine 0.99 of FP32, the
 TensorRT target parsed and built by TensorRT-RTX (its CPU-only ahead-of-time builder)."""
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 
 pytest.importorskip("torch")
@@ -165,3 +166,22 @@ def test_every_mode_places_on_every_family(exports, family):
         assert np.isfinite(run_model(graph, random_feeds(graph, 2, seed=3))[0]).all()
         assert all("no separate bias Add" in why for _, why in result.plan.skipped)
         assert bool(result.plan.skipped) == (family == "modernbert" and mode != "trt")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gptq_rounds_every_weight_once_whatever_the_family(exports, tmp_path, family):
+    """ViT has no attention mask (token rows come from the weight's width), ALBERT shares each weight between
+    layers (one rounding over both layers' inputs)."""
+    from qdq_compiler.calibrate import CalibrationConfig, model_inputs
+    from qdq_compiler.data import Dataset
+    from qdq_compiler.weight_rounding import apply_gptq
+
+    graph, result = calibrated(exports(family, "torchscript"), tmp_path)
+    weights = [q for q in result.plan.quantizers if q.kind.value == "weight"]
+    before = {id(q): q.inputs[0].values.copy() for q in graph.nodes
+              if q.op == "QuantizeLinear" and isinstance(q.inputs[0], gs.Constant)}
+    records = apply_gptq(graph, Dataset(tmp_path / "calib.npz", model_inputs(graph)), CalibrationConfig(progress=False))
+    stats = records[0].stats
+    assert stats["weights_rounded"] == stats["linear_layers"] == len(weights) and stats["skipped"] == 0
+    changed = sum(not np.array_equal(q.inputs[0].values, before[id(q)]) for q in graph.nodes if id(q) in before)
+    assert changed == len(weights)   # every weight moved onto its GPTQ grid
