@@ -77,6 +77,8 @@ def files(tmp_path_factory):
     f["missing"] = root / "missing.onnx"
     f["folder"] = root / "folder.onnx"
     f["folder"].mkdir()
+    f["ir"] = root / "model.xml"   # an OpenVINO IR file given where an ONNX model goes
+    f["ir"].write_text("<?xml version=\"1.0\"?><net name=\"m\" version=\"11\"></net>\n")
     f["empty"] = root / "empty.onnx"
     f["empty"].write_bytes(b"")
     f["text"] = root / "text.onnx"
@@ -225,6 +227,7 @@ ROWS = (
         ("lower {calib} -o {no_dir}", 1, "does not exist"),
         ("analyze {calib} --data {data} --json {no_dir}", 1, "does not exist"),
         ("insert {model} -o {folder}", 2, "directory"),
+        ("lower {ir} -o {out}", 1, "OpenVINO IR"),
         # a model that is not what the command needs
         ("lower {model} -o {out}", 2, "qdqc insert"),
         ("lower {qdq} -o {out}", 2, "not calibrated"),
@@ -321,7 +324,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 173 and len(GOOD_ROWS) == 12
+    assert len(ROWS) == 174 and len(GOOD_ROWS) == 12
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):
