@@ -24,7 +24,7 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .graph import RESHAPE_OPS
 from .patterns.blocks import linear_at
-from .quant import QMAX, fake_quantize
+from .quant import QMAX, channel_axis, fake_quantize
 
 DAMP, BLOCK = 0.01, 128
 ROUNDINGS = ("gptq", "nearest")
@@ -117,8 +117,8 @@ def gptq_targets(graph: gs.Graph) -> list[tuple[gs.Node, list[gs.Node]]]:
 
 def _oriented(weight_q: gs.Node) -> tuple[np.ndarray, bool]:
     """The weight as [K inputs, N outputs], and whether it is stored transposed ([N, K], Gemm transB=1)."""
-    scale = weight_q.inputs[1].values
-    transposed = scale.size > 1 and weight_q.attrs.get("axis", 1) % 2 == 0   # ONNX's default axis is 1
+    axis = channel_axis(weight_q.attrs, weight_q.inputs[1].values.size)
+    transposed = axis is not None and axis % 2 == 0
     values = weight_q.inputs[0].values
     return (values.T if transposed else values), transposed
 

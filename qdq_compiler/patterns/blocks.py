@@ -153,6 +153,15 @@ class Walk:
             self.fail("query, key and value projections read different tensors")
         return found, inputs.pop()
 
+    def gelu_ffn(self, tensors: dict[str, gs.Tensor], normed: gs.Tensor) -> tuple[Linear, Linear, Activation]:
+        """FFN1 reading `normed`, the GELU after it and the FFN2 it feeds."""
+        ffn1 = self.linear_reading(normed)
+        ffn2 = find_ffn2(tensors, ffn1, self)
+        activation = match_activation(tensors[ffn1.output], tensors[ffn2.input])
+        if activation is None:
+            self.fail(f"no GELU between FFN1 {ir.describe(ffn1.node)} and FFN2 {ir.describe(ffn2.node)}")
+        return ffn1, ffn2, activation
+
     def linear_reading(self, tensor: gs.Tensor) -> Linear:
         node, _ = self.down_to(tensor, lambda n, i: i == 0 and linear_at(n) is not None)
         return linear_at(node)

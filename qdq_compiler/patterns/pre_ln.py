@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from .. import ir
 from ..graph import origin, uses
-from .blocks import Walk, find_ffn2, match_activation, match_layer_norm
+from .blocks import Walk, match_layer_norm
 from .records import EncoderLayer, Norm
 from . import LayerPattern, register_pattern
 
@@ -55,11 +55,7 @@ def match_layer(t: dict[str, gs.Tensor], softmax: gs.Node, walk: Walk) -> Encode
     ffn_norm = match_layer_norm(middle)
     if ffn_norm is None:
         walk.fail(f"attention residual {ir.describe(attn_res.add)} does not feed a LayerNorm")
-    ffn1 = walk.linear_reading(t[ffn_norm.output])
-    ffn2 = find_ffn2(t, ffn1, walk)
-    activation = match_activation(t[ffn1.output], t[ffn2.input])
-    if activation is None:
-        walk.fail(f"no GELU between FFN1 {ir.describe(ffn1.node)} and FFN2 {ir.describe(ffn2.node)}")
+    ffn1, ffn2, activation = walk.gelu_ffn(t, t[ffn_norm.output])
     ffn_res = walk.residual(t, ffn2.output, "FFN2")
     if origin(t[ffn_res.skip]) is not origin(middle):
         walk.fail("FFN residual does not add the attention residual's sum")
