@@ -320,7 +320,8 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
 
         if not device_library().usable():
             raise UsageError("--compute-capability current targets the GPU of this machine, and it has none")
-    warnings = long_sequence_warning(graph, shapes)
+    blocks = engine_evidence.attention_blocks(graph)   # walked once: the warning, the summary, the record
+    warnings = long_sequence_warning(blocks, shapes)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     trt = backend.trt
@@ -345,7 +346,7 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
                "profile": {name: {"min": list(low), "opt": list(opt), "max": list(high)}
                            for name, (low, opt, high) in shapes.items()},
                "engine_bytes": len(payload), "build_seconds": round(seconds, 3),
-               **engine_evidence.summarize(graph, log, layers), "warnings": warnings}
+               **engine_evidence.summarize(graph, log, layers, blocks), "warnings": warnings}
     if backend.rtx:
         summary["compute_capabilities"] = list(config.compute_capabilities) or ["default (8.0, 8.6, 8.9, 12.0)"]
     if baseline is not None and baseline.get("weights_bytes") and summary["weights_bytes"]:
@@ -355,7 +356,7 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
                                "weights_ratio": round(summary["weights_bytes"] / baseline["weights_bytes"], 4)}
     record = {"summary": summary, "layers": [layer.to_json() for layer in layers],
               "attention": [{"scores": b.scores, "softmax": b.softmax, "context": b.context, "quantized": b.quantized}
-                            for b in engine_evidence.attention_blocks(graph)],
+                            for b in blocks],
               "self_attention_pattern_nodes": log["attention_pattern_nodes"]}
     if inspector is not None:
         record["inspector"] = inspector
@@ -363,10 +364,10 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     return summary
 
 
-def long_sequence_warning(graph: gs.Graph, shapes: dict) -> list[str]:
+def long_sequence_warning(blocks: list[engine_evidence.AttentionBlock], shapes: dict) -> list[str]:
     """TensorRT documents its INT8 fused attention for sequences up to 512 ("mha-fusion" in its developer
     guide); a longer max builds, but the attention may run unfused or as the builder alone decides."""
-    quantized = any(block.quantized for block in engine_evidence.attention_blocks(graph))
+    quantized = any(block.quantized for block in blocks)
     longest = max((max(high[1:], default=0) for _, _, high in shapes.values()), default=0)
     if quantized and longest > DEFAULT_MAX_SEQUENCE:
         return [f"max sequence {longest} > {DEFAULT_MAX_SEQUENCE}: TensorRT documents INT8 fused attention "

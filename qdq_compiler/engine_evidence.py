@@ -161,14 +161,15 @@ def quantized_gemms(graph: gs.Graph) -> set[str]:
             and all(queries.is_dequantized(t) for t in n.inputs[:2])}
 
 
-def summarize(graph: gs.Graph, log: dict, layers: list[EngineLayer]) -> dict:
+def summarize(graph: gs.Graph, log: dict, layers: list[EngineLayer],
+              blocks: list[AttentionBlock] | None = None) -> dict:
     """The summary the build prints: memory, attention blocks fused, quantized GEMMs run in INT8.
 
     A block counts as fused when one engine layer covers its Q·K^T, softmax and ·V nodes; as INT8
     when that layer reads INT8. With no layer records (datacenter TensorRT without a GPU never gets
     here), the fused counts are None: unknown, not zero.
     """
-    blocks = attention_blocks(graph)
+    blocks = attention_blocks(graph) if blocks is None else blocks
     quantized = [b for b in blocks if b.quantized]
     covering = {b: next((layer for layer in layers if b.nodes() <= set(layer.onnx_nodes)), None) for b in blocks}
     gemms = quantized_gemms(graph)
