@@ -1,4 +1,5 @@
-"""Apply SmoothQuant factors (qdq_compiler/smooth.py) from per-channel activation maxima."""
+"""Apply SmoothQuant factors (qdq_compiler/smooth.py) from per-channel activation maxima, and OS+
+shifts where measured: the GEMM branch computes (x − z)/s and each reader's bias takes z·W."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,15 +8,16 @@ import onnx_graphsurgeon as gs
 from qdq_compiler import ir
 from qdq_compiler.calibrate import refresh_weight_scales
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
-from qdq_compiler.smooth import SmoothConfig, reader_weight, smooth_sites, smoothing_factors
+from qdq_compiler.smooth import SmoothConfig, reader_bias, reader_weight, smooth_sites, smoothing_factors
 
 
 @register("smooth-gemm-inputs", requires=("channel_max", "qdq"), settings=SmoothConfig)
 def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     maxima: dict[str, np.ndarray] = ctx.analyses["channel_max"]
     alphas: dict[str, float] = ctx.analyses.get("alpha", {})
+    shifts: dict[str, np.ndarray] = ctx.analyses.get("channel_shift", {})
     names = ir.Names(graph)
-    smoothed, diagnostics, used = 0, [], []
+    smoothed, shifted, diagnostics, used = 0, 0, [], []
     for site in smooth_sites(graph):
         if site.tensor not in maxima:
             continue
@@ -26,6 +28,12 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
             continue
         alpha = alphas.get(site.tensor, ctx.settings(SmoothConfig).alpha)
         factors = smoothing_factors(maxima[site.tensor], np.max(rows, axis=0), alpha)
+        shift = shifts.get(site.tensor)
+        if shift is not None:   # readers' biases take z·W (float weights: GEMM input rows on axis `axis`)
+            for reader, (weight, axis) in zip(site.readers, weights):
+                bias = reader_bias(reader)
+                bias.values = (bias.values + np.tensordot(shift, weight.values, axes=([0], [axis]))
+                               ).astype(bias.values.dtype)
         for weight, axis in weights:
             shape = [1, 1]
             shape[axis] = len(factors)
@@ -36,10 +44,17 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
         inverse = gs.Constant(names.fresh(f"{source.name}::smooth_inverse"), (1.0 / factors).astype(np.float32))
         graph.nodes.append(gs.Node("Mul", names.fresh(f"{source.name}::smooth"), inputs=[source, inverse],
                                    outputs=[smoothed_tensor]))
+        if shift is not None:
+            centred = gs.Variable(names.fresh(f"{source.name}::centred"), dtype=source.dtype, shape=source.shape)
+            offset = gs.Constant(names.fresh(f"{source.name}::shift_offset"), (shift / factors).astype(np.float32))
+            graph.nodes.append(gs.Node("Sub", names.fresh(f"{source.name}::shift"), inputs=[smoothed_tensor, offset],
+                                       outputs=[centred]))
+            smoothed_tensor = centred
+            shifted += 1
         q.inputs[0] = smoothed_tensor
         smoothed += 1
         used.append(alpha)
     if smoothed:
         refresh_weight_scales(graph)
         ir.toposort(graph)
-    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "alphas": sorted(set(used))}, tuple(diagnostics))
+    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "sites_shifted": shifted, "alphas": sorted(set(used))}, tuple(diagnostics))

@@ -142,7 +142,9 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     if smoothing is not None:
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)
-        found["smoothing"] = {"smooth": "auto" if smoothing.alpha is None else smoothing.alpha, **records[0].stats}
+        found["smoothing"] = {"smooth": "auto" if smoothing.alpha is None else smoothing.alpha}
+        for record in records:
+            found["smoothing"].update(record.stats)
     with clock("calibrate"):
         collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
     found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
@@ -152,6 +154,10 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
         with clock("round weights"):
             records = apply_gptq(graph, dataset, config, verify=verify)
         found["weights"].update(records[0].stats)
+    else:
+        from .weight_rounding import snap_shifted_weights
+
+        found["weights"]["snapped"] = snap_shifted_weights(graph)   # OS+ biases follow the rounded weights
     return found
 
 

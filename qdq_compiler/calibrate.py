@@ -175,21 +175,23 @@ def model_inputs(graph: gs.Graph) -> list[InputSpec]:
     return [InputSpec.of(t) for t in graph.inputs]
 
 
-def channel_maxima(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
-                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Running max |x| per channel (last axis) of `tensors` over the data (float network), and the
+def channel_ranges(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
+                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Running min and max per channel (last axis) of `tensors` over the data (float network), and the
     first batch's values of each, as [tokens, channels] rows."""
     runner = session(float_network(graph, tensors), config.providers)
     _, batches = model_batches(graph, dataset, config)
-    maxima: dict[str, np.ndarray] = {}
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
     first: dict[str, np.ndarray] = {}
     for index, feeds in enumerate(batches):
         for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
             rows = values.reshape(-1, values.shape[-1])
             first.setdefault(name, rows)
-            found = np.abs(rows).max(axis=0)
-            maxima[name] = found if name not in maxima else np.maximum(maxima[name], found)
-    return maxima, first
+            found_low, found_high = rows.min(axis=0), rows.max(axis=0)
+            low[name] = found_low if name not in low else np.minimum(low[name], found_low)
+            high[name] = found_high if name not in high else np.maximum(high[name], found_high)
+    return low, high, first
 
 
 def collect(graph: gs.Graph, dataset: Dataset,

@@ -6,9 +6,14 @@ Per input channel j of the GEMMs reading one quantized activation x,
 per-channel Mul by 1/s_j in front of its QuantizeLinear and every reader's weight rows are
 multiplied by s_j: (x/s)·(s·W) = x·W. Only quantizers whose every reader is a linear layer
 are smoothed, so a residual branch (which reads x itself) never changes.
+
+The attention-output GEMM reads the context quantized before the head-merging Reshape; it is
+smoothed without a runtime Mul: context = softmax(QKᵀ)·V is linear in V channel by channel, so 1/s
+is folded into the value projection's output columns and bias (`value_fold_sites`).
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -18,7 +23,9 @@ import onnx_graphsurgeon as gs
 from . import carried, ir
 from .errors import UsageError
 from .quant import fake_quantize
-from .patterns.blocks import linear_at
+from .graph import LAYOUT_OPS, RESHAPE_OPS, float_source, is_bmm
+from .patterns.blocks import linear_at, linear_producing
+from .patterns.records import Linear
 
 
 # placement's GEMM-input sites: `layer3.ffn1.input` (matched layers), `{node}.input0` (generic)
@@ -44,7 +51,7 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
         if planned is not None and q.inputs[0].name not in planned and "::smooth" not in q.inputs[0].name:
             continue
         source = ir.producer(q.inputs[0])
-        if source is not None and source.op == "Mul" and "::smooth" in source.name:
+        if source is not None and source.op in ("Mul", "Sub") and ("::smooth" in source.name or "::shift" in source.name):
             continue   # smoothed by an earlier run: recalibrating a calibrated model never smooths twice
         dequantizers = q.outputs[0].outputs
         if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
@@ -74,6 +81,101 @@ def reader_weight(reader: gs.Node) -> tuple[gs.Constant | None, int]:
     return weight, 1 - linear.weight_axis
 
 
+@dataclass(frozen=True, eq=False)
+class ValueFoldSite:
+    quantizer: gs.Node      # the context's QuantizeLinear (before the head merge)
+    tensor: str             # the merged [tokens, hidden] float tensor the output GEMM reads
+    reader: gs.Node         # the attention-output GEMM
+    value: Linear           # the value projection, whose output columns and bias take 1/s
+
+
+FOLDED_KEY = "qdqc.smooth_folded"   # metadata: the output-GEMM inputs already smoothed through V
+
+
+def value_fold_sites(graph: gs.Graph) -> list[ValueFoldSite]:
+    """Attention-output GEMMs whose quantized input is softmax·V behind layout ops only, V being a
+    linear layer's output behind layout ops that keep the channel axis last (the head split); a
+    site folded by an earlier run is left alone."""
+    folded = set(json.loads(ir.metadata(graph).get(FOLDED_KEY, "[]")))
+    sites = []
+    for q in graph.nodes:
+        if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]).size != 1:
+            continue
+        dequantizers = q.outputs[0].outputs
+        if len(dequantizers) != 1 or dequantizers[0].op != "DequantizeLinear":
+            continue
+        merged, reader = _through(dequantizers[0].outputs[0], RESHAPE_OPS)
+        weight = reader_weight(reader)[0] if reader is not None and linear_at(reader) is not None else None
+        if weight is None or len(weight.outputs) != 1 or merged.name in folded:
+            continue
+        context = _layout_source(q.inputs[0])
+        bmm = ir.producer(context) if context is not None else None
+        if not is_bmm(bmm):
+            continue
+        value_tensor = _layout_source(float_source(bmm.inputs[1]))
+        value = linear_producing(value_tensor) if value_tensor is not None else None
+        if value is None or not _foldable(graph, value, bmm):
+            continue
+        weight, axis = reader_weight(reader)
+        if weight.values.shape[axis] != graph.tensors()[value.weight].values.shape[value.weight_axis]:
+            continue
+        sites.append(ValueFoldSite(q, merged.name, reader, value))
+    return sites
+
+
+def _through(tensor: gs.Tensor, ops) -> tuple[gs.Tensor, gs.Node | None]:
+    """Down a chain of single-reader `ops` from `tensor`: (the last tensor, its only reader)."""
+    while len(tensor.outputs) == 1 and tensor.outputs[0].op in ops:
+        tensor = tensor.outputs[0].outputs[0]
+    return tensor, tensor.outputs[0] if len(tensor.outputs) == 1 else None
+
+
+def _layout_source(tensor: gs.Tensor | None) -> gs.Tensor | None:
+    """The tensor above a chain of single-reader layout ops ending at `tensor`; None past a transpose
+    that moves the last (channel) axis."""
+    while tensor is not None:
+        node = ir.producer(tensor)
+        if node is None or node.op not in LAYOUT_OPS or len(tensor.outputs) != 1:
+            return tensor
+        perm = list(node.attrs.get("perm", [])) if node.op == "Transpose" else None
+        if perm is not None and (not perm or perm[-1] != len(perm) - 1):
+            return None
+        tensor = node.inputs[0]
+    return None
+
+
+def _foldable(graph: gs.Graph, value: Linear, bmm: gs.Node) -> bool:
+    """The value projection feeds only this batched matmul (through its quantizer and the head split)
+    and owns its float weight and bias."""
+    output = graph.tensors()[value.output]
+    _, reader = _through(output, LAYOUT_OPS | {"QuantizeLinear", "DequantizeLinear"})
+    weight = graph.tensors()[value.weight]
+    bias = value_bias(value)
+    return reader is bmm and isinstance(weight, gs.Constant) and weight.values.dtype == np.float32 \
+        and len(weight.outputs) == 1 and (bias is None or len(bias.outputs) == 1)
+
+
+def value_bias(value: Linear) -> gs.Constant | None:
+    if value.bias_add is not None:
+        return next((t for t in value.bias_add.inputs if isinstance(t, gs.Constant)), None)
+    if value.op == "Gemm" and len(value.node.inputs) > 2 and isinstance(value.node.inputs[2], gs.Constant):
+        return value.node.inputs[2]
+    return None
+
+
+def reader_bias(reader: gs.Node) -> gs.Constant | None:
+    """The bias constant of a linear layer (its Add's constant, or Gemm's C) when it owns it alone."""
+    linear = linear_at(reader)
+    bias = value_bias(linear) if linear is not None else None
+    return bias if bias is not None and len(bias.outputs) == 1 else None
+
+
+def channel_shift(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """OS+'s per-channel shift (Wei et al. 2023, "Outlier Suppression+", eq. 4): the centre of each
+    channel's range, so a symmetric quantizer spends its levels on [min, max] rather than on ±max."""
+    return ((np.asarray(low, np.float64) + np.asarray(high, np.float64)) / 2).astype(np.float32)
+
+
 def smoothing_factors(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
     """s_j = max|x_j|^alpha / max|W_j|^(1-alpha); a channel with no range keeps s_j = 1."""
     activation_max = np.asarray(activation_max, np.float64)
@@ -90,6 +192,8 @@ ALPHA_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 @dataclass(frozen=True)
 class SmoothConfig:
     alpha: float | None = 0.85   # None: search ALPHA_GRID per site ("--smooth auto")
+    through_value: bool = False  # the attention-output GEMM input too, folded into V's projection
+    shift: bool = False          # OS+: centre each GEMM input per channel, the shift folded into the biases
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -98,7 +202,9 @@ class SmoothConfig:
     @classmethod
     def parse(cls, value) -> "SmoothConfig | None":
         """`--smooth` as the CLI and the API spell it: "off" (or False) -> None, "auto" (or True) -> alpha
-        searched per site, an alpha in [0, 1] (number or text) -> that alpha."""
+        searched per site, an alpha in [0, 1] (number or text) -> that alpha; a SmoothConfig as it is."""
+        if isinstance(value, cls):
+            return value
         if value is False or value == "off":
             return None
         if value is True or value == "auto":
@@ -133,20 +239,28 @@ def best_alpha(rows: np.ndarray, weights: list[np.ndarray], activation_max: np.n
 
 
 def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verify: bool = False):
-    """Measure per-channel maxima of the smoothable activations, then rewrite (pass `smooth-gemm-inputs`);
-    with alpha None, each site's alpha is the grid value minimizing its layer's quantized error."""
-    from .calibrate import channel_maxima
+    """Measure per-channel ranges of the smoothable activations, then rewrite (passes `smooth-gemm-inputs`
+    and `smooth-attention-output`); with alpha None, each site's alpha is the grid value minimizing its
+    layer's quantized error. With `shift`, the GEMM-input sites are centred first (OS+)."""
+    from .calibrate import channel_ranges
     from .pipeline import PassContext, run_pipeline
 
-    sites = smooth_sites(graph)
+    inputs = smooth_sites(graph)
+    sites = [(s.tensor, s.readers) for s in inputs]
+    sites += [(f.tensor, (f.reader,)) for f in (value_fold_sites(graph) if config.through_value else ())]
     ctx = PassContext(config)
-    maxima, first = channel_maxima(graph, dataset, calibration, [s.tensor for s in sites])
+    low, high, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
+    shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor]) for s in inputs
+              if config.shift and all(reader_bias(r) is not None for r in s.readers)}
+    maxima = {tensor: np.maximum(np.abs(low[tensor]), np.abs(high[tensor])) for tensor, _ in sites}
     ctx.analyses["channel_max"] = maxima
+    ctx.analyses["channel_shift"] = shifts
     if config.alpha is None:
         alphas = {}
-        for site in sites:
+        for tensor, readers in sites:
             weights = [(w.values if axis == 0 else w.values.T) for w, axis in
-                       (reader_weight(reader) for reader in site.readers)]
-            alphas[site.tensor] = best_alpha(first[site.tensor], weights, maxima[site.tensor])
+                       (reader_weight(reader) for reader in readers)]
+            alphas[tensor] = best_alpha(first[tensor] - shifts.get(tensor, 0.0), weights, maxima[tensor])
         ctx.analyses["alpha"] = alphas
-    return run_pipeline(graph, ("smooth-gemm-inputs",), ctx, verify=verify)
+    passes = ("smooth-gemm-inputs",) + (("smooth-attention-output",) if config.through_value else ())
+    return run_pipeline(graph, passes, ctx, verify=verify)

@@ -131,3 +131,91 @@ def test_auto_alpha_is_searched_per_site_and_stays_exact(setup):
     errors = {a: site_error(rows, [weight], smoothing_factors(activation_max, weight_max, a)) for a in ALPHA_GRID}
     assert best_alpha(rows, [weight], activation_max) == min(errors, key=errors.get)
     assert min(errors.values()) < site_error(rows, [weight], np.ones(16, np.float32))  # smoothing helps here
+
+
+def test_attention_output_input_is_smoothed_through_the_value_projection(setup):
+    spec, graph, data = setup
+    records = smooth_keeping_float_output(spec, graph, data, SmoothConfig(0.85, through_value=True))
+    assert records[1].stats["sites_folded"] == 2   # one per layer, exact in float (checked above)
+    # no runtime op: the only per-channel Muls are the six of the GEMM-input sites
+    assert sum(n.op == "Mul" and n.name.endswith("::smooth") for n in graph.nodes) == 6
+    # a second smoothing run leaves the folded sites alone
+    again = smooth(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False),
+                   SmoothConfig(0.85, through_value=True))
+    assert again[1].stats["sites_folded"] == 0
+
+
+def planted_context_outliers(graph: gs.Graph) -> None:
+    """Value channels 3 and 17 ×25, the output GEMM's rows for them ÷25: the same float network, with
+    outlier channels in the attention context (as SmoothQuant reports for real models)."""
+    from qdq_compiler.smooth import reader_weight, value_fold_sites
+
+    for site in value_fold_sites(graph):
+        value = graph.tensors()[site.value.weight]
+        columns = value.values.copy()
+        columns[:, [3, 17]] *= 25.0
+        value.values = columns
+        bias = site.value.bias_add.inputs[1]
+        boosted = bias.values.copy()
+        boosted[[3, 17]] *= 25.0
+        bias.values = boosted
+        weight, axis = reader_weight(site.reader)
+        rows = weight.values.copy()
+        rows[[3, 17], :] /= 25.0
+        assert axis == 0
+        weight.values = rows
+
+
+def quantized_cosine(spec, graph, data, config: SmoothConfig) -> float:
+    feeds = example_inputs(spec, batch=8, seq=16, seed=11)
+    reference = run_model(float_network(graph, []), feeds)[0]
+    calibration = CalibrationConfig("max", progress=False)
+    smooth(graph, Dataset(data, model_inputs(graph)), calibration, config)
+    calibrate(graph, Dataset(data, model_inputs(graph)), calibration)
+    return cosine(run_model(graph, feeds)[0], reference)
+
+
+def test_folding_through_the_value_reduces_the_error_of_context_outliers(setup):
+    spec, graph, data = setup
+    planted_context_outliers(graph)
+    plain = graph.copy()
+    ir.metadata(plain).update(ir.metadata(graph))
+    without = quantized_cosine(spec, plain, data, SmoothConfig(0.85))
+    assert quantized_cosine(spec, graph, data, SmoothConfig(0.85, through_value=True)) > without
+
+
+def test_shift_is_exact_in_float_and_folded_into_the_biases(setup):
+    spec, graph, data = setup
+    records = smooth_keeping_float_output(spec, graph, data, SmoothConfig(0.85, shift=True))
+    assert records[0].stats["sites_shifted"] == 6
+    assert sum(n.op == "Sub" and n.name.endswith("::shift") for n in graph.nodes) == 6
+
+
+def offset_bert(spec: BertSpec) -> gs.Graph:
+    """LayerNorm outputs with large per-channel offsets (beta), the asymmetry OS+ removes."""
+    graph = gs.import_onnx(build_bert(spec))
+    for node in graph.nodes:
+        if node.op == "LayerNormalization":
+            beta = node.inputs[2].values.copy()
+            beta[[2, 5, 11, 20]] = [6.0, -5.0, 7.0, 4.0]
+            node.inputs[2] = gs.Constant(node.inputs[2].name + "_offsets", beta)
+    return graph
+
+
+@pytest.mark.parametrize("weights", ["nearest", "gptq"])
+def test_shift_reduces_the_error_of_offset_channels(tmp_path, weights):
+    from qdq_compiler import api
+
+    spec = BertSpec(layers=2)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(spec, batch=16, seq=16, seed=3))
+    feeds = example_inputs(spec, batch=8, seq=16, seed=11)
+    model = ir.to_model(offset_bert(spec))
+    reference = run_model(model, feeds)[0]
+    inserted = api.insert(model)
+    found = {}
+    for shift in (False, True):
+        result = api.calibrate(inserted.model, data, method="max", smooth=SmoothConfig(0.5, shift=shift),
+                               weights=weights, quiet=True)
+        found[shift] = cosine(run_model(result.model, feeds)[0], reference)
+    assert found[True] > found[False]
