@@ -154,10 +154,6 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
         with clock("round weights"):
             records = apply_gptq(graph, dataset, config, verify=verify)
         found["weights"].update(records[0].stats)
-    else:
-        from .weight_rounding import snap_shifted_weights
-
-        found["weights"]["snapped"] = snap_shifted_weights(graph)   # OS+ biases follow the rounded weights
     return found
 
 

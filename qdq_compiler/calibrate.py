@@ -176,13 +176,16 @@ def model_inputs(graph: gs.Graph) -> list[InputSpec]:
 
 
 def channel_ranges(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
-                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Running min and max per channel (last axis) of `tensors` over the data (float network), and the
-    first batch's values of each, as [tokens, channels] rows."""
+                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray],
+                                                dict[str, np.ndarray]]:
+    """Running min, max and mean per channel (last axis) of `tensors` over the data (float network), and
+    the first batch's values of each, as [tokens, channels] rows."""
     runner = session(float_network(graph, tensors), config.providers)
     _, batches = model_batches(graph, dataset, config)
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}
+    total: dict[str, np.ndarray] = {}
+    rows_seen: dict[str, int] = {}
     first: dict[str, np.ndarray] = {}
     for index, feeds in enumerate(batches):
         for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
@@ -191,7 +194,10 @@ def channel_ranges(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
             found_low, found_high = rows.min(axis=0), rows.max(axis=0)
             low[name] = found_low if name not in low else np.minimum(low[name], found_low)
             high[name] = found_high if name not in high else np.maximum(high[name], found_high)
-    return low, high, first
+            total[name] = total.get(name, 0.0) + rows.sum(axis=0, dtype=np.float64)
+            rows_seen[name] = rows_seen.get(name, 0) + len(rows)
+    mean = {name: (total[name] / rows_seen[name]).astype(np.float32) for name in total}
+    return low, high, mean, first
 
 
 def collect(graph: gs.Graph, dataset: Dataset,

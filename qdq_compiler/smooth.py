@@ -170,7 +170,7 @@ def reader_bias(reader: gs.Node) -> gs.Constant | None:
     return bias if bias is not None and len(bias.outputs) == 1 else None
 
 
-def channel_shift(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+def channel_shift(low: np.ndarray, high: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """OS+'s per-channel shift (Wei et al. 2023, "Outlier Suppression+", eq. 4): the centre of each
     channel's range, so a symmetric quantizer spends its levels on [min, max] rather than on ±max."""
     return ((np.asarray(low, np.float64) + np.asarray(high, np.float64)) / 2).astype(np.float32)
@@ -249,8 +249,8 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verif
     sites = [(s.tensor, s.readers) for s in inputs]
     sites += [(f.tensor, (f.reader,)) for f in (value_fold_sites(graph) if config.through_value else ())]
     ctx = PassContext(config)
-    low, high, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
-    shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor]) for s in inputs
+    low, high, mean, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
+    shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor], mean[s.tensor]) for s in inputs
               if config.shift and all(reader_bias(r) is not None for r in s.readers)}
     maxima = {tensor: np.maximum(np.abs(low[tensor]), np.abs(high[tensor])) for tensor, _ in sites}
     ctx.analyses["channel_max"] = maxima

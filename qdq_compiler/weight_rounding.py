@@ -13,10 +13,6 @@ Measured on all-MiniLM-L6-v2 with smoothing (which moves activation outliers int
 so makes weight rounding matter as much as activation rounding): weight rounding alone cost as
 much cosine as all 48 activation quantizers together; GPTQ halves the weight part.
 
-An input centred by OS+ (smooth.py: the GEMM reads x − z, its bias holds z·W) is rounded as the
-uncentred input it stands for, and the bias follows the rounded weight (z·Q(W)): otherwise the
-shift multiplies the whole rounding error of every column.
-
 Scales do not change, and every output column keeps an element at ±127, so recomputing weight
 scales from the new weights (`refresh_weight_scales`) gives the same scales and the same integers.
 """
@@ -28,7 +24,6 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .graph import RESHAPE_OPS
 from .patterns.blocks import linear_at
-from .smooth import reader_bias
 from .quant import QMAX, channel_axis, fake_quantize
 
 DAMP, BLOCK = 0.01, 128
@@ -128,47 +123,6 @@ def _oriented(weight_q: gs.Node) -> tuple[np.ndarray, bool]:
     return (values.T if transposed else values), transposed
 
 
-def input_offset(activation_q: gs.Node) -> np.ndarray | None:
-    """The per-channel offset subtracted from a GEMM input by an OS+ shift (smooth.py), if any."""
-    node = ir.producer(activation_q.inputs[0])
-    if node is None or node.op != "Sub" or "::shift" not in node.name or not isinstance(node.inputs[1], gs.Constant):
-        return None
-    return node.inputs[1].values
-
-
-def follow_rounding(weight_q: gs.Node, old: np.ndarray, new: np.ndarray) -> int:
-    """Each GEMM reading `weight_q` whose input is shifted by c (x − c reaches it) keeps computing
-    (x − c)·Q(W) + c·Q(W) + b: its bias takes c·(new − old) ([K, N] weights). Returns the biases changed."""
-    changed = 0
-    for dq in weight_q.outputs[0].outputs:
-        for node in list(dq.outputs[0].outputs):
-            linear = linear_at(node) if node.op in ("MatMul", "Gemm") else None
-            activation = _activation_quantizer(node.inputs[0]) if linear is not None else None
-            offset = input_offset(activation) if activation is not None else None
-            bias = reader_bias(node) if offset is not None else None
-            if bias is not None and offset.shape[0] == old.shape[0]:
-                bias.values = (bias.values + offset.astype(np.float64) @ (new - old)).astype(bias.values.dtype)
-                changed += 1
-    return changed
-
-
-def snap_shifted_weights(graph: gs.Graph) -> int:
-    """Nearest rounding of the weights of GEMMs with shifted inputs, written into the float constants
-    so their biases can follow (the lowered weights are the same integers); returns the weights snapped."""
-    snapped = 0
-    for weight_q, readers in gptq_targets(graph):
-        if not any(input_offset(a) is not None for a in readers):
-            continue
-        weight, transposed = _oriented(weight_q)
-        scale = np.broadcast_to(np.asarray(weight_q.inputs[1].values, np.float32).reshape(-1), (weight.shape[1],))
-        rounded = fake_quantize(np.asarray(weight, np.float32), scale * QMAX)
-        follow_rounding(weight_q, np.asarray(weight, np.float64), rounded.astype(np.float64))
-        constant = weight_q.inputs[0]
-        constant.values = (rounded.T if transposed else rounded).astype(constant.values.dtype)
-        snapped += 1
-    return snapped
-
-
 def input_hessians(graph: gs.Graph, dataset, config,
                    targets: list[tuple[gs.Node, list[gs.Node]]]) -> dict[str, np.ndarray]:
     """XᵀX of each activation quantizer's output as its GEMMs see it (quantized at its scale, one row per
@@ -176,7 +130,6 @@ def input_hessians(graph: gs.Graph, dataset, config,
     from .calibrate import float_network, model_batches, run, session
 
     width = {a.inputs[0].name: _oriented(q)[0].shape[0] for q, readers in targets for a in readers}
-    offsets = {a.inputs[0].name: input_offset(a) for _, readers in targets for a in readers}
     amax = {a.inputs[0].name: float(np.max(a.inputs[1].values)) * QMAX for _, readers in targets for a in readers}
     tensors = sorted(width)
     runner = session(float_network(graph, tensors), config.providers)
@@ -191,8 +144,6 @@ def input_hessians(graph: gs.Graph, dataset, config,
             if mask is not None and rows.shape[0] == mask.size:
                 rows = rows[mask.reshape(-1).astype(bool)]
             rows = fake_quantize(rows, amax[name])
-            if offsets[name] is not None and offsets[name].shape[0] == width[name]:
-                rows = rows + offsets[name]   # the uncentred input the GEMM stands for (its bias adds c·W)
             hessians[name] = hessians.get(name, 0.0) + (rows.T @ rows).astype(np.float64)  # per batch in float32
     return hessians
 
@@ -203,7 +154,7 @@ def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
     (rounded, left with nearest rounding). Weights whose GEMMs read the same activations (Q, K and V)
     share its Hessian and are rounded in one pass; a weight shared by several layers takes the sum of
     its layers' Hessians."""
-    groups: dict[tuple[str, ...], list[tuple[gs.Node, bool, np.ndarray]]] = {}
+    groups: dict[tuple[str, ...], list[tuple[gs.Constant, bool, np.ndarray]]] = {}
     skipped = 0
     for weight_q, readers in targets:
         weight, transposed = _oriented(weight_q)
@@ -212,17 +163,15 @@ def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
             skipped += 1
             continue
         columns = np.broadcast_to(np.asarray(weight_q.inputs[1].values, np.float32).reshape(-1), (weight.shape[1],))
-        groups.setdefault(names, []).append((weight_q, transposed, columns))
+        groups.setdefault(names, []).append((weight_q.inputs[0], transposed, columns))
     for names, members in groups.items():
-        weights = [(q.inputs[0].values.T if t else q.inputs[0].values) for q, t, _ in members]
+        weights = [(c.values.T if t else c.values) for c, t, _ in members]
         hessian = sum(hessians[name] for name in names)
         result = gptq(np.concatenate(weights, axis=1), hessian, np.concatenate([s for _, _, s in members]))
         start = 0
-        for (weight_q, transposed, _), weight in zip(members, weights):
+        for (constant, transposed, _), weight in zip(members, weights):
             part = result[:, start:start + weight.shape[1]]
             start += weight.shape[1]
-            follow_rounding(weight_q, np.asarray(weight, np.float64), part.astype(np.float64))
-            constant = weight_q.inputs[0]
             constant.values = (part.T if transposed else part).astype(constant.values.dtype)
     return sum(len(members) for members in groups.values()), skipped
 

@@ -1,6 +1,7 @@
 """Task-level fidelity of every recipe against FP32, on the real all-MiniLM-L6-v2 and the shipped sentences.
 
-    python tools/eval_fidelity.py [--folder artifacts] [--eval 1000]
+    python tools/eval_fidelity.py [--folder artifacts] [--eval 1000] [--recipes default,os-plus,...]
+                                  [--targets onnxruntime,tensorrt] [--no-ort]
 
 For each qdqc recipe (compiled on the 256 calibration sentences) the model is lowered for onnxruntime
 (integer GEMMs) and for TensorRT (FP16 + INT8 Q/DQ, run by onnxruntime on CPU: the engine's numerics
@@ -23,14 +24,20 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-# label -> compile options; every GEMM and both attention batched matmuls INT8 (no fallback) in each
+from qdq_compiler.smooth import SmoothConfig  # noqa: E402
+
+# name -> (label, compile options); every GEMM and both attention batched matmuls INT8 (no fallback) in each
 RECIPES = {
-    "qdqc default (smooth auto, p99.999, GPTQ)": {},
-    "qdqc smooth auto, p99.999, nearest": {"weights": "nearest"},
-    "qdqc mse, no smoothing, GPTQ": {"smooth": "off", "method": "mse"},
-    "pytorch-quantization defaults": {"smooth": "off", "method": "percentile", "percentile": 99.99,
-                                      "weights": "nearest"},
+    "default": ("qdqc default (smooth auto, p99.999, GPTQ)", {}),
+    "nearest": ("qdqc smooth auto, p99.999, nearest", {"weights": "nearest"}),
+    "os-plus": ("qdqc smooth auto + OS+ shifts, p99.999, GPTQ", {"smooth": SmoothConfig(None, shift=True)}),
+    "value-fold": ("qdqc smooth auto + through V, p99.999, GPTQ", {"smooth": SmoothConfig(None, through_value=True)}),
+    **{mode: (f"qdqc default recipe, insert --mode {mode}", {"mode": mode}) for mode in ("ft2", "ft3", "trt")},
+    "mse": ("qdqc mse, no smoothing, GPTQ", {"smooth": "off", "method": "mse"}),
+    "pytorch-quantization": ("pytorch-quantization defaults", {"smooth": "off", "method": "percentile",
+                                                               "percentile": 99.99, "weights": "nearest"}),
 }
+SHOWN = ("default", "nearest", "mse", "pytorch-quantization")
 
 
 def metrics(reference: np.ndarray, found: np.ndarray) -> dict:
@@ -48,7 +55,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="where minilm.onnx is (exported if missing) and models go")
     parser.add_argument("--eval", type=int, default=1000)
+    parser.add_argument("--recipes", default=",".join(SHOWN), help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--targets", default="onnxruntime,tensorrt")
+    parser.add_argument("--no-ort", action="store_true", help="leave out onnxruntime's own quantizers")
     args = parser.parse_args()
+    chosen, targets = args.recipes.split(","), args.targets.split(",")
+    unknown = [name for name in chosen if name not in RECIPES] + \
+        [t for t in targets if t not in ("onnxruntime", "tensorrt")]
+    if unknown:
+        parser.error(f"unknown recipe or target {unknown[0]!r}")
     import bench_cpu  # tools/: onnxruntime's own quantizers, built the same way as in the latency table
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,17 +72,20 @@ def main() -> None:
         model, calibration, evaluation = bench_cpu.minilm_inputs(folder, args.eval)
         reference = embeddings(open_session(model), evaluation)
         rows = []
-        for label, options in RECIPES.items():
+        for label, options in (RECIPES[name] for name in chosen):
             started = time.perf_counter()
-            calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True,
-                                                **{k: v for k, v in options.items() if k != "target"})
+            calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model, mode=options.get("mode", "ft1")),
+                                                calibration, quiet=True,
+                                                **{k: v for k, v in options.items() if k != "mode"})
             seconds = time.perf_counter() - started
-            for target in ("onnxruntime", "tensorrt"):
+            for target in targets:
                 lowered = qdq_compiler.lower(calibrated, target=target)
                 session = bench_cpu.tensorrt_graph_session(lowered.model) if target == "tensorrt" \
                     else open_session(lowered.model)
                 rows.append((f"{label} [{target}]", metrics(reference, embeddings(session, evaluation)), seconds))
                 print_row(*rows[-1])
+        if args.no_ort:
+            return
         for label, path in (("ORT quantize_dynamic (per-channel)", bench_cpu.build_dynamic(model, folder)),
                             ("ORT quantize_static (FT placement, p99.999)",
                              bench_cpu.build_static(model, calibration, folder, 128))):
