@@ -59,9 +59,13 @@ MODE_SITES: dict[Mode, frozenset[SiteKind]] = {
 @dataclass(frozen=True)
 class InsertConfig:
     mode: Mode = Mode.FT1
+    recipe: object = None   # a recipe.Recipe: per-site rules (--recipe, --include, --exclude); None: none
 
     def __post_init__(self):
+        from .recipe import parse_recipe
+
         object.__setattr__(self, "mode", choice(Mode, self.mode, "--mode"))
+        object.__setattr__(self, "recipe", parse_recipe(self.recipe))
 
     @property
     def sites(self) -> frozenset[SiteKind]:
