@@ -315,6 +315,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     again from the float one, so it equals `exclude=` those sites; `Result.recipe` is the decision
     (rules in force, sites left in float, `--method auto`'s choices) as a recipe to replay."""
     from .analyze import choose_fallback, float_gemm_share
+    from .carried import record_decision
     from .insert import insert as run_insert, report as sites_report
     from .lower import lower as run_lower
 
@@ -339,7 +340,6 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             float_graph = graph.copy()
             ir.unique_node_names(float_graph)
             reference = ir.to_model(float_graph)
-    pristine = graph.copy() if fallback.active else None
     with clock("insert"):
         inserted = run_insert(graph, insert_config, verify=verify)
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
@@ -355,7 +355,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
         if left_out:   # the decision as rules, applied from the float model: the same as excluding those sites
             chosen = [name for s in left_out for name in s.names]
             insert_config = InsertConfig(insert_config.mode, insert_config.recipe.with_filters(exclude=chosen))
-            graph = pristine
+            graph, _ = load(model)
             with clock("insert"):
                 inserted = run_insert(graph, insert_config, verify=verify)
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
@@ -365,7 +365,9 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
               "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
               "weights": found["weights"],
               "calibration": found["calibration"], "fallbacks": fallbacks}
-    decided = decision(insert_config.recipe, insert_config.mode.value, (), _auto_methods(graph, found["tensors"]))
+    methods = _auto_methods(graph, found["tensors"])
+    decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)
+    record_decision(graph, decided, methods)   # the recipe in force, as its replay records it
     report["recipe"] = decided
     with clock("lower"):
         records = run_lower(graph, lower_config, verify=verify)

@@ -11,7 +11,7 @@ has no record: `encoder_layers` falls back to matching.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import onnx_graphsurgeon as gs
@@ -21,6 +21,7 @@ from .patterns import match_encoder
 from .patterns.blocks import match_activation
 from .patterns.records import Activation, EncoderMatch
 from .errors import ModelError
+from .calibration import Method
 from .recipe import SiteSettings
 
 PLAN_KEY = "qdqc.plan"
@@ -54,7 +55,7 @@ class CarriedPlan:
         found = {"format": FORMAT, "family": self.family, "mode": self.mode,
                  "layers": [layer.to_json() for layer in self.layers], "sites": dict(self.sites)}
         if self.recipe is not None:
-            found.update(recipe=dict(self.recipe), settings={k: dict(v) for k, v in self.settings.items()})
+            found.update(recipe=dict(self.recipe), settings={k: dict(v) for k, v in sorted(self.settings.items())})
         return found
 
     def tensor_settings(self) -> dict[str, SiteSettings]:
@@ -114,6 +115,23 @@ def quantizer_sites(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
         by_tensor.setdefault(tensor, []).append(site)
     return {q.inputs[0].name: tuple(by_tensor.get(_planned(q.inputs[0]), ()))
             for q in graph.nodes if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0])}
+
+
+def record_decision(graph: gs.Graph, recipe: dict, methods: dict[str, str]) -> None:
+    """`compile`'s decision becomes the recipe in force in the model: `recipe` (its file form) and, per
+    quantized tensor, the methods `--method auto` chose at `methods` (site -> "mse", "percentile 99.9"), as
+    the same recipe replayed would record them."""
+    plan = read(graph)
+    if plan is None:
+        return
+    settings = {tensor: SiteSettings.from_json(values) for tensor, values in plan.settings.items()}
+    for site, label in methods.items():
+        tensor = plan.sites.get(site, site)
+        method, _, percentile = label.partition(" ")
+        found = settings.get(tensor, SiteSettings())
+        settings[tensor] = replace(found, method=Method(method),
+                                   percentile=float(percentile) if percentile else found.percentile)
+    store(graph, replace(plan, recipe=recipe, settings={t: s.to_json() for t, s in settings.items() if s.to_json()}))
 
 
 def recipe_settings(graph: gs.Graph) -> dict[str, SiteSettings]:
