@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from . import ir
 from .patterns.records import EncoderMatch
-from .config import InsertConfig
+from .config import InsertConfig, SiteKind, site_kind
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 from .placement import QuantPlan, layer_site
 
@@ -99,18 +99,21 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
     }
 
 
-_CATEGORIES = {"qkv.input": "GEMM inputs", "attention_output.input": "GEMM inputs", "ffn1.input": "GEMM inputs",
-               "ffn2.input": "GEMM inputs", "weight": "weights", "gemm_output": "GEMM outputs",
-               "q": "BMM inputs", "k": "BMM inputs", "v": "BMM inputs", "softmax.output": "BMM inputs",
-               "qk.output": "QK^T outputs", "residual1": "residual skips", "residual2": "residual skips",
-               "local": "residual locals", "output": "final output", "input0": "GEMM inputs", "input1": "GEMM inputs"}
+_CATEGORIES = {SiteKind.GEMM_INPUT: "GEMM inputs", SiteKind.GEMM_WEIGHT: "weights", SiteKind.GEMM_OUTPUT: "GEMM outputs",
+               SiteKind.BMM_INPUT: "BMM inputs", SiteKind.QK_OUTPUT: "QK^T outputs",
+               SiteKind.RESIDUAL_SKIP: "residual skips", SiteKind.RESIDUAL_LOCAL: "residual locals",
+               SiteKind.FINAL_OUTPUT: "final output"}
 
 
 def site_category(site: str) -> str:
     """`layer.3.ffn2.input` -> "GEMM inputs", `layer.0.ffn1.weight` -> "weights", `<node>.input1` -> "GEMM inputs"."""
     parts = site.split(".")
-    name = ".".join(parts[2:]) if len(parts) > 2 and parts[0] == "layer" and parts[1].isdigit() else site
-    return _CATEGORIES.get(name) or _CATEGORIES.get(name.rsplit(".", 1)[-1], "other")
+    if len(parts) > 2 and parts[0] == "layer" and parts[1].isdigit():
+        try:
+            return _CATEGORIES[site_kind(".".join(parts[2:]))]
+        except ValueError:
+            return "other"
+    return "GEMM inputs" if parts[-1] in ("input0", "input1") else "other"
 
 
 def summary(result: InsertResult, config: InsertConfig) -> str:

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .graph import RESHAPE_OPS, weight_of
 from .patterns.records import EncoderLayer, EncoderMatch
-from .config import InsertConfig, Mode, SiteKind
+from .config import InsertConfig, Mode
 from .recipe import Granularity, Recipe, SiteSettings, combine
 
 GRAPH_OUTPUT = "<graph output>"   # how a report names the graph-output use
@@ -120,8 +120,7 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
         tensors = graph.tensors()
         for layer in match.layers:
             _layer_requests(layer, config, tensors, requests, skipped)
-        if SiteKind.FINAL_OUTPUT in config.sites:
-            _final_requests(graph, match.layers[-1], requests)
+        _final_requests(graph, match.layers[-1], config, requests)
     requests, settings, disabled = _apply_recipe(config.recipe, requests)
     return _merge(graph, requests, settings, skipped, config, fallback, disabled)
 
@@ -161,52 +160,53 @@ def gemm_input_site(tensors: dict[str, gs.Tensor], node: gs.Node, tensor: str) -
 
 def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str, gs.Tensor],
                     out: list[_Request], skipped: list[tuple[str, str]]) -> None:
-    sites, index = config.sites, layer.index
-
-    def site(name: str) -> str:
-        return layer_site(index, name)
-
+    """The sites of one layer that the mode covers (`config.covers`, by site name), each with its readers."""
+    candidates: list[tuple[str, _Request | str]] = []   # (site within the layer, request or why it cannot be)
+    shared = layer_site(layer.index, "qkv") if config.fuse_qkv else None   # FT's fuse_qkv: one amax for Q, K, V
     qkv_roles = {"query", "key", "value"}
     for role, linear in layer.linears().items():
-        shared = site("qkv") if config.fuse_qkv and role in qkv_roles else None
-        if SiteKind.GEMM_INPUT in sites:
-            use = gemm_input_site(tensors, linear.node, linear.input)
-            out.append(_Request(site(GEMM_INPUT_SITES[role]), use.tensor, use, TensorKind.ACTIVATION,
-                                node=linear.node))
-        if SiteKind.GEMM_WEIGHT in sites:
-            axis = linear.weight_axis if config.per_channel_weights else None
-            user = Use(linear.weight_user[0], linear.weight)
-            out.append(_Request(site(f"{role}.weight"), linear.weight, user, TensorKind.WEIGHT, axis,
-                                shared and shared + ".weight", linear.node, linear.weight_axis))
-        if SiteKind.GEMM_OUTPUT in sites:
-            name = site(f"{role}.gemm_output")
-            if linear.bias_add is None:
-                skipped.append((name, f"{ir.describe(linear.node)} has no separate bias Add to quantize before"))
-            else:
-                out.append(_Request(name, linear.gemm_output, Use(linear.bias_add, linear.gemm_output),
-                                    TensorKind.ACTIVATION, group=shared and shared + ".gemm_output",
-                                    node=linear.node))
+        group = shared if role in qkv_roles else None
+        use = gemm_input_site(tensors, linear.node, linear.input)
+        candidates.append((GEMM_INPUT_SITES[role], _Request("", use.tensor, use, TensorKind.ACTIVATION,
+                                                            node=linear.node)))
+        axis = linear.weight_axis if config.per_channel_weights else None
+        candidates.append((f"{role}.weight", _Request("", linear.weight, Use(linear.weight_user[0], linear.weight),
+                                                      TensorKind.WEIGHT, axis, group and group + ".weight",
+                                                      linear.node, linear.weight_axis)))
+        if linear.bias_add is None:
+            candidates.append((f"{role}.gemm_output",
+                               f"{ir.describe(linear.node)} has no separate bias Add to quantize before"))
+        else:
+            candidates.append((f"{role}.gemm_output",
+                               _Request("", linear.gemm_output, Use(linear.bias_add, linear.gemm_output),
+                                        TensorKind.ACTIVATION, group=group and group + ".gemm_output",
+                                        node=linear.node)))
     attn = layer.attention
-    if SiteKind.BMM_INPUT in sites:
-        qkv = site("qkv.bmm_input") if config.fuse_qkv else None
-        for name, tensor, node, group in (("q", attn.query, attn.bmm1, qkv),
-                                          ("k", attn.key, attn.bmm1, qkv),
-                                          ("softmax.output", attn.probs, attn.bmm2, None),
-                                          ("v", attn.value, attn.bmm2, qkv)):
-            out.append(_Request(site(name), tensor, Use(node, tensor), TensorKind.ACTIVATION, group=group, node=node))
-    if SiteKind.QK_OUTPUT in sites:
-        # the readers are resolved from the graph in _merge (scale Mul, mask Add or Softmax)
-        out.append(_Request(site("qk.output"), attn.scores, None, TensorKind.ACTIVATION, node=attn.bmm1))
+    bmm_group = shared and shared + ".bmm_input"
+    for name, tensor, node, group in (("q", attn.query, attn.bmm1, bmm_group), ("k", attn.key, attn.bmm1, bmm_group),
+                                      ("softmax.output", attn.probs, attn.bmm2, None),
+                                      ("v", attn.value, attn.bmm2, bmm_group)):
+        candidates.append((name, _Request("", tensor, Use(node, tensor), TensorKind.ACTIVATION, group=group, node=node)))
+    # QK^T's readers are resolved from the graph in _merge (scale Mul, mask Add or Softmax)
+    candidates.append(("qk.output", _Request("", attn.scores, None, TensorKind.ACTIVATION, node=attn.bmm1)))
     for name, residual in (("residual1", layer.attention_residual), ("residual2", layer.ffn_residual)):
-        if SiteKind.RESIDUAL_SKIP in sites:
-            out.append(_Request(site(name), residual.skip, Use(residual.add, residual.skip),
-                                TensorKind.ACTIVATION, node=residual.add))
-        if SiteKind.RESIDUAL_LOCAL in sites:
-            out.append(_Request(site(f"{name}.local"), residual.local, Use(residual.add, residual.local),
-                                TensorKind.ACTIVATION, node=residual.add))
+        candidates.append((name, _Request("", residual.skip, Use(residual.add, residual.skip), TensorKind.ACTIVATION,
+                                          node=residual.add)))
+        candidates.append((f"{name}.local", _Request("", residual.local, Use(residual.add, residual.local),
+                                                     TensorKind.ACTIVATION, node=residual.add)))
+    for name, found in candidates:
+        if not config.covers(name):
+            continue
+        site = layer_site(layer.index, name)
+        if isinstance(found, str):
+            skipped.append((site, found))
+        else:
+            out.append(replace(found, site=site))
 
 
-def _final_requests(graph: gs.Graph, last: EncoderLayer, out: list[_Request]) -> None:
+def _final_requests(graph: gs.Graph, last: EncoderLayer, config: InsertConfig, out: list[_Request]) -> None:
+    if not config.covers("output"):
+        return
     site = layer_site(last.index, "output")
     out.append(_Request(site, last.output, None, TensorKind.ACTIVATION))
     if any(t.name == last.output for t in graph.outputs):
