@@ -427,8 +427,8 @@ def run_compile(args) -> int:
         print(summary(result.inserted, InsertConfig(result.inserted.plan.mode)))
         print(_calibration_line(result))
         for site in result.left_out:
-            print(f"left in float: {site.tensor} (alone it costs cosine {1 - site.only_cosine:.2e}); the GEMMs "
-                  "reading it run in float")
+            print(f"left in float: {', '.join(site.names)} (alone it costs cosine {1 - site.only_cosine:.2e}); the "
+                  "GEMMs reading it run in float")
         fallbacks = result.report["fallbacks"]
         if fallbacks is not None:
             print(f"fallback: {len(result.left_out)} site(s) in float; mean cosine to the float model on the "

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 
 def choice(kind: type[Enum], value, option: str):
@@ -84,7 +88,7 @@ def site_kind(name: str) -> SiteKind:
 @dataclass(frozen=True)
 class InsertConfig:
     mode: Mode = Mode.FT1
-    recipe: object = None   # a recipe.Recipe: per-site rules (--recipe, --include, --exclude); None: none
+    recipe: Recipe | None = None   # per-site rules (--recipe, --include, --exclude; recipe.py): a Recipe, a dict or a path
 
     def __post_init__(self):
         from .recipe import parse_recipe

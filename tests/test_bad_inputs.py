@@ -382,7 +382,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 174 and len(GOOD_ROWS) == 12
+    assert len(ROWS) == 199 and len(GOOD_ROWS) == 15
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):
