@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .errors import QdqcError, UsageError
 from .insert import InsertResult  # also loads the submodule before __init__ binds `insert`
 from .lower import LowerConfig
 from .pipeline import PassRecord
-from .recipe import Recipe, decision, parse_recipe
+from .recipe import Recipe, SiteRule, decision, parse_recipe
 from .smooth import DEFAULT_SMOOTH, SmoothConfig
 from .weight_rounding import parse_rounding
 from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
@@ -354,7 +354,9 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
                      "ranking": [s.to_json() for s in ranking]}
         if left_out:   # the decision as rules, applied from the float model: the same as excluding those sites
             chosen = [name for s in left_out for name in s.names]
-            insert_config = InsertConfig(insert_config.mode, insert_config.recipe.with_filters(exclude=chosen))
+            in_force = insert_config.recipe
+            off = tuple(SiteRule(site, enabled=False, origin="the fallback") for site in chosen)
+            insert_config = InsertConfig(insert_config.mode, replace(in_force, rules=in_force.rules + off))
             graph, _ = load(model)
             with clock("insert"):
                 inserted = run_insert(graph, insert_config, verify=verify)

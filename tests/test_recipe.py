@@ -71,6 +71,9 @@ def test_fallback_equals_excluding_the_sites_it_chose(model, feeds, tmp_path):
     assert len(fallback.left_out) == 2 and chosen and all(site.startswith("layer.") for site in chosen)
     excluded = qdq_compiler.compile(model, feeds, exclude=chosen, **QUICK)
     assert excluded.model.SerializeToString() == fallback.model.SerializeToString()
+    disabled = fallback.report["sites"]["disabled_sites"]
+    assert {d["site"] for d in disabled} == set(chosen)
+    assert all(d["by"].startswith("the fallback") for d in disabled)
     # the emitted decision names them, and replaying it gives the same bytes again
     disabled = [e["match"] for e in fallback.recipe["sites"] if e.get("enabled") is False]
     assert disabled == chosen
