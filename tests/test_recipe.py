@@ -117,7 +117,6 @@ def test_per_site_methods_land_in_the_right_scales(model, feeds, tmp_path):
     inserted = qdq_compiler.insert(model, recipe=recipe)
     result = qdq_compiler.calibrate(inserted, feeds, smooth="off", method="max", weights="nearest", quiet=True)
     graph, layers = result.graph, inserted.inserted.match.layers
-    float_values = {}
     names = [layers[i].attention.probs for i in (0, 1)] + [layers[1].ffn1.input, layers[0].ffn1.input]
     reference = onnx.ModelProto()
     reference.CopyFrom(model)
