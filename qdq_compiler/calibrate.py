@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ir, quant
+from . import carried, ir, quant
 from .calibration import HistogramCollector, Method, amaxes
 from .config import choice, names
 from .data import Dataset, InputSpec
@@ -338,6 +338,14 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
             found[t]["auto"] = f"{auto_choice[t][0]} -> {auto_choice[t][1]:.6g}"
     else:
         chosen = {t: found[t][config.method.value] for t in quantizers.tensors}
+    for t, settings in carried.recipe_settings(graph).items():   # the recipe's per-site method/percentile
+        if t not in found or (settings.method is None and settings.percentile is None):
+            continue
+        method = settings.method or (config.method if config.method is not Method.AUTO else Method.PERCENTILE)
+        percentile = settings.percentile if settings.percentile is not None else config.percentile
+        chosen[t] = amaxes(collectors[t], percentile=percentile)[method.value]
+        label = f"percentile {percentile:g}" if method is Method.PERCENTILE else method.value
+        found[t]["recipe"] = f"{label} -> {chosen[t]:.6g}"
     tensors = graph.tensors()
     reports = []
     for scale_name, members in quantizers.groups.items():

@@ -239,30 +239,55 @@ def best_alpha(rows: np.ndarray, weights: list[np.ndarray], activation_max: np.n
     return min(errors, key=errors.get)
 
 
-def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verify: bool = False):
+def recipe_sites(graph: gs.Graph, config: SmoothConfig | None) -> tuple[list[SmoothSite], dict[str, float]]:
+    """The sites to smooth and the alphas the recipe fixed: a site it says `off` is left alone, a site it
+    gives an alpha is smoothed with it (even with --smooth off); the others follow `config`."""
+    settings = carried.recipe_settings(graph)
+    chosen, fixed = [], {}
+    for site in smooth_sites(graph):
+        wanted = settings[site.tensor].smooth if site.tensor in settings else None
+        if wanted == "off" or (wanted is None and config is None):
+            continue
+        if wanted is not None:
+            fixed[site.tensor] = float(wanted)
+        chosen.append(site)
+    return chosen, fixed
+
+
+def wanted(graph: gs.Graph) -> bool:
+    """Whether the recipe in force asks some site for an alpha (smoothing runs then, even with --smooth off)."""
+    return any(isinstance(s.smooth, float) for s in carried.recipe_settings(graph).values())
+
+
+def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *, verify: bool = False):
     """Measure per-channel ranges of the smoothable activations, then rewrite (passes `smooth-gemm-inputs`
-    and `smooth-attention-output`); with alpha None, each site's alpha is the grid value minimizing its
-    layer's quantized error. With `shift`, the GEMM-input sites are centred first (OS+)."""
+    and, with `through_value`, `smooth-attention-output`); with alpha None, each site's alpha is the grid
+    value minimizing its layer's quantized error. With `shift`, the GEMM-input sites are centred first
+    (OS+). The recipe in force may fix a site's alpha or turn it off (`config` None: only its fixed sites)."""
     from .calibrate import channel_ranges
     from .pipeline import PassContext, run_pipeline
 
-    inputs = smooth_sites(graph)
-    sites = [(s.tensor, s.readers) for s in inputs]
-    sites += [(f.tensor, (f.reader,)) for f in (value_fold_sites(graph) if config.through_value else ())]
-    ctx = PassContext(config)
+    chosen, fixed = recipe_sites(graph, config)
+    settings = config or SmoothConfig()
+    recipe = carried.recipe_settings(graph)
+    folds = [f for f in value_fold_sites(graph) if config is not None and config.through_value
+             and (recipe[f.quantizer.inputs[0].name].smooth if f.quantizer.inputs[0].name in recipe else None) != "off"]
+    sites = [(s.tensor, s.readers) for s in chosen] + [(f.tensor, (f.reader,)) for f in folds]
+    ctx = PassContext(settings)
     low, high, mean, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
-    shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor], mean[s.tensor]) for s in inputs
-              if config.shift and all(reader_bias(r) is not None for r in s.readers)}
+    shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor], mean[s.tensor]) for s in chosen
+              if settings.shift and all(reader_bias(r) is not None for r in s.readers)}
     maxima = {tensor: np.maximum(np.abs(low[tensor] - shifts.get(tensor, 0.0)), np.abs(high[tensor] - shifts.get(tensor, 0.0)))
               for tensor, _ in sites}
     ctx.analyses["channel_max"] = maxima
     ctx.analyses["channel_shift"] = shifts
-    if config.alpha is None:
-        alphas = {}
+    ctx.analyses["alpha"] = dict(fixed)
+    if config is not None and config.alpha is None:
         for tensor, readers in sites:
-            weights = [(w.values if axis == 0 else w.values.T) for w, axis in
-                       (reader_weight(reader) for reader in readers)]
-            alphas[tensor] = best_alpha(first[tensor] - shifts.get(tensor, 0.0), weights, maxima[tensor])
-        ctx.analyses["alpha"] = alphas
-    passes = ("smooth-gemm-inputs",) + (("smooth-attention-output",) if config.through_value else ())
+            if tensor not in fixed:
+                weights = [(w.values if axis == 0 else w.values.T) for w, axis in
+                           (reader_weight(reader) for reader in readers)]
+                ctx.analyses["alpha"][tensor] = best_alpha(first[tensor] - shifts.get(tensor, 0.0), weights,
+                                                           maxima[tensor])
+    passes = ("smooth-gemm-inputs",) + (("smooth-attention-output",) if folds else ())
     return run_pipeline(graph, passes, ctx, verify=verify)

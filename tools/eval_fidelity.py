@@ -1,7 +1,7 @@
 """Task-level fidelity of every recipe against FP32, on the real all-MiniLM-L6-v2 and the shipped sentences.
 
-    python tools/eval_fidelity.py [--folder artifacts] [--eval 1000] [--recipes default,os-plus,...]
-                                  [--targets onnxruntime,tensorrt] [--no-ort]
+    python tools/eval_fidelity.py [--folder artifacts] [--eval 1000] [--recipe R.toml ...] [--only default]
+                                  [--rows os-plus,value-fold,ft2,...] [--targets onnxruntime]
 
 For each qdqc recipe (compiled on the 256 calibration sentences) the model is lowered for onnxruntime
 (integer GEMMs) and for TensorRT (FP16 + INT8 Q/DQ, run by onnxruntime on CPU: the engine's numerics
@@ -26,18 +26,20 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from qdq_compiler.smooth import SmoothConfig  # noqa: E402
 
-# name -> (label, compile options); every GEMM and both attention batched matmuls INT8 (no fallback) in each
+# label -> compile options; every GEMM and both attention batched matmuls INT8 (no fallback) in each
 RECIPES = {
-    "default": ("qdqc default (smooth auto, p99.999, GPTQ)", {}),
-    "nearest": ("qdqc smooth auto, p99.999, nearest", {"weights": "nearest"}),
+    "qdqc default (smooth auto, p99.999, GPTQ)": {},
+    "qdqc smooth auto, p99.999, nearest": {"weights": "nearest"},
+    "qdqc mse, no smoothing, GPTQ": {"smooth": "off", "method": "mse"},
+    "pytorch-quantization defaults": {"smooth": "off", "method": "percentile", "percentile": 99.99,
+                                      "weights": "nearest"},
+}
+# rows measured for the last gap to FP32 (README, "Task-level fidelity"), on demand: --rows NAME,...
+EXTRA = {
     "os-plus": ("qdqc smooth auto + OS+ shifts, p99.999, GPTQ", {"smooth": SmoothConfig(None, shift=True)}),
     "value-fold": ("qdqc smooth auto + through V, p99.999, GPTQ", {"smooth": SmoothConfig(None, through_value=True)}),
     **{mode: (f"qdqc default recipe, insert --mode {mode}", {"mode": mode}) for mode in ("ft2", "ft3", "trt")},
-    "mse": ("qdqc mse, no smoothing, GPTQ", {"smooth": "off", "method": "mse"}),
-    "pytorch-quantization": ("pytorch-quantization defaults", {"smooth": "off", "method": "percentile",
-                                                               "percentile": 99.99, "weights": "nearest"}),
 }
-SHOWN = ("default", "nearest", "mse", "pytorch-quantization")
 
 
 def metrics(reference: np.ndarray, found: np.ndarray) -> dict:
@@ -55,15 +57,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="where minilm.onnx is (exported if missing) and models go")
     parser.add_argument("--eval", type=int, default=1000)
-    parser.add_argument("--recipes", default=",".join(SHOWN), help=f"comma-separated, of {', '.join(RECIPES)}")
+    parser.add_argument("--recipe", type=Path, action="append", default=[],
+                        help="also a row per recipe file: the default options with that recipe (`compile --recipe`)")
+    parser.add_argument("--only", choices=["all", "default"], default="all",
+                        help="default: only the default row (and the --recipe rows), no baselines")
+    parser.add_argument("--rows", default="", help=f"also these rows, comma-separated: {', '.join(EXTRA)}")
     parser.add_argument("--targets", default="onnxruntime,tensorrt")
-    parser.add_argument("--no-ort", action="store_true", help="leave out onnxruntime's own quantizers")
     args = parser.parse_args()
-    chosen, targets = args.recipes.split(","), args.targets.split(",")
-    unknown = [name for name in chosen if name not in RECIPES] + \
-        [t for t in targets if t not in ("onnxruntime", "tensorrt")]
+    unknown = [name for name in args.rows.split(",") if name and name not in EXTRA]
     if unknown:
-        parser.error(f"unknown recipe or target {unknown[0]!r}")
+        parser.error(f"--rows: unknown row {unknown[0]!r} (known: {', '.join(EXTRA)})")
+    recipes = dict(RECIPES) if args.only == "all" else {k: v for k, v in RECIPES.items() if not v}
+    recipes.update(EXTRA[name] for name in args.rows.split(",") if name)
+    recipes.update({f"qdqc default + recipe {path.name}": {"recipe": path} for path in args.recipe})
     import bench_cpu  # tools/: onnxruntime's own quantizers, built the same way as in the latency table
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,19 +78,19 @@ def main() -> None:
         model, calibration, evaluation = bench_cpu.minilm_inputs(folder, args.eval)
         reference = embeddings(open_session(model), evaluation)
         rows = []
-        for label, options in (RECIPES[name] for name in chosen):
+        for label, options in recipes.items():
             started = time.perf_counter()
-            calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model, mode=options.get("mode", "ft1")),
-                                                calibration, quiet=True,
-                                                **{k: v for k, v in options.items() if k != "mode"})
+            inserted = qdq_compiler.insert(model, recipe=options.get("recipe"), mode=options.get("mode"))
+            calibrated = qdq_compiler.calibrate(inserted, calibration, quiet=True,
+                                                **{k: v for k, v in options.items() if k not in ("mode", "recipe")})
             seconds = time.perf_counter() - started
-            for target in targets:
+            for target in args.targets.split(","):
                 lowered = qdq_compiler.lower(calibrated, target=target)
                 session = bench_cpu.tensorrt_graph_session(lowered.model) if target == "tensorrt" \
                     else open_session(lowered.model)
                 rows.append((f"{label} [{target}]", metrics(reference, embeddings(session, evaluation)), seconds))
                 print_row(*rows[-1])
-        if args.no_ort:
+        if args.only == "default":
             return
         for label, path in (("ORT quantize_dynamic (per-channel)", bench_cpu.build_dynamic(model, folder)),
                             ("ORT quantize_static (FT placement, p99.999)",
