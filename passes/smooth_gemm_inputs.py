@@ -62,4 +62,5 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if smoothed:
         refresh_weight_scales(graph)
         ir.toposort(graph)
-    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "sites_shifted": shifted, "alphas": sorted(set(used))}, tuple(diagnostics))
+    return PassResult(smoothed > 0, {"sites_smoothed": smoothed, "sites_shifted": shifted, "alphas": sorted(set(used))},
+                      tuple(diagnostics))

@@ -51,7 +51,8 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
         if planned is not None and q.inputs[0].name not in planned and "::smooth" not in q.inputs[0].name:
             continue
         source = ir.producer(q.inputs[0])
-        if source is not None and source.op in ("Mul", "Sub") and ("::smooth" in source.name or "::shift" in source.name):
+        if source is not None and source.op in ("Mul", "Sub") and \
+                ("::smooth" in source.name or "::shift" in source.name):
             continue   # smoothed by an earlier run: recalibrating a calibrated model never smooths twice
         dequantizers = q.outputs[0].outputs
         if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
@@ -277,8 +278,8 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *
     low, high, mean, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
     shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor], mean[s.tensor]) for s in chosen
               if settings.shift and all(reader_bias(r) is not None for r in s.readers)}
-    maxima = {tensor: np.maximum(np.abs(low[tensor] - shifts.get(tensor, 0.0)), np.abs(high[tensor] - shifts.get(tensor, 0.0)))
-              for tensor, _ in sites}
+    maxima = {tensor: np.maximum(np.abs(low[tensor] - shifts.get(tensor, 0.0)),
+                                 np.abs(high[tensor] - shifts.get(tensor, 0.0))) for tensor, _ in sites}
     ctx.analyses["channel_max"] = maxima
     ctx.analyses["channel_shift"] = shifts
     ctx.analyses["alpha"] = dict(fixed)
