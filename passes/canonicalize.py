@@ -66,6 +66,7 @@ def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
     ir.toposort(graph)
     identities = remove_identities(graph)
     if any(n.op == "Cast" and n.inputs[0].dtype is None for n in graph.nodes):
+        ir.cleanup(graph)
         ir.annotate_shapes(graph)   # a Cast's input type tells a float->float Cast
     casts = remove_noop_casts(graph)
     fold_constants(graph)
