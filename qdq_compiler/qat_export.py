@@ -12,7 +12,7 @@ max calibration. Two producers' module styles:
 - `torch-ao`: `torch.ao.quantization.FakeQuantize` modules (per-tensor symmetric activations,
   per-channel symmetric weights, observers frozen after calibration): scales as initializers.
 
-    python -m qdq_compiler.qat_export minilm -o minilm.qat.onnx [--style torch-ao] [--attn sdpa]
+    python -m qdq_compiler.qat_export minilm -o minilm.qat.onnx [--style torch-ao|modelopt] [--attn sdpa]
 """
 from __future__ import annotations
 
@@ -126,22 +126,33 @@ def export_qat(family: str, out: Path, *, style: str = "torch", sentences: list[
                attn: str = "eager", opset: int = 17, seq: int = 32, samples: int = 16) -> Path:
     """Fake-quantize `family` (hf_export's models), calibrate on `samples` of `sentences` (the shipped
     calibration sentences by default; random token ids for the small random-weight families), export."""
-    import torch
+    from .hf_export import build_model
 
-    from .hf_export import build_model, corpus, encode
-
-    out = Path(out)
     model = build_model(family, attn)
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    if family == "minilm":
-        feeds = encode((sentences or corpus("calibration"))[:samples], seq=seq)
-        tensors = {n: torch.from_numpy(feeds[n]) for n in names}
-    else:
-        ids = torch.randint(5, model.config.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(0))
-        tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    tensors = _calibration_tensors(family, model, sentences, seq, samples)
     quantizers = fake_quantize(model, style)
     batches = [{n: t[i:i + 8] for n, t in tensors.items()} for i in range(0, samples, 8)]
     calibrate(model, quantizers, batches, style)
+    return _export(model, tensors, Path(out), opset)
+
+
+def _calibration_tensors(family: str, model, sentences, seq: int, samples: int) -> dict:
+    import torch
+
+    from .hf_export import corpus, encode
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    if family == "minilm":
+        feeds = encode((sentences or corpus("calibration"))[:samples], seq=seq)
+        return {n: torch.from_numpy(feeds[n]) for n in names}
+    ids = torch.randint(5, model.config.vocab_size, (samples, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+
+def _export(model, tensors: dict, out: Path, opset: int) -> Path:
+    import torch
+
+    names = list(tensors)
 
     class Encoder(torch.nn.Module):
         def __init__(self, inner):
@@ -161,19 +172,48 @@ def export_qat(family: str, out: Path, *, style: str = "torch", sentences: list[
     return out
 
 
+def export_modelopt(family: str, out: Path, *, sentences: list[str] | None = None, attn: str = "sdpa",
+                    opset: int = 17, seq: int = 32, samples: int = 16) -> Path:
+    """NVIDIA ModelOpt's INT8 QAT/PTQ export as its users write it: `mtq.quantize(model, mtq.INT8_DEFAULT_CFG,
+    loop)` then `torch.onnx.export(dynamo=False)` (needs `nvidia-modelopt`, the `qat` extra)."""
+    import torch
+    import modelopt.torch.quantization as mtq
+
+    from .hf_export import build_model
+
+    model = build_model(family, attn)
+    tensors = _calibration_tensors(family, model, sentences, seq, samples)
+
+    def loop(module):
+        with torch.no_grad():
+            for i in range(0, samples, 8):
+                module(**{n: t[i:i + 8] for n, t in tensors.items()})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mtq.quantize(model, mtq.INT8_DEFAULT_CFG, loop)
+    return _export(model, tensors, Path(out), opset)
+
+
 def main(argv=None) -> int:
     from .hf_export import FAMILIES, VISION
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("family", choices=[f for f in FAMILIES if f not in VISION])
     parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--style", choices=STYLES, default="torch")
+    parser.add_argument("--style", choices=STYLES + ("modelopt",), default="torch",
+                        help="modelopt: NVIDIA ModelOpt's INT8_DEFAULT_CFG (needs nvidia-modelopt)")
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--samples", type=int, default=16, help="calibration sentences (max calibration)")
+    parser.add_argument("--seq", type=int, default=32, help="calibration sequence length")
     args = parser.parse_args(argv)
-    path = export_qat(args.family, args.output, style=args.style, attn=args.attn, opset=args.opset,
-                      samples=args.samples)
+    if args.style == "modelopt":
+        path = export_modelopt(args.family, args.output, attn=args.attn, opset=args.opset, samples=args.samples,
+                               seq=args.seq)
+    else:
+        path = export_qat(args.family, args.output, style=args.style, attn=args.attn, opset=args.opset,
+                          samples=args.samples, seq=args.seq)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 
