@@ -65,12 +65,13 @@ def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
     before = len(graph.nodes)
     ir.toposort(graph)
     identities = remove_identities(graph)
+    typed = 0
     if any(n.op == "Cast" and n.inputs[0].dtype is None for n in graph.nodes):
         ir.cleanup(graph)
-        ir.annotate_shapes(graph)   # a Cast's input type tells a float->float Cast
+        typed += ir.annotate_shapes(graph)   # a Cast's input type tells a float->float Cast
     casts = remove_noop_casts(graph)
     fold_constants(graph)
-    typed = ir.annotate_shapes(graph)
+    typed += ir.annotate_shapes(graph)
     folded = before - identities - casts - len(graph.nodes)
     return PassResult(modified=identities > 0 or casts > 0 or folded > 0 or typed > 0,
                       stats={"identities_removed": identities, "noop_casts_removed": casts, "nodes_folded": folded,

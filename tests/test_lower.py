@@ -141,7 +141,8 @@ def test_tensorrt_graph_is_fp16_with_fp32_layer_norm(tmp_path, norm, opset):
     feeds = example_inputs(spec, batch=4, seq=16, seed=2)
     fake = run_model(graph, feeds)[0]
     records = lower(graph, LowerConfig("tensorrt"), verify=True)
-    assert records[0].stats["head_sizes"] == [16] and records[0].stats["attention_blocks_quantized"] == 2
+    mha = next(r for r in records if r.name == "report-mha")
+    assert mha.stats["head_sizes"] == [16] and mha.stats["attention_blocks_quantized"] == 2
     assert graph.opset == 19
     types = float_types(graph)
     matmuls = [n for n in graph.nodes if n.op == "MatMul"]
