@@ -2,9 +2,10 @@
 them (needs the `dev` extra): the fixture for qdqc's QAT path, and a way to bring one's own.
 
 Every `nn.Linear` gets a per-tensor input fake-quantizer and a per-output-channel weight
-fake-quantizer, every `nn.LayerNorm` an input fake-quantizer (what NVIDIA ModelOpt's INT8 default
-places in front of the residual-sum LayerNorms); all symmetric INT8, zero point 0, amax from a short
-max calibration. Two producers' module styles:
+fake-quantizer (pytorch-quantization's `QuantLinear`); with `norm_inputs` every `nn.LayerNorm` an input
+fake-quantizer too (what NVIDIA ModelOpt's INT8 default places in front of the residual-sum
+LayerNorms; untrained, quantizing the residual stream this way costs MiniLM most of its fidelity);
+all symmetric INT8, zero point 0, amax from a short max calibration. Two producers' module styles:
 
 - `torch`: `torch.fake_quantize_per_tensor_affine` / `_per_channel_affine` with the scale computed in
   `forward` (pytorch-quantization's `TensorQuantizer` export path): the TorchScript exporter writes the
@@ -87,8 +88,9 @@ def _quant_modules(style: str):
     return QuantLinear, QuantLayerNorm
 
 
-def fake_quantize(model, style: str = "torch"):
-    """Wrap every Linear and LayerNorm of `model` (in place) with fake-quantizers; returns the quantizers."""
+def fake_quantize(model, style: str = "torch", norm_inputs: bool = False):
+    """Wrap every Linear (and with `norm_inputs` every LayerNorm) of `model` in place with fake-quantizers;
+    returns the quantizers."""
     import torch
 
     if style not in STYLES:
@@ -98,7 +100,7 @@ def fake_quantize(model, style: str = "torch"):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
                 setattr(parent, name, QuantLinear(child))
-            elif isinstance(child, torch.nn.LayerNorm):
+            elif norm_inputs and isinstance(child, torch.nn.LayerNorm):
                 setattr(parent, name, QuantLayerNorm(child))
     return [m for m in model.modules() if m.__class__.__name__ in ("MaxQuantizer", "FakeQuantize")]
 
@@ -123,14 +125,15 @@ def calibrate(model, quantizers, batches, style: str = "torch") -> None:
 
 
 def export_qat(family: str, out: Path, *, style: str = "torch", sentences: list[str] | None = None,
-               attn: str = "eager", opset: int = 17, seq: int = 32, samples: int = 16) -> Path:
+               attn: str = "eager", opset: int = 17, seq: int = 32, samples: int = 16,
+               norm_inputs: bool = False) -> Path:
     """Fake-quantize `family` (hf_export's models), calibrate on `samples` of `sentences` (the shipped
     calibration sentences by default; random token ids for the small random-weight families), export."""
     from .hf_export import build_model
 
     model = build_model(family, attn)
     tensors = _calibration_tensors(family, model, sentences, seq, samples)
-    quantizers = fake_quantize(model, style)
+    quantizers = fake_quantize(model, style, norm_inputs)
     batches = [{n: t[i:i + 8] for n, t in tensors.items()} for i in range(0, samples, 8)]
     calibrate(model, quantizers, batches, style)
     return _export(model, tensors, Path(out), opset)
@@ -207,13 +210,14 @@ def main(argv=None) -> int:
     parser.add_argument("--opset", type=int, default=17)
     parser.add_argument("--samples", type=int, default=16, help="calibration sentences (max calibration)")
     parser.add_argument("--seq", type=int, default=32, help="calibration sequence length")
+    parser.add_argument("--norm-inputs", action="store_true", help="torch styles: quantize every LayerNorm input too")
     args = parser.parse_args(argv)
     if args.style == "modelopt":
         path = export_modelopt(args.family, args.output, attn=args.attn, opset=args.opset, samples=args.samples,
                                seq=args.seq)
     else:
         path = export_qat(args.family, args.output, style=args.style, attn=args.attn, opset=args.opset,
-                          samples=args.samples, seq=args.seq)
+                          samples=args.samples, seq=args.seq, norm_inputs=args.norm_inputs)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

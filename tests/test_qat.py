@@ -67,8 +67,9 @@ def exports(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qat")
     data = folder / "calib.npz"
     np.savez(data, **feeds(16, seed=1))
-    return {"torch": export_qat("bert", folder / "torch.onnx", style="torch", attn="sdpa", seq=SEQ),
-            "torch-ao": export_qat("bert", folder / "ao.onnx", style="torch-ao", seq=SEQ), "data": data}
+    return {"torch": export_qat("bert", folder / "torch.onnx", style="torch", attn="sdpa", seq=SEQ, norm_inputs=True),
+            "torch-ao": export_qat("bert", folder / "ao.onnx", style="torch-ao", seq=SEQ, norm_inputs=True),
+            "data": data}
 
 
 def weight_gemms(model: onnx.ModelProto) -> Counter:

@@ -6,8 +6,9 @@ The real MiniLM is fake-quantized (qdq_compiler/qat_export.py: per-channel weigh
 every Linear and LayerNorm, max-calibrated on `--samples` calibration sentences; or ModelOpt's
 INT8_DEFAULT_CFG) and exported with torch.onnx (TorchScript, opset 17). The reference is onnxruntime
 running that QAT ONNX unoptimized; on the first `--eval` evaluation sentences (never calibrated on),
-each row gives the cosine of mean-pooled embeddings to it (mean / min) and the weight GEMMs that run
-integer. The QAT ONNX's own optimized run is the yardstick of two faithful runs.
+each row gives the cosine of mean-pooled embeddings to it (mean / min), to the FP32 MiniLM (mean / min)
+and the weight GEMMs that run integer. The QAT ONNX's own optimized run is the yardstick of two
+faithful runs: a fake-quantized network is discontinuous, so float reassociation alone moves it.
 """
 from __future__ import annotations
 
@@ -33,14 +34,14 @@ def weight_gemms(graph) -> Counter:
         if node.op == "MatMulIntegerToFloat" and ir.is_constant(node.inputs[1]):
             counts["integer"] += 1
         elif node.op in ("MatMul", "Gemm") and weight_of(node, 1) is not None:
-            counts["float"] += 1
+            counts["int8 Q/DQ" if weight_of(node, 1)[3] else "float"] += 1
     return counts
 
 
 def main() -> None:
     import qdq_compiler
     from qdq_compiler.evaluate import cosines, embeddings, open_session
-    from qdq_compiler.hf_export import corpus, encode
+    from qdq_compiler.hf_export import corpus, encode, export
     from qdq_compiler.qat_export import export_modelopt, export_qat
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path)
     parser.add_argument("--samples", type=int, default=64, help="QAT calibration sentences")
     parser.add_argument("--eval", type=int, default=500)
+    parser.add_argument("--norm-inputs", action="store_true", help="torch styles: quantize the LayerNorm inputs too")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_cpu  # tools/: the session that runs a TensorRT graph on onnxruntime
@@ -55,25 +57,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        qat = folder / f"minilm.qat-{args.style}.onnx"
+        qat = folder / f"minilm.qat-{args.style}{'-norms' if args.norm_inputs else ''}.onnx"
         if not qat.exists():
             if args.style == "modelopt":
                 export_modelopt("minilm", qat, seq=128, samples=args.samples)
             else:
-                export_qat("minilm", qat, style=args.style, seq=128, samples=args.samples)
+                export_qat("minilm", qat, style=args.style, seq=128, samples=args.samples, norm_inputs=args.norm_inputs)
         calibration = folder / "minilm.calib.npz"
         np.savez(calibration, **encode(corpus("calibration")))
         evaluation = encode(corpus("evaluation")[:args.eval])
         reference = embeddings(open_session(qat, optimize=False), evaluation)
+        fp32 = folder / "minilm.onnx"
+        if not fp32.exists():
+            export("minilm", fp32, exporter="torchscript", opset=17)
+        original = embeddings(open_session(fp32), evaluation)
 
         def row(label, model, session=None):
             found = embeddings(session or open_session(getattr(model, "model", model)), evaluation)
-            values = cosines(reference, found)
+            values, to_fp32 = cosines(reference, found), cosines(original, found)
             graph = getattr(model, "graph", None)
             gemms = dict(weight_gemms(graph)) if graph is not None else {}
-            print(f"{label:62} {values.mean():.5f} {values.min():.5f} {gemms}", flush=True)
+            print(f"{label:52} {values.mean():.5f} {values.min():.5f}  {to_fp32.mean():.5f} {to_fp32.min():.5f}  "
+                  f"{gemms}", flush=True)
 
-        print(f"{'row':62} cos mean / min to the QAT ONNX, weight GEMMs")
+        print(f"{'row':52} to the QAT ONNX (mean, min), to FP32 (mean, min), weight GEMMs")
+        row("QAT ONNX, onnxruntime unoptimized (the reference)", qat, open_session(qat, optimize=False))
         row("QAT ONNX, onnxruntime optimized (yardstick)", qat)
         inserted = qdq_compiler.insert(qat)
         print(f"insert: {len(inserted.report['sites']['quantizers'])} quantizers added, "
