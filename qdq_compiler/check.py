@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from . import ir, quant
@@ -75,8 +76,6 @@ def check_types(graph: gs.Graph) -> list[Violation]:
                           f"{np.dtype(node.outputs[0].dtype)}")
             continue
         if node.op == "Cast":
-            import onnx
-
             to = onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"])
             if declared is not None and declared != to:
                 bad(node, f"casts to {to} but '{node.outputs[0].name}' is declared {declared}")
