@@ -1,5 +1,8 @@
-"""Canonicalize: drop Identity nodes and float->float Casts, fold constants (Q/DQ left alone), infer shapes."""
+"""Canonicalize: drop Identity nodes and float->float Casts, fold constants (Q/DQ left alone), share
+identical weights, infer shapes."""
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import onnx
@@ -47,6 +50,31 @@ def remove_noop_casts(graph: gs.Graph) -> int:
     return removed
 
 
+def share_identical_weights(graph: gs.Graph) -> int:
+    """Make byte-identical constant weights (rank >= 2) one tensor; returns how many copies were dropped.
+
+    torch.onnx's dynamo exporter folds `W.T` once per use, so a weight that ALBERT shares between its
+    layers arrives as one copy per layer; as one tensor it gets one quantizer and is rounded once.
+    Scalars and vectors are left apart: a scale that happens to equal another's must stay its own.
+    """
+    keeper: dict[tuple, gs.Constant] = {}
+    replace: dict[int, gs.Constant] = {}
+    boundary = {id(t) for t in (*graph.inputs, *graph.outputs)}
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or len(tensor.shape) < 2 or id(tensor) in boundary:
+            continue
+        values = np.ascontiguousarray(tensor.values)
+        key = (values.dtype.str, values.shape, hashlib.sha256(memoryview(values).cast("B")).digest())
+        first = keeper.setdefault(key, tensor)
+        if first is not tensor:
+            replace[id(tensor)] = first
+    for node in graph.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if id(tensor) in replace:
+                node.inputs[index] = replace[id(tensor)]
+    return len(replace)
+
+
 def fold_constants(graph: gs.Graph) -> None:
     """Fold every constant subgraph except Q/DQ nodes; Constant nodes become initializers."""
     # Folding a weight's Q->DQ would erase a QAT model's quantization: leave Q/DQ alone.
@@ -71,8 +99,11 @@ def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
         typed += ir.annotate_shapes(graph)   # a Cast's input type tells a float->float Cast
     casts = remove_noop_casts(graph)
     fold_constants(graph)
+    shared = share_identical_weights(graph)
+    if shared:
+        ir.cleanup(graph)
     typed += ir.annotate_shapes(graph)
     folded = before - identities - casts - len(graph.nodes)
-    return PassResult(modified=identities > 0 or casts > 0 or folded > 0 or typed > 0,
+    return PassResult(modified=identities > 0 or casts > 0 or folded > 0 or shared > 0 or typed > 0,
                       stats={"identities_removed": identities, "noop_casts_removed": casts, "nodes_folded": folded,
-                             "tensors_typed": typed, "nodes": len(graph.nodes)})
+                             "weights_shared": shared, "tensors_typed": typed, "nodes": len(graph.nodes)})

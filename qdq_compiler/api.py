@@ -58,6 +58,7 @@ class Result:
     left_out: list[Sensitivity] = field(default_factory=list)
     ranking: list[Sensitivity] | None = None
     records: list[PassRecord] = field(default_factory=list)
+    target: str | None = None                       # the lowering's target; None before lowering
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -67,8 +68,9 @@ class Result:
         """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`.
         A `.xml` path writes OpenVINO IR (`.xml` + `.bin`, needs the `openvino` extra)."""
         if Path(path).suffix == ".xml":
-            from .openvino_backend import save_ir
+            from .openvino_backend import check_ir_target, save_ir
 
+            check_ir_target(path, self.target)
             if self.source is not None and ir.same_file(path, self.source) and not overwrite:
                 raise UsageError(f"{path}: output would overwrite the input model (pass --overwrite to allow it)")
             return save_ir(self.model, path)
@@ -221,7 +223,7 @@ def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfi
     with clock("lower"):
         records = run_lower(graph, config, verify=verify)
     return Result(graph, {"lowering": [r.to_json() for r in records], "timings": clock.timings}, source,
-                  records=records)
+                  records=records, target=config.target.value)
 
 
 def analyze(model, data, *, samples: int = FallbackConfig.samples, providers=_CAL.providers, tokenizer=None,
@@ -307,7 +309,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
     report["lowering"] = [r.to_json() for r in records]
     report["timings"] = clock.timings
     result = Result(graph, report, source, inserted, found["tensors"], found["collectors"], left_out, ranking,
-                    list(inserted.records) + records)
+                    list(inserted.records) + records, lower_config.target.value)
     if html is not None:
         with clock("html"):
             label = str(data) if isinstance(data, (str, os.PathLike)) else f"{dataset.samples} samples given in memory"

@@ -177,6 +177,27 @@ def test_canonicalize_removes_identities_and_folds_weight_transposes_but_not_qdq
     assert any(n.name == "wq" for n in graph.nodes)
 
 
+def test_canonicalize_shares_byte_identical_weights_but_not_scalars():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 8)).astype(np.float32)
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 8])
+    h, y = gs.Variable("h", dtype=np.float32), gs.Variable("y", dtype=np.float32)
+    z = gs.Variable("z", dtype=np.float32)
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "mm1", inputs=[x, gs.Constant("w1", weight)], outputs=[h]),
+                            gs.Node("MatMul", "mm2", inputs=[h, gs.Constant("w2", weight.copy())], outputs=[y]),
+                            gs.Node("Mul", "m1", inputs=[y, gs.Constant("s1", np.array(2, np.float32))], outputs=[z]),
+                            gs.Node("Mul", "m2", inputs=[z, gs.Constant("s2", np.array(2, np.float32))],
+                                    outputs=[gs.Variable("out", dtype=np.float32)])],
+                     inputs=[x], outputs=[], opset=17)
+    graph.outputs = [graph.nodes[-1].outputs[0]]
+    records = run_pipeline(graph, ("canonicalize",), PassContext(InsertConfig()), verify=True)
+    assert records[0].stats["weights_shared"] == 1
+    first, second = (n for n in graph.nodes if n.op == "MatMul")
+    assert first.inputs[1] is second.inputs[1]
+    muls = [n for n in graph.nodes if n.op == "Mul"]
+    assert muls[0].inputs[1] is not muls[1].inputs[1]
+
+
 def test_no_bert_layer_falls_back_to_generic_and_says_so():
     x = gs.Variable("x", dtype=np.float32, shape=[2, 8])
     hidden, out = gs.Variable("h", dtype=np.float32), gs.Variable("y", dtype=np.float32)
