@@ -121,7 +121,7 @@ def test_insert_matches_every_layer_and_adds_only_the_missing_attention_quantize
     plan = result.report["sites"]
     assert not plan["fallback_generic"]
     # ft1 asks for Q, K^T, softmax and V at the two batched matmuls: the QAT model has none of them
-    added = [q for q in plan["quantizers"]]
+    added = plan["quantizers"]
     assert len(added) == 4 * LAYERS and all(q["kind"] == "activation" for q in added)
     assert {s.rsplit(".", 1)[-1] for q in added for s in q["sites"]} == {"query", "key", "probs", "value"}
     assert sum(n.op == "QuantizeLinear" for n in inserted.nodes) == before + 4 * LAYERS
