@@ -123,7 +123,7 @@ def test_insert_matches_every_layer_and_adds_only_the_missing_attention_quantize
     # ft1 asks for Q, K^T, softmax and V at the two batched matmuls: the QAT model has none of them
     added = plan["quantizers"]
     assert len(added) == 4 * LAYERS and all(q["kind"] == "activation" for q in added)
-    assert {s.rsplit(".", 1)[-1] for q in added for s in q["sites"]} == {"query", "key", "probs", "value"}
+    assert {s.split(".", 2)[-1] for q in added for s in q["sites"]} == {"q", "k", "softmax.output", "v"}
     assert sum(n.op == "QuantizeLinear" for n in inserted.nodes) == before + 4 * LAYERS
     assert quantized_twice(inserted) == []
     # every GEMM input and weight site was found already quantized, and said so
