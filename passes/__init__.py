@@ -4,3 +4,4 @@ from . import (canonicalize, decompose_fused, drop_nan_guard, floor_softmax_inpu
                lower_onnxruntime, match_bert, place_quantizers, record_plan, report_mha, residual_sum,  # noqa: F401
                round_weights_gptq, smooth_attention_output, smooth_gemm_inputs, split_gemm_bias, to_fp16,  # noqa: F401
                unsigned_linear_inputs)  # noqa: F401
+from . import check_types, qat_constants, report_float_gemms, signed_zero_points  # noqa: F401

@@ -1,10 +1,11 @@
-"""Canonicalize: drop Identity nodes, fold constants (Q/DQ left alone), share identical weights, infer
-shapes."""
+"""Canonicalize: drop Identity nodes and float->float Casts, fold constants (Q/DQ left alone), share
+identical weights, infer shapes."""
 from __future__ import annotations
 
 import hashlib
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
@@ -27,6 +28,22 @@ def remove_identities(graph: gs.Graph) -> int:
             source.dtype = target.dtype if target.dtype is not None else source.dtype
             source.shape = target.shape if target.shape is not None else source.shape
             graph.outputs = [source if t is target else t for t in graph.outputs]
+        replace_all_uses(target, source)
+        node.outputs.clear()
+        removed += 1
+    return removed
+
+
+def remove_noop_casts(graph: gs.Graph) -> int:
+    """Bypass Casts to the type their input already has (QAT exports put float->float Casts on the
+    Q/K/V path): they compute nothing and would hide the layer from the matcher."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "Cast" or not node.outputs or node.outputs[0] in graph.outputs:
+            continue
+        source, target = node.inputs[0], node.outputs[0]
+        if source.dtype is None or onnx.helper.np_dtype_to_tensor_dtype(np.dtype(source.dtype)) != node.attrs.get("to"):
+            continue
         replace_all_uses(target, source)
         node.outputs.clear()
         removed += 1
@@ -58,11 +75,8 @@ def share_identical_weights(graph: gs.Graph) -> int:
     return len(replace)
 
 
-@register("canonicalize")
-def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    before = len(graph.nodes)
-    ir.toposort(graph)
-    identities = remove_identities(graph)
+def fold_constants(graph: gs.Graph) -> None:
+    """Fold every constant subgraph except Q/DQ nodes; Constant nodes become initializers."""
     # Folding a weight's Q->DQ would erase a QAT model's quantization: leave Q/DQ alone.
     # graphsurgeon folds by running onnxruntime, which refuses repeated node names: fold with unique
     # ones, then give every node its own name back
@@ -71,10 +85,25 @@ def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
     graph.fold_constants(should_exclude_node=lambda node: node.op in ir.QDQ_OPS, error_ok=True)
     for node, name in names:
         node.name = name
-    shared = share_identical_weights(graph)
     ir.cleanup(graph)
-    typed = ir.annotate_shapes(graph)
-    folded = before - identities - len(graph.nodes)
-    return PassResult(modified=identities > 0 or folded > 0 or shared > 0 or typed > 0,
-                      stats={"identities_removed": identities, "nodes_folded": folded,
+
+
+@register("canonicalize")
+def canonicalize(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    before = len(graph.nodes)
+    ir.toposort(graph)
+    identities = remove_identities(graph)
+    typed = 0
+    if any(n.op == "Cast" and n.inputs[0].dtype is None for n in graph.nodes):
+        ir.cleanup(graph)
+        typed += ir.annotate_shapes(graph)   # a Cast's input type tells a float->float Cast
+    casts = remove_noop_casts(graph)
+    fold_constants(graph)
+    shared = share_identical_weights(graph)
+    if shared:
+        ir.cleanup(graph)
+    typed += ir.annotate_shapes(graph)
+    folded = before - identities - casts - len(graph.nodes)
+    return PassResult(modified=identities > 0 or casts > 0 or folded > 0 or shared > 0 or typed > 0,
+                      stats={"identities_removed": identities, "noop_casts_removed": casts, "nodes_folded": folded,
                              "weights_shared": shared, "tensors_typed": typed, "nodes": len(graph.nodes)})

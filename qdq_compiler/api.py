@@ -184,17 +184,24 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, weights=None,
-              tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> Result:
+              tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
+              keep_scales: bool = False) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
-    tensor, every method's amax."""
-    from .calibrate import apply_scales, report_json
+    tensor, every method's amax. `keep_scales` (a QAT model): only the quantizers insert added are
+    calibrated; every scale the model had, weights' included, and the weights themselves are kept."""
+    from .calibrate import apply_scales, existing_scales, report_json, restore_scales
     from .calibration import load_states, save_states
 
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
+    if keep_scales:
+        if smooth not in (None, "off") or weights == "gptq":
+            raise UsageError("--keep-scales keeps the model's weights and scales: it cannot take --smooth or "
+                             "--weights gptq")
+        smooth, weights = "off", "nearest"
     smoothing = _smoothing(smooth, data is not None)
     rounding = parse_rounding(weights, data is not None)
     if config.method.value == "auto" and data is None:
@@ -204,6 +211,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     clock = _Clock()
     with clock("load"):
         graph, source = load(model)
+    kept = existing_scales(graph) if keep_scales else {}
     if data is not None:
         with clock("data"):
             dataset = _data(data, graph, tokenizer, max_length, field)
@@ -220,18 +228,20 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
                  "weights": {"rounding": "nearest"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
+    restore_scales(graph, kept)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
-              "timings": clock.timings}
+              "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
 
 
 def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfig.keep_fp32,
-          verify: bool = False) -> Result:
+          verify: bool = False, strict: bool = False) -> Result:
     """A calibrated Q/DQ model lowered for a backend (`qdqc lower`): integer GEMMs for onnxruntime,
-    FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats."""
+    FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats and diagnostics (a quantized GEMM
+    left in float is a warning; with `strict` an error)."""
     from .lower import lower as run_lower
 
-    config, clock = LowerConfig(target, keep_fp32), _Clock()
+    config, clock = LowerConfig(target, keep_fp32, strict), _Clock()
     with clock("load"):
         graph, source = load(model)
     with clock("lower"):

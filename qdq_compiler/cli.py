@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(calibrate, ".calib.onnx")
     _calibration_args(calibrate)
     calibrate.add_argument("--stats", type=Path, help="collector states: written after --data, read without it")
+    calibrate.add_argument("--keep-scales", action="store_true",
+                           help="a QAT model: calibrate only the quantizers insert added, keep every other scale "
+                                "and the weights (no smoothing, nearest rounding)")
     calibrate.add_argument("--report", type=Path, help="per-tensor samples, max and every method's amax (JSON)")
     calibrate.add_argument("--shard", help="K/N: collect every N-th batch from the K-th (merge the shards' --stats)")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -216,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(lower, ".int8.onnx")
     _target_args(lower)
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
+    lower.add_argument("--strict", action="store_true",
+                       help="fail when a quantized GEMM cannot be made integer (by default: a warning naming it)")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
 
@@ -363,7 +368,8 @@ def run_calibrate(args) -> int:
     if args.data is None and args.stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     output = _checked_output(args, args.report, args.stats if args.data is not None else None)
-    result = api.calibrate(args.model, args.data, stats=args.stats, shard=args.shard, **_calibration_options(args))
+    result = api.calibrate(args.model, args.data, stats=args.stats, shard=args.shard, keep_scales=args.keep_scales,
+                           **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     if args.report:
         _write_json(args.report, result.report["calibration"])
@@ -393,8 +399,13 @@ def run_lower(args) -> int:
     from . import api
 
     output = _checked_output(args)
-    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify)
+    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify,
+                       strict=args.strict)
     result.save(output, overwrite=args.overwrite)
+    for record in result.records:   # warnings print even with --quiet: never a silent float GEMM
+        for diagnostic in record.diagnostics:
+            if diagnostic.level == "warning":
+                print(f"qdqc: warning: {diagnostic.message}", file=sys.stderr)
     if not args.quiet:
         _print_records(result.records)
         print(f"wrote {output}")

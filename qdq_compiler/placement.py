@@ -120,7 +120,7 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
         tensors = graph.tensors()
         for layer in match.layers:
             _layer_requests(layer, config, tensors, requests, skipped)
-        _final_requests(graph, match.layers[-1], config, requests)
+        _final_requests(graph, match.layers[-1], config, requests, skipped)
     requests, settings, disabled = _apply_recipe(config.recipe, requests)
     return _merge(graph, requests, settings, skipped, config, fallback, disabled)
 
@@ -204,13 +204,23 @@ def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str
             out.append(replace(found, site=site))
 
 
-def _final_requests(graph: gs.Graph, last: EncoderLayer, config: InsertConfig, out: list[_Request]) -> None:
+def _final_requests(graph: gs.Graph, last: EncoderLayer, config: InsertConfig, out: list[_Request],
+                    skipped: list[tuple[str, str]]) -> None:
+    """The encoder's output (FasterTransformer's final_input quantizer), for whatever reads it next. A
+    pre-LN encoder ends in a final LayerNorm: its output is the encoder's, and a quantizer before it
+    would only feed a LayerNorm, which runs in float anyway."""
     if not config.covers("output"):
         return
-    site = layer_site(last.index, "output")
-    out.append(_Request(site, last.output, None, TensorKind.ACTIVATION))
-    if any(t.name == last.output for t in graph.outputs):
-        out.append(_Request(site, last.output, Use(None, last.output), TensorKind.ACTIVATION))
+    site, output = layer_site(last.index, "output"), last.output
+    if last.norm_position == "pre":
+        readers = graph.tensors()[output].outputs
+        if len(readers) != 1 or readers[0].op != "LayerNormalization":
+            skipped.append((site, "pre-LN: no single final LayerNormalization reads the last layer's output"))
+            return
+        output = readers[0].outputs[0].name
+    out.append(_Request(site, output, None, TensorKind.ACTIVATION))
+    if any(t.name == output for t in graph.outputs):
+        out.append(_Request(site, output, Use(None, output), TensorKind.ACTIVATION))
 
 
 def _generic_requests(graph: gs.Graph, config: InsertConfig) -> list[_Request]:

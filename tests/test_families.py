@@ -165,6 +165,13 @@ def test_every_mode_places_on_every_family(exports, family):
         assert np.isfinite(run_model(graph, random_feeds(graph, 2, seed=3))[0]).all()
         assert all("no separate bias Add" in why for _, why in result.plan.skipped)
         assert bool(result.plan.skipped) == (family == "modernbert" and mode != "trt")
+        if mode == "trt":   # the encoder's output: after a pre-LN encoder's final LayerNorm, never before it
+            final = result.plan.by_site()["layer.1.output"]
+            producer = graph.tensors()[final.tensor].inputs[0]
+            while producer.op in ("QuantizeLinear", "DequantizeLinear"):   # a graph output keeps its name
+                producer = producer.inputs[0].inputs[0]
+            assert producer.op == ("LayerNormalization" if family in ("vit", "deit", "modernbert") else producer.op)
+            assert all(u.node is None or u.node.op != "LayerNormalization" for u in final.uses)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
