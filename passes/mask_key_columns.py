@@ -23,7 +23,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.lower import AttentionKernel, LowerConfig
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 from .clamp_attention_mask import MASK_FLOOR, mask_input
@@ -105,9 +104,9 @@ class Builder:
         return self.node("Concat", [tensor, filler], f"{base}{WITH_MASK}", tensor.dtype, {"axis": axis})
 
 
-@register("mask-key-columns", settings=LowerConfig)
+@register("mask-key-columns")
 def mask_key_columns(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    if ctx.settings(LowerConfig).attention is not AttentionKernel.INTEGER or graph.opset < 15:
+    if graph.opset < 15:
         return PassResult(False, {"masks_in_gemm": 0})   # Shape(start, end) is opset 15
     builder = Builder(graph)
     sources: dict[int, gs.Tensor | None] = {}

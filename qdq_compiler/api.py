@@ -200,12 +200,12 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
 
 
 def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfig.keep_fp32,
-          attention: str = LowerConfig.attention.value, verify: bool = False) -> Result:
+          verify: bool = False) -> Result:
     """A calibrated Q/DQ model lowered for a backend (`qdqc lower`): integer GEMMs for onnxruntime,
     FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats."""
     from .lower import lower as run_lower
 
-    config, clock = LowerConfig(target, keep_fp32, attention), _Clock()
+    config, clock = LowerConfig(target, keep_fp32), _Clock()
     with clock("load"):
         graph, source = load(model)
     with clock("lower"):
@@ -239,8 +239,7 @@ def _bar(total: int, desc: str, unit: str, quiet: bool):
 def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = InsertConfig.mode.value,
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
-            weights=None, keep_fp32=LowerConfig.keep_fp32, attention: str = LowerConfig.attention.value,
-            fallback_budget: int | None = None, target_cosine: float | None = None,
+            weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
@@ -253,7 +252,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
     from .insert import insert as run_insert, report as sites_report
     from .lower import lower as run_lower
 
-    insert_config, lower_config = InsertConfig(mode), LowerConfig(target, keep_fp32, attention)
+    insert_config, lower_config = InsertConfig(mode), LowerConfig(target, keep_fp32)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     smoothing = _smoothing(smooth, True)
     rounding = parse_rounding(weights, True)

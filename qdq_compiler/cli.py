@@ -37,13 +37,9 @@ def _mode_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
-    from .lower import FP32_CHOICES, AttentionKernel, LowerConfig, Target
+    from .lower import FP32_CHOICES, LowerConfig, Target
 
     parser.add_argument("--target", default=LowerConfig.target.value, choices=[t.value for t in Target])
-    parser.add_argument("--attention", default=LowerConfig.attention.value, choices=[a.value for a in AttentionKernel],
-                        help="onnxruntime: attention as integer GEMMs (the fake-quant function, default) or one fused "
-                             "com.microsoft.MultiHeadAttention per layer (faster at long sequences; the softmax "
-                             "output stays float)")
     parser.add_argument("--keep-fp32", default=",".join(sorted(LowerConfig.keep_fp32)),
                         help=f"tensorrt: comma-separated {','.join(sorted(FP32_CHOICES))} kept in FP32 "
                              f"(default {','.join(sorted(LowerConfig.keep_fp32))})")
@@ -371,8 +367,7 @@ def run_lower(args) -> int:
     from . import api
 
     output = _checked_output(args)
-    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, attention=args.attention,
-                       verify=args.verify)
+    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify)
     result.save(output, overwrite=args.overwrite)
     if not args.quiet:
         _print_records(result.records)
@@ -396,7 +391,6 @@ def run_compile(args) -> int:
         raise UsageError("report needs --html FILE (where to write the report)")
     output = _checked_output(args, args.report, args.html)
     result = api.compile(args.model, args.data, target=args.target, mode=args.mode, keep_fp32=args.keep_fp32,
-                         attention=args.attention,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine, html=args.html,
                          eval=args.eval, **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)

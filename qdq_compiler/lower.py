@@ -17,15 +17,6 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
-class AttentionKernel(str, Enum):
-    """onnxruntime target: how attention runs. integer: Q·K^T and P·V as integer GEMMs, the lowered model
-    computes the fake-quant function; fused: one com.microsoft.MultiHeadAttention per layer on the same
-    quantized Q, K, V, the softmax output left in float (passes/fuse_attention.py)."""
-
-    INTEGER = "integer"
-    FUSED = "fused"
-
-
 FP32_CHOICES = frozenset({"LayerNorm", "Softmax", "Gelu"})
 
 
@@ -33,13 +24,9 @@ FP32_CHOICES = frozenset({"LayerNorm", "Softmax", "Gelu"})
 class LowerConfig:
     target: Target = Target.ONNXRUNTIME
     keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # tensorrt: what stays FP32
-    attention: AttentionKernel = AttentionKernel.INTEGER    # onnxruntime: integer GEMMs or the fused kernel
 
     def __post_init__(self):
         object.__setattr__(self, "target", choice(Target, self.target, "--target"))
-        object.__setattr__(self, "attention", choice(AttentionKernel, self.attention, "--attention"))
-        if self.attention is AttentionKernel.FUSED and self.target is not Target.ONNXRUNTIME:
-            raise UsageError(f"--attention fused is for --target onnxruntime, not {self.target.value}")
         keep = frozenset(names(self.keep_fp32, "--keep-fp32"))
         if keep - FP32_CHOICES:
             raise UsageError(f"--keep-fp32 {','.join(sorted(keep - FP32_CHOICES))}: expected any of "

@@ -97,8 +97,8 @@ PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
     "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq",
                "record-plan"),
-    "lower-onnxruntime": ("fuse-attention", "lower-onnxruntime", "fold-output-scale", "mask-key-columns",
-                          "residual-sum", "clamp-attention-mask", "floor-softmax-input", "fold-weight-quantizers"),
+    "lower-onnxruntime": ("lower-onnxruntime", "fold-output-scale", "mask-key-columns", "residual-sum",
+                          "clamp-attention-mask", "floor-softmax-input", "fold-weight-quantizers"),
     "lower-openvino": ("unsigned-linear-inputs", "fold-weight-quantizers"),
     "lower-tensorrt": ("report-mha", "drop-nan-guard", "fold-weight-quantizers", "to-fp16"),
 }

@@ -52,8 +52,7 @@ def gemm_weight_bytes(path: Path) -> int:
 
 DYNAMIC_ROW = "ORT quantize_dynamic"
 OURS = {"qdqc ft1 mse, lowered": {"smooth": "off", "method": "mse"},
-        "qdqc ft1 defaults (smooth auto p99.999)": {},
-        "qdqc defaults, --attention fused": {"attention": "fused"}}
+        "qdqc ft1 defaults (smooth auto p99.999)": {}}
 
 
 def build_ours(model: Path, calibration: Path, folder: Path, options: dict) -> Path:
