@@ -31,9 +31,7 @@ A_SCALE, B_SCALE, A_ZERO = 2, 3, 4
 LEVEL = 127 * 128            # |(255 − 128) · (−128)|: the most one column can subtract
 MAX_COLUMNS = 64             # past this the GEMM grows more than the Add it saves (d = 64)
 PROBE = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], np.int64)
-
-
-WITH_MASK = "::with_mask"
+WITH_MASK = "::with_mask"     # names the widened K^T: the floor pass knows these scores need none
 
 
 def masked_in_gemm(softmax: gs.Node) -> bool:
