@@ -7,8 +7,9 @@ scores come from MatMulIntegerToFloat over uint8 Q (zero point 128) and int8 K^T
 s = s_q·s_k·(1/sqrt(d)). Append c columns to Q holding 255 (the integer 127) and c rows to K^T holding
 −128 for a padded key and 0 otherwise: the padded key's score drops by c·127·128·s, which c makes at
 least 60 — the masking of `clamp-attention-mask` (its docstring: exact in float32 for MiniLM, exp stays
-out of denormals), computed inside the GEMM. The added columns cost c/d more multiply-adds of the one
-GEMM and no pass over the scores (MiniLM: c = 2 to 20 by layer, d = 32).
+out of denormals), computed inside the GEMM. The wider GEMM costs more than its c/d extra
+multiply-adds, but less than the Add (MiniLM: c = 2 to 20 by layer, d = 32; rounding c up measured
+slower, README).
 
 The mask must be a key padding mask of one input: checked by running the graph's mask computation on
 a probe (every query row equal, 0 at attended keys, at most −60 at padded ones) — causal or other
@@ -29,7 +30,7 @@ from .clamp_attention_mask import MASK_FLOOR, mask_input
 
 A_SCALE, B_SCALE, A_ZERO = 2, 3, 4
 LEVEL = 127 * 128            # |(255 − 128) · (−128)|: the most one column can subtract
-MAX_COLUMNS = 64             # past this the GEMM grows more than the Add it saves (d = 64)
+MAX_COLUMNS = 64             # a bound for tiny scales; MiniLM's layers need at most 20
 PROBE = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], np.int64)
 WITH_MASK = "::with_mask"     # names the widened K^T: the floor pass knows these scores need none
 
