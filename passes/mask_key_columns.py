@@ -103,7 +103,7 @@ class Builder:
         return self.node("Concat", [tensor, filler], f"{base}{WITH_MASK}", tensor.dtype, {"axis": axis})
 
 
-@register("mask-key-columns")
+@register("mask-key-columns", requires=("integer-gemms",))
 def mask_key_columns(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if graph.opset < 15:
         return PassResult(False, {"masks_in_gemm": 0})   # Shape(start, end) is opset 15

@@ -85,6 +85,8 @@ class PassSpec:
 PROPERTIES: Mapping[str, tuple[Callable[[gs.Graph], bool], str]] = {
     "qdq": (lambda graph: any(n.op == "QuantizeLinear" for n in graph.nodes),
             "Q/DQ pairs in the graph (run qdqc insert, or the insert-qdq pass)"),
+    "integer-gemms": (lambda graph: any(n.op == "MatMulIntegerToFloat" for n in graph.nodes),
+                      "integer GEMMs in the graph (run the lower-onnxruntime pass)"),
 }
 # Analyses that callers compute outside any pass and put in ctx.analyses before running the pass.
 EXTERNAL_ANALYSES: Mapping[str, str] = {

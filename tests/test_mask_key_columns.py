@@ -47,6 +47,16 @@ def test_padded_keys_drop_by_at_least_60_inside_the_gemm_and_nothing_else_moves(
     np.testing.assert_array_equal(run_model(graph, feeds)[0], run_model(clamped, feeds)[0])
 
 
+def test_it_needs_the_integer_gemms(tmp_path):
+    import pytest
+
+    from qdq_compiler.errors import PassError
+
+    graph, _ = calibrated_bert(tmp_path, BertSpec(layers=1))   # Q/DQ, not lowered
+    with pytest.raises(PassError, match="mask-key-columns needs integer GEMMs in the graph"):
+        run_pipeline(graph, ("mask-key-columns",), PassContext(LowerConfig("onnxruntime")))
+
+
 def test_a_mask_that_is_not_key_padding_keeps_its_add(tmp_path):
     spec = BertSpec(layers=1)
     graph, _ = calibrated_bert(tmp_path, spec)
