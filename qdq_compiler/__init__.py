@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 # api imports the submodules insert, calibrate, lower and analyze first; binding these names after
 # that makes `qdq_compiler.insert` etc. the API functions (import machinery sets a package attribute
 # only when it first loads a submodule; `from qdq_compiler.insert import ...` still finds the module).
-from .api import Result, analyze, calibrate, calibration_data, compile, insert, lower  # noqa: E402
+from .api import Result, analyze, calibrate, calibration_data, compile, insert, lower, recommend  # noqa: E402
 from .errors import ModelError, PassError, QdqcError, UsageError  # noqa: E402
 
-__all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower",
+__all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower", "recommend",
            "QdqcError", "UsageError", "ModelError", "PassError"]

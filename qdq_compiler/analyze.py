@@ -55,9 +55,17 @@ class Sensitivity:
     without_cosine: float   # mean cosine with every quantizer but this one
     without_snr_db: float
     node: gs.Node | None = field(default=None, compare=False, repr=False)
+    sites: tuple[str, ...] = ()   # the site names insert gave this quantizer (`layer.3.ffn2.input`)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in vars(self).items() if k != "node"}
+        found = {k: v for k, v in vars(self).items() if k not in ("node", "sites")}
+        found["sites"] = list(self.sites)
+        return found
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """How a recipe names it: its sites, or the tensor when the model carries no plan."""
+        return self.sites or (self.tensor,)
 
 
 def _outputs(graph: gs.Graph, batches: list[dict], providers) -> list[np.ndarray]:
@@ -110,10 +118,13 @@ class _Measurement:
                        self.batches)
 
     def ranking(self, progress=None) -> list[Sensitivity]:
-        found = []
+        from .carried import quantizer_sites
+
+        found, names = [], quantizer_sites(self.graph)
         for q in activation_sites(self.graph):
             only, without = self.error([q]), self.error(self.but([q]))
-            found.append(Sensitivity(ir.label(q), q.inputs[0].name, *only, *without, node=q))
+            found.append(Sensitivity(ir.label(q), q.inputs[0].name, *only, *without, node=q,
+                                     sites=names.get(q.inputs[0].name, ())))
             if progress is not None:
                 progress.update(1)
         return sorted(found, key=lambda s: s.only_cosine)

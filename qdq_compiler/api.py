@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +25,18 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .analyze import FallbackConfig, Sensitivity
 from .calibrate import CalibrationConfig, TensorReport
-from .config import InsertConfig
+from .config import InsertConfig, Mode, choice, names
 from .data import Dataset, open_data
 from .errors import QdqcError, UsageError
 from .insert import InsertResult  # also loads the submodule before __init__ binds `insert`
 from .lower import LowerConfig
 from .pipeline import PassRecord
+from .recipe import Recipe, SiteRule, decision, parse_recipe
 from .smooth import DEFAULT_SMOOTH, SmoothConfig
 from .weight_rounding import parse_rounding
 from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
 
-__all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower"]
+__all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower", "recommend"]
 
 _CAL = CalibrationConfig   # its field defaults are the options' defaults (one source for CLI and API)
 
@@ -58,6 +59,8 @@ class Result:
     left_out: list[Sensitivity] = field(default_factory=list)
     ranking: list[Sensitivity] | None = None
     records: list[PassRecord] = field(default_factory=list)
+    recipe: dict | None = None    # what was decided, as a recipe to replay (compile: fallback, auto methods)
+    target: str | None = None                       # the lowering's target; None before lowering
 
     @property
     def model(self) -> onnx.ModelProto:
@@ -67,8 +70,9 @@ class Result:
         """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`.
         A `.xml` path writes OpenVINO IR (`.xml` + `.bin`, needs the `openvino` extra)."""
         if Path(path).suffix == ".xml":
-            from .openvino_backend import save_ir
+            from .openvino_backend import check_ir_target, save_ir
 
+            check_ir_target(path, self.target)
             if self.source is not None and ir.same_file(path, self.source) and not overwrite:
                 raise UsageError(f"{path}: output would overwrite the input model (pass --overwrite to allow it)")
             return save_ir(self.model, path)
@@ -119,11 +123,28 @@ class _Clock:
             self.timings[stage] = round(self.timings.get(stage, 0.0) + time.perf_counter() - start, 4)
 
 
-def insert(model, *, mode: str = InsertConfig.mode.value, verify: bool = False) -> Result:
-    """Q/DQ at the FasterTransformer BERT sites (`qdqc insert`); report["sites"] is the site report."""
+def insert_config(mode: str | None = None, recipe=None, include=(), exclude=()) -> InsertConfig:
+    """The insert settings from the options: `recipe` (a path, a dict in the file's form or a Recipe),
+    then `include`/`exclude` globs (a list, or comma-separated); `mode` None takes the recipe's mode,
+    else ft1. A --mode that contradicts the recipe's is refused."""
+    parsed = parse_recipe(recipe)
+    parsed = parsed.with_filters(names(include or (), "--include"), names(exclude or (), "--exclude"))
+    if mode is None:
+        return InsertConfig(parsed.mode or InsertConfig.mode, parsed)
+    if parsed.mode is not None and choice(Mode, mode, "--mode") is not parsed.mode:
+        raise UsageError(f"--mode {mode}: the recipe ({parsed.source or 'recipe'}) says mode {parsed.mode.value}")
+    return InsertConfig(mode, parsed)
+
+
+insert_config_of = insert_config   # inside `compile`, `insert_config` names its local
+
+
+def insert(model, *, mode: str | None = None, recipe=None, include=(), exclude=(), verify: bool = False) -> Result:
+    """Q/DQ at the FasterTransformer BERT sites (`qdqc insert`); report["sites"] is the site report.
+    `recipe`/`include`/`exclude`: per-site rules (recipe.py), e.g. exclude=["layer.*.ffn2.input"]."""
     from .insert import insert as run_insert, report
 
-    config, clock = InsertConfig(mode), _Clock()
+    config, clock = insert_config(mode, recipe, include, exclude), _Clock()
     with clock("load"):
         graph, source = load(model)
     with clock("insert"):
@@ -138,11 +159,14 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     from .calibrate import calibrate as run_calibrate, report_json
     from .smooth import smooth
 
+    from .smooth import wanted
+
     found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights}}
-    if smoothing is not None:
+    if smoothing is not None or wanted(graph):   # the recipe may smooth some sites even with --smooth off
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)
-        found["smoothing"] = {"smooth": "auto" if smoothing.alpha is None else smoothing.alpha, **records[0].stats}
+        label = "off (recipe sites only)" if smoothing is None else "auto" if smoothing.alpha is None else smoothing.alpha
+        found["smoothing"] = {"smooth": label, **records[0].stats}
     with clock("calibrate"):
         collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
     found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
@@ -158,17 +182,24 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, weights=None,
-              tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False) -> Result:
+              tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
+              keep_scales: bool = False) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
-    tensor, every method's amax."""
-    from .calibrate import apply_scales, report_json
+    tensor, every method's amax. `keep_scales` (a QAT model): only the quantizers insert added are
+    calibrated; every scale the model had, weights' included, and the weights themselves are kept."""
+    from .calibrate import apply_scales, existing_scales, report_json, restore_scales
     from .calibration import load_states, save_states
 
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
+    if keep_scales:
+        if smooth not in (None, "off") or weights == "gptq":
+            raise UsageError("--keep-scales keeps the model's weights and scales: it cannot take --smooth or "
+                             "--weights gptq")
+        smooth, weights = "off", "nearest"
     smoothing = _smoothing(smooth, data is not None)
     rounding = parse_rounding(weights, data is not None)
     if config.method.value == "auto" and data is None:
@@ -178,6 +209,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     clock = _Clock()
     with clock("load"):
         graph, source = load(model)
+    kept = existing_scales(graph) if keep_scales else {}
     if data is not None:
         with clock("data"):
             dataset = _data(data, graph, tokenizer, max_length, field)
@@ -194,24 +226,26 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
                  "weights": {"rounding": "nearest"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
+    restore_scales(graph, kept)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
-              "timings": clock.timings}
+              "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
 
 
 def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfig.keep_fp32,
-          verify: bool = False) -> Result:
+          verify: bool = False, strict: bool = False) -> Result:
     """A calibrated Q/DQ model lowered for a backend (`qdqc lower`): integer GEMMs for onnxruntime,
-    FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats."""
+    FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats and diagnostics (a quantized GEMM
+    left in float is a warning; with `strict` an error)."""
     from .lower import lower as run_lower
 
-    config, clock = LowerConfig(target, keep_fp32), _Clock()
+    config, clock = LowerConfig(target, keep_fp32, strict), _Clock()
     with clock("load"):
         graph, source = load(model)
     with clock("lower"):
         records = run_lower(graph, config, verify=verify)
     return Result(graph, {"lowering": [r.to_json() for r in records], "timings": clock.timings}, source,
-                  records=records)
+                  records=records, target=config.target.value)
 
 
 def analyze(model, data, *, samples: int = FallbackConfig.samples, providers=_CAL.providers, tokenizer=None,
@@ -230,13 +264,54 @@ def analyze(model, data, *, samples: int = FallbackConfig.samples, providers=_CA
         return sensitivity(graph, dataset, config, checked.samples, bar)
 
 
+@dataclass(frozen=True)
+class Recommendation:
+    """`recommend`: the sites to leave in float, the mean cosine reached with them in float, the whole
+    ranking, and the decision as a recipe (the model's own rules first)."""
+
+    left_out: list[Sensitivity]
+    cosine: float
+    ranking: list[Sensitivity]
+    recipe: dict
+
+
+def recommend(model, data, *, fallback_budget: int | None = None, target_cosine: float | None = None,
+              samples: int = FallbackConfig.samples, providers=_CAL.providers, tokenizer=None,
+              max_length: int = MAX_LENGTH, field: str = "text") -> Recommendation:
+    """`qdqc analyze --emit-recipe`: which sites of a calibrated Q/DQ model to leave in float (the
+    `fallback_budget` worst, or as few as reach `target_cosine`), written as a recipe to replay with
+    `compile --recipe` (on this model's float original or its next checkpoint)."""
+    from .analyze import activation_sites, choose_fallback
+    from .calibrate import require_calibrated, require_fake_quant
+    from . import carried
+
+    checked = FallbackConfig(fallback_budget, target_cosine, samples)
+    if not checked.active:
+        raise UsageError("--emit-recipe needs --fallback-budget or --target-cosine (which sites to leave in float)")
+    config = CalibrationConfig(providers=providers, progress=False)
+    graph, _ = load(model)
+    if not activation_sites(graph):
+        raise UsageError("the model has no activation QuantizeLinear: run `qdqc insert` and `qdqc calibrate` first")
+    require_fake_quant(graph, "qdqc analyze")
+    require_calibrated(graph, "qdqc analyze")
+    dataset = _data(data, graph, tokenizer, max_length, field)
+    left_out, reached, ranking = choose_fallback(graph, dataset, config, budget=checked.budget,
+                                                 target_cosine=checked.target_cosine, samples=checked.samples)
+    plan = carried.read(graph)
+    base = Recipe.from_dict(plan.recipe, "the model's recipe") if plan is not None and plan.recipe else Recipe()
+    mode = plan.mode if plan is not None and plan.family is not None else None
+    return Recommendation(left_out, reached, ranking,
+                          decision(base, mode, [name for s in left_out for name in s.names]))
+
+
 def _bar(total: int, desc: str, unit: str, quiet: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, desc=desc, file=sys.stderr, disable=quiet or not sys.stderr.isatty())
 
 
-def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = InsertConfig.mode.value,
+def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | None = None, recipe=None,
+            include=(), exclude=(),
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
             weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
@@ -247,12 +322,16 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
     By default: FasterTransformer ft1 sites, SmoothQuant with alpha searched per site, percentile
     99.999, lowered for onnxruntime (the best recipe measured, README). `--smooth off --method
     percentile --percentile 99.99` is pytorch-quantization's own default. `html` also writes the
-    HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution)."""
-    from .analyze import choose_fallback, float_gemm_share, leave_in_float
+    HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution). `recipe`/`include`/`exclude`:
+    per-site rules (recipe.py). With a fallback, the sites it chooses are excluded and the model is built
+    again from the float one, so it equals `exclude=` those sites; `Result.recipe` is the decision
+    (rules in force, sites left in float, `--method auto`'s choices) as a recipe to replay."""
+    from .analyze import choose_fallback, float_gemm_share
+    from .carried import record_decision
     from .insert import insert as run_insert, report as sites_report
     from .lower import lower as run_lower
 
-    insert_config, lower_config = InsertConfig(mode), LowerConfig(target, keep_fp32)
+    insert_config, lower_config = insert_config_of(mode, recipe, include, exclude), LowerConfig(target, keep_fp32)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     smoothing = _smoothing(smooth, True)
     rounding = parse_rounding(weights, True)
@@ -276,33 +355,59 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str = 
     with clock("insert"):
         inserted = run_insert(graph, insert_config, verify=verify)
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
-    report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
-                          "method": calibration.method.value, "percentile": calibration.percentile,
-                          "smooth": found["smoothing"]["smooth"], "weights": rounding},
-              "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
-              "weights": found["weights"],
-              "calibration": found["calibration"], "fallbacks": None}
-    left_out, ranking = [], None
+    left_out, ranking, fallbacks = [], None, None
     if fallback.active:
         with clock("fallback"):
             left_out, reached, ranking = choose_fallback(graph, dataset, calibration, budget=fallback.budget,
                                                          target_cosine=fallback.target_cosine, samples=fallback.samples)
             gemms, share = float_gemm_share(graph, [s.node for s in left_out])
-            leave_in_float(graph, [s.node for s in left_out])
-        report["fallbacks"] = {"left_in_float": [s.to_json() for s in left_out], "cosine": reached,
-                               "float_weight_gemms": gemms, "float_multiply_add_share": share,
-                               "ranking": [s.to_json() for s in ranking]}
+        fallbacks = {"left_in_float": [s.to_json() for s in left_out], "cosine": reached,
+                     "float_weight_gemms": gemms, "float_multiply_add_share": share,
+                     "ranking": [s.to_json() for s in ranking]}
+        if left_out:   # the decision as rules, applied from the float model: the same as excluding those sites
+            chosen = [name for s in left_out for name in s.names]
+            in_force = insert_config.recipe
+            off = tuple(SiteRule(site, enabled=False, origin="the fallback") for site in chosen)
+            insert_config = InsertConfig(insert_config.mode, replace(in_force, rules=in_force.rules + off))
+            graph, _ = load(model)
+            with clock("insert"):
+                inserted = run_insert(graph, insert_config, verify=verify)
+            found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
+    report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
+                          "method": calibration.method.value, "percentile": calibration.percentile,
+                          "smooth": found["smoothing"]["smooth"], "weights": rounding},
+              "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
+              "weights": found["weights"],
+              "calibration": found["calibration"], "fallbacks": fallbacks}
+    methods = _auto_methods(graph, found["tensors"])
+    decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)
+    record_decision(graph, decided, methods)   # the recipe in force, as its replay records it
+    report["recipe"] = decided
     with clock("lower"):
         records = run_lower(graph, lower_config, verify=verify)
     report["lowering"] = [r.to_json() for r in records]
     report["timings"] = clock.timings
     result = Result(graph, report, source, inserted, found["tensors"], found["collectors"], left_out, ranking,
-                    list(inserted.records) + records)
+                    list(inserted.records) + records, decided, lower_config.target.value)
     if html is not None:
         with clock("html"):
             label = str(data) if isinstance(data, (str, os.PathLike)) else f"{dataset.samples} samples given in memory"
             write_html(result, html, reference=reference, evaluation=evaluation, data_label=label)
     return result
+
+
+def _auto_methods(graph: gs.Graph, tensors: list[TensorReport]) -> dict[str, str]:
+    """Site -> the method `--method auto` chose for its quantizer ("mse", "percentile 99.99", ...)."""
+    from .carried import quantizer_sites
+
+    sites = quantizer_sites(graph)
+    chosen = {}
+    for report in tensors:
+        label = report.amax.get("auto")
+        if isinstance(label, str) and "recipe" not in report.amax:
+            for site in sites.get(report.tensor, ()) or (report.tensor,):
+                chosen[site] = label.split(" -> ")[0]
+    return chosen
 
 
 def write_html(result: Result, path: str | os.PathLike, *, reference: onnx.ModelProto | None = None,

@@ -82,6 +82,7 @@ class Summary:
     name: str
     latencies_ms: tuple[float, ...]
     batch: int
+    inputs: str = ""    # the shapes that ran, "input_ids 8x128, ..." (--seq means nothing to an image model)
 
     def stat(self, key: str) -> float:
         values = sorted(self.latencies_ms)
@@ -242,7 +243,11 @@ def bench(paths: list[Path], config: BenchConfig, data: Path | None = None) -> l
             runner(feed)
             times.append((time.perf_counter() - start) * 1000)
         rounds += 1
-    return [Summary(str(p), tuple(t), _batch_of(feed)) for p, t, feed in zip(paths, timings, feeds)]
+    return [Summary(str(p), tuple(t), _batch_of(feed), _shapes_of(feed)) for p, t, feed in zip(paths, timings, feeds)]
+
+
+def _shapes_of(feeds: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{name} {'x'.join(map(str, value.shape)) or 'scalar'}" for name, value in feeds.items())
 
 
 def _batch_of(feeds: dict[str, np.ndarray]) -> int:
@@ -260,6 +265,7 @@ def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
     for summary in summaries:
         s = summary.stat
         lines += [f"[{summary.name}]",
+                  f"Inputs: {summary.inputs}" if summary.inputs else "",
                   f"Throughput: {summary.throughput:.2f} qps",
                   f"Latency: min = {s('min'):.3f} ms, max = {s('max'):.3f} ms, mean = {s('mean'):.3f} ms, "
                   f"median = {s('median'):.3f} ms, percentile(90%) = {s('p90'):.3f} ms, "

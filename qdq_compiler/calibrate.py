@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from . import ir, quant
+from . import carried, ir, quant
 from .calibration import HistogramCollector, Method, amaxes
 from .config import choice, names
 from .data import Dataset, InputSpec
@@ -105,12 +105,17 @@ def require_fake_quant(graph: gs.Graph, command: str) -> None:
 
 def require_calibrated(graph: gs.Graph, command: str) -> None:
     """Refuse a graph whose activation scales are all still insert's placeholders (never calibrated)."""
-    scales = [ir.constant(q.inputs[1]) for q in graph.nodes
-              if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) and len(q.inputs) > 1]
-    known = [s for s in scales if s is not None]
-    if known and all(s.size == 1 and float(s.reshape(())) == quant.PLACEHOLDER_SCALE for s in known):
+    readers = [(q.inputs[0].name, ir.constant(q.inputs[1])) for q in graph.nodes
+               if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) and len(q.inputs) > 1]
+    known = [(tensor, s) for tensor, s in readers if s is not None]
+    placeholders = [tensor for tensor, s in known if s.size == 1 and float(s.reshape(())) == quant.PLACEHOLDER_SCALE]
+    if known and len(placeholders) == len(known):
         raise UsageError(f"the model is not calibrated: its {len(known)} activation quantizers still have insert's "
                          f"placeholder scale {quant.PLACEHOLDER_SCALE}; run `qdqc calibrate` before `{command}`")
+    if placeholders:   # insert added quantizers to a calibrated (QAT) model: lowering them would use scale 1
+        raise UsageError(f"{len(placeholders)} of {len(known)} activation quantizers (first: '{placeholders[0]}') "
+                         f"still have insert's placeholder scale {quant.PLACEHOLDER_SCALE}; run `qdqc calibrate "
+                         f"--keep-scales` (keeps the other scales) before `{command}`")
 
 
 def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
@@ -330,6 +335,14 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
             found[t]["auto"] = f"{auto_choice[t][0]} -> {auto_choice[t][1]:.6g}"
     else:
         chosen = {t: found[t][config.method.value] for t in quantizers.tensors}
+    for t, settings in carried.recipe_settings(graph).items():   # the recipe's per-site method/percentile
+        if t not in found or (settings.method is None and settings.percentile is None):
+            continue
+        method = settings.method or (config.method if config.method is not Method.AUTO else Method.PERCENTILE)
+        percentile = settings.percentile if settings.percentile is not None else config.percentile
+        chosen[t] = amaxes(collectors[t], percentile=percentile)[method.value]
+        label = f"percentile {percentile:g}" if method is Method.PERCENTILE else method.value
+        found[t]["recipe"] = f"{label} -> {chosen[t]:.6g}"
     tensors = graph.tensors()
     reports = []
     for scale_name, members in quantizers.groups.items():
@@ -403,3 +416,25 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
     reports = apply_scales(graph, collectors, config, auto_choice)
     return collectors, reports, samples, time.perf_counter() - start
 
+
+
+def existing_scales(graph: gs.Graph) -> dict[str, np.ndarray]:
+    """Every Q/DQ scale the model already has (a QAT export's), by tensor name: all but insert's
+    placeholders, so `calibrate --keep-scales` can calibrate only what insert added."""
+    _scales_as_initializers(graph)
+    kept = {}
+    for node in graph.nodes:
+        if node.op not in ir.QDQ_OPS or len(node.inputs) < 2:
+            continue
+        value = ir.constant(node.inputs[1])
+        placeholder = value is not None and value.size == 1 and float(value.reshape(())) == quant.PLACEHOLDER_SCALE \
+            and not ir.is_constant(node.inputs[0])
+        if value is not None and not placeholder:
+            kept[node.inputs[1].name] = value.copy()
+    return kept
+
+
+def restore_scales(graph: gs.Graph, kept: dict[str, np.ndarray]) -> None:
+    tensors = graph.tensors()
+    for name, value in kept.items():
+        tensors[name].values = value

@@ -11,7 +11,7 @@ has no record: `encoder_layers` falls back to matching.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 import onnx_graphsurgeon as gs
@@ -21,6 +21,8 @@ from .patterns import match_encoder
 from .patterns.blocks import match_activation
 from .patterns.records import Activation, EncoderMatch
 from .errors import ModelError
+from .calibration import Method
+from .recipe import SiteSettings
 
 PLAN_KEY = "qdqc.plan"
 FORMAT = 1
@@ -46,10 +48,19 @@ class CarriedPlan:
     mode: str
     layers: tuple[CarriedLayer, ...]
     sites: Mapping[str, str] = field(default_factory=dict)   # site -> the float tensor its quantizer reads
+    recipe: Mapping | None = None    # the recipe in force at insert (its file form), None: none given
+    settings: Mapping[str, Mapping] = field(default_factory=dict)   # quantized tensor -> what the recipe set
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "family": self.family, "mode": self.mode,
-                "layers": [layer.to_json() for layer in self.layers], "sites": dict(self.sites)}
+        found = {"format": FORMAT, "family": self.family, "mode": self.mode,
+                 "layers": [layer.to_json() for layer in self.layers], "sites": dict(self.sites)}
+        if self.recipe is not None:
+            found.update(recipe=dict(self.recipe), settings={k: dict(v) for k, v in sorted(self.settings.items())})
+        return found
+
+    def tensor_settings(self) -> dict[str, SiteSettings]:
+        """Quantized tensor -> the per-site calibration/smoothing settings the recipe gave it."""
+        return {tensor: SiteSettings.from_json(values) for tensor, values in self.settings.items()}
 
     @classmethod
     def from_json(cls, text: str) -> "CarriedPlan":
@@ -61,7 +72,11 @@ class CarriedPlan:
                                         (str(e["activation"][0]), str(e["activation"][1])), str(e["output"]),
                                         {str(k): str(v) for k, v in e.get("named_sites", {}).items()})
                            for e in data["layers"])
-            return cls(data["family"], str(data["mode"]), layers, {str(k): str(v) for k, v in data["sites"].items()})
+            settings = {str(k): dict(v) for k, v in data.get("settings", {}).items()}
+            for values in settings.values():
+                SiteSettings.from_json(values)   # an unknown method or granularity is unreadable here
+            return cls(data["family"], str(data["mode"]), layers, {str(k): str(v) for k, v in data["sites"].items()},
+                       data.get("recipe"), settings)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ModelError(f"metadata '{PLAN_KEY}' is unreadable ({type(exc).__name__}: {exc}); "
                              f"remove it to fall back to matching") from None
@@ -79,7 +94,60 @@ def record(match: EncoderMatch, plan, family: str | None) -> CarriedPlan:
                                    layer.sites()))
     sites = {e.site: e.tensor for e in plan.existing}   # quantized in the input model already
     sites.update({site: q.tensor for q in plan.quantizers for site in q.sites})
-    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites)
+    recipe = plan.recipe.to_json() if plan.recipe else None
+    settings = {q.tensor: q.settings.to_json() for q in plan.quantizers if q.settings.to_json()}
+    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites, recipe, settings)
+
+
+def _planned(tensor: gs.Tensor) -> str:
+    """The tensor insert planned a quantizer on (a smoothed site's Q reads the `::smooth` Mul's output)."""
+    source = ir.producer(tensor)
+    return source.inputs[0].name if source is not None and "::smooth" in source.name else tensor.name
+
+
+def quantizer_sites(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
+    """Activation tensor read by a QuantizeLinear now -> the site names insert gave it (none without a plan)."""
+    plan = read(graph)
+    if plan is None:
+        return {}
+    by_tensor: dict[str, list[str]] = {}
+    for site, tensor in plan.sites.items():
+        by_tensor.setdefault(tensor, []).append(site)
+    return {q.inputs[0].name: tuple(by_tensor.get(_planned(q.inputs[0]), ()))
+            for q in graph.nodes if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0])}
+
+
+def record_decision(graph: gs.Graph, recipe: dict, methods: dict[str, str]) -> None:
+    """`compile`'s decision becomes the recipe in force in the model: `recipe` (its file form) and, per
+    quantized tensor, the methods `--method auto` chose at `methods` (site -> "mse", "percentile 99.9"), as
+    the same recipe replayed would record them."""
+    plan = read(graph)
+    if plan is None:
+        return
+    settings = {tensor: SiteSettings.from_json(values) for tensor, values in plan.settings.items()}
+    for site, label in methods.items():
+        tensor = plan.sites.get(site, site)
+        method, _, percentile = label.partition(" ")
+        found = settings.get(tensor, SiteSettings())
+        settings[tensor] = replace(found, method=Method(method),
+                                   percentile=float(percentile) if percentile else found.percentile)
+    store(graph, replace(plan, recipe=recipe, settings={t: s.to_json() for t, s in settings.items() if s.to_json()}))
+
+
+def recipe_settings(graph: gs.Graph) -> dict[str, SiteSettings]:
+    """What the recipe in force set per activation quantizer, keyed by the tensor each QuantizeLinear reads
+    now (a smoothed site's quantizer reads the `::smooth` Mul's output, not the tensor insert planned)."""
+    plan = read(graph)
+    if plan is None or not plan.settings:
+        return {}
+    by_tensor = plan.tensor_settings()
+    found = {}
+    for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])):
+        tensor = q.inputs[0]
+        planned = _planned(tensor)
+        if planned in by_tensor:
+            found[tensor.name] = by_tensor[planned]
+    return found
 
 
 def store(graph: gs.Graph, carried: CarriedPlan) -> None:

@@ -32,8 +32,21 @@ def _output_args(parser: argparse.ArgumentParser, suffix: str) -> None:
 def _mode_args(parser: argparse.ArgumentParser) -> None:
     from .config import InsertConfig, Mode
 
-    parser.add_argument("--mode", default=InsertConfig.mode.value, choices=[m.value for m in Mode],
-                        help=f"FasterTransformer quantization mode (default {InsertConfig.mode.value})")
+    parser.add_argument("--mode", choices=[m.value for m in Mode],
+                        help=f"FasterTransformer quantization mode (default: the recipe's, else "
+                             f"{InsertConfig.mode.value})")
+    parser.add_argument("--recipe", type=Path,
+                        help="per-site settings (JSON or .toml): an ordered list of {match, enabled, method, "
+                             "percentile, weights, smooth}; later entries win")
+    parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                        help="quantize only the sites this glob names (site name such as layer.*.ffn1.input, "
+                             "node name or op type); repeatable")
+    parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="leave the sites this glob names in float (e.g. 'layer.*.ffn2.input'); repeatable")
+
+
+def _site_options(args) -> dict:
+    return dict(mode=args.mode, recipe=args.recipe, include=args.include, exclude=args.exclude)
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +119,9 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-cosine", type=float,
                         help="leave the fewest most-sensitive sites in float that reach this mean cosine to "
                              "the float model on the calibration samples (at most --fallback-budget)")
+    parser.add_argument("--emit-recipe", type=Path,
+                        help="write what was decided (rules in force, sites the fallback left in float, "
+                             "--method auto's choices) as a recipe to replay with --recipe")
     parser.add_argument("--html", type=Path, help="also write the HTML report (histograms, sensitivity, fidelity)")
     parser.add_argument("--eval", type=Path, help="with --html: samples for the FP32-vs-INT8 cosine distribution")
     parser.add_argument("--quiet", action="store_true")
@@ -122,6 +138,10 @@ def _checked_output(args, *extra: Path | None) -> Path:
     if data[2] is not None and data[0] is None:   # recomputing from --stats: it must exist, said first
         ir.check_input(data[2], "a statistics .npz")
     output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
+    if output.suffix == ".xml":
+        from .openvino_backend import check_ir_target
+
+        check_ir_target(output, getattr(args, "target", None))
     for path in data:   # the data and statistics are never an output, --overwrite or not
         if path is not None and ir.same_file(output, path):
             raise UsageError(f"{output}: output would overwrite the input {path}")
@@ -180,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(calibrate, ".calib.onnx")
     _calibration_args(calibrate)
     calibrate.add_argument("--stats", type=Path, help="collector states: written after --data, read without it")
+    calibrate.add_argument("--keep-scales", action="store_true",
+                           help="a QAT model: calibrate only the quantizers insert added, keep every other scale "
+                                "and the weights (no smoothing, nearest rounding)")
     calibrate.add_argument("--report", type=Path, help="per-tensor samples, max and every method's amax (JSON)")
     calibrate.add_argument("--shard", help="K/N: collect every N-th batch from the K-th (merge the shards' --stats)")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -196,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(lower, ".int8.onnx")
     _target_args(lower)
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
+    lower.add_argument("--strict", action="store_true",
+                       help="fail when a quantized GEMM cannot be made integer (by default: a warning naming it)")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
 
@@ -203,7 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(analyze)
     _data_args(analyze, required=True)
     analyze.add_argument("--samples", type=int, default=32, help="samples to measure on (default 32)")
-    analyze.add_argument("--json", type=Path, help="write the ranking as JSON here")
+    analyze.add_argument("--json", type=Path, help="write the ranking (with each quantizer's site names) as JSON here")
+    analyze.add_argument("--fallback-budget", type=int, help="with --emit-recipe: leave the K worst sites in float")
+    analyze.add_argument("--target-cosine", type=float,
+                         help="with --emit-recipe: leave the fewest worst sites in float that reach this mean cosine")
+    analyze.add_argument("--emit-recipe", type=Path,
+                         help="write the sites to leave in float as a recipe (replay with compile --recipe)")
     analyze.add_argument("--providers", default="CPUExecutionProvider")
     analyze.add_argument("--quiet", action="store_true")
     analyze.set_defaults(run=run_analyze)
@@ -268,12 +298,13 @@ def run_insert(args) -> int:
     from .config import InsertConfig
     from .insert import summary
 
+    _check_recipe(args)
     output = _checked_output(args, args.report)
-    result = api.insert(args.model, mode=args.mode, verify=args.verify)
+    result = api.insert(args.model, verify=args.verify, **_site_options(args))
     result.save(output, overwrite=args.overwrite)
     if args.report:
         _write_json(args.report, result.report["sites"])
-    text = summary(result.inserted, InsertConfig(args.mode))
+    text = summary(result.inserted, InsertConfig(result.inserted.plan.mode))
     if not args.quiet:
         print(text)
         if args.explain:
@@ -337,7 +368,8 @@ def run_calibrate(args) -> int:
     if args.data is None and args.stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     output = _checked_output(args, args.report, args.stats if args.data is not None else None)
-    result = api.calibrate(args.model, args.data, stats=args.stats, shard=args.shard, **_calibration_options(args))
+    result = api.calibrate(args.model, args.data, stats=args.stats, shard=args.shard, keep_scales=args.keep_scales,
+                           **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     if args.report:
         _write_json(args.report, result.report["calibration"])
@@ -367,8 +399,13 @@ def run_lower(args) -> int:
     from . import api
 
     output = _checked_output(args)
-    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify)
+    result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify,
+                       strict=args.strict)
     result.save(output, overwrite=args.overwrite)
+    for record in result.records:   # warnings print even with --quiet: never a silent float GEMM
+        for diagnostic in record.diagnostics:
+            if diagnostic.level == "warning":
+                print(f"qdqc: warning: {diagnostic.message}", file=sys.stderr)
     if not args.quiet:
         _print_records(result.records)
         print(f"wrote {output}")
@@ -389,19 +426,24 @@ def run_compile(args) -> int:
         raise UsageError(f"{'report' if args.report_command else 'compile'} needs --data (calibration samples)")
     if args.report_command and args.html is None:
         raise UsageError("report needs --html FILE (where to write the report)")
-    output = _checked_output(args, args.report, args.html)
-    result = api.compile(args.model, args.data, target=args.target, mode=args.mode, keep_fp32=args.keep_fp32,
+    _check_recipe(args)
+    output = _checked_output(args, args.report, args.html, args.emit_recipe)
+    result = api.compile(args.model, args.data, target=args.target, keep_fp32=args.keep_fp32,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine, html=args.html,
-                         eval=args.eval, **_calibration_options(args))
+                         eval=args.eval, **_site_options(args), **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     if args.report:
         _write_json(args.report, result.report["sites"])
+    if args.emit_recipe:
+        from .recipe import write
+
+        write(result.recipe, args.emit_recipe)
     if not args.quiet:
-        print(summary(result.inserted, InsertConfig(args.mode)))
+        print(summary(result.inserted, InsertConfig(result.inserted.plan.mode)))
         print(_calibration_line(result))
         for site in result.left_out:
-            print(f"left in float: {site.tensor} (alone it costs cosine {1 - site.only_cosine:.2e}); the GEMMs "
-                  "reading it run in float")
+            print(f"left in float: {', '.join(site.names)} (alone it costs cosine {1 - site.only_cosine:.2e}); the "
+                  "GEMMs reading it run in float")
         fallbacks = result.report["fallbacks"]
         if fallbacks is not None:
             print(f"fallback: {len(result.left_out)} site(s) in float; mean cosine to the float model on the "
@@ -411,23 +453,46 @@ def run_compile(args) -> int:
         _print_records(result.records[-len(result.report["lowering"]):])
         if args.html is not None:
             print(f"wrote {args.html}")
+        if args.emit_recipe is not None:
+            print(f"wrote {args.emit_recipe}")
         print(f"wrote {output}")
     return 0
+
+
+def _check_recipe(args) -> None:
+    """A missing --recipe file is said before any output is checked or work done."""
+    if args.recipe is not None and not args.recipe.is_file():
+        raise UsageError(f"--recipe {args.recipe}: no such file")
 
 
 def run_analyze(args) -> int:
     from . import api
 
-    _checked_extra(args, args.json)
-    ranking = api.analyze(args.model, args.data, samples=args.samples, providers=args.providers,
-                          tokenizer=args.tokenizer, max_length=args.max_length, field=args.field, quiet=args.quiet)
+    _checked_extra(args, args.json, args.emit_recipe)
+    if args.emit_recipe is None and (args.fallback_budget is not None or args.target_cosine is not None):
+        raise UsageError("analyze: --fallback-budget/--target-cosine choose the sites --emit-recipe writes; "
+                         "add --emit-recipe FILE")
+    text = dict(tokenizer=args.tokenizer, max_length=args.max_length, field=args.field)
+    if args.emit_recipe is not None:
+        from .recipe import write
+
+        found = api.recommend(args.model, args.data, fallback_budget=args.fallback_budget,
+                              target_cosine=args.target_cosine, samples=args.samples, providers=args.providers, **text)
+        ranking = found.ranking
+        write(found.recipe, args.emit_recipe)
+    else:
+        ranking = api.analyze(args.model, args.data, samples=args.samples, providers=args.providers,
+                              quiet=args.quiet, **text)
     if args.json:
         _write_json(args.json, [s.to_json() for s in ranking])
     if not args.quiet:
         print(f"{'rank':>4}  {'only this site: cos':>19} {'SNR dB':>7}  {'all but this: cos':>17} {'SNR dB':>7}  tensor")
         for rank, site in enumerate(ranking, 1):
             print(f"{rank:>4}  {site.only_cosine:19.6f} {site.only_snr_db:7.1f}  {site.without_cosine:17.6f} "
-                  f"{site.without_snr_db:7.1f}  {site.tensor}")
+                  f"{site.without_snr_db:7.1f}  {', '.join(site.sites) or site.tensor}")
+        if args.emit_recipe is not None:
+            print(f"{len(found.left_out)} site(s) to leave in float (mean cosine {found.cosine:.5f}); "
+                  f"wrote {args.emit_recipe}")
     return 0
 
 

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
 
 
 def choice(kind: type[Enum], value, option: str):
@@ -56,16 +60,49 @@ MODE_SITES: dict[Mode, frozenset[SiteKind]] = {
 }
 
 
+# An encoder-layer site's name (after `layer.<i>.`, the same for every family) -> the kind of quantizer
+# FasterTransformer puts there; a mode is a set of kinds, so the named sites it covers follow from the names.
+NAMED_SITE_KINDS: dict[str, SiteKind] = {
+    "qkv.input": SiteKind.GEMM_INPUT, "attention_output.input": SiteKind.GEMM_INPUT,
+    "ffn1.input": SiteKind.GEMM_INPUT, "ffn2.input": SiteKind.GEMM_INPUT,
+    "q": SiteKind.BMM_INPUT, "k": SiteKind.BMM_INPUT, "v": SiteKind.BMM_INPUT, "softmax.output": SiteKind.BMM_INPUT,
+    "qk.output": SiteKind.QK_OUTPUT,
+    "residual1": SiteKind.RESIDUAL_SKIP, "residual2": SiteKind.RESIDUAL_SKIP,
+    "residual1.local": SiteKind.RESIDUAL_LOCAL, "residual2.local": SiteKind.RESIDUAL_LOCAL,
+    "output": SiteKind.FINAL_OUTPUT,
+}
+# and per linear layer (query, key, value or qkv, attention_output, ffn1, ffn2): `<linear>.weight`, `<linear>.gemm_output`
+LINEAR_SITE_KINDS: dict[str, SiteKind] = {"weight": SiteKind.GEMM_WEIGHT, "gemm_output": SiteKind.GEMM_OUTPUT}
+
+
+def site_kind(name: str) -> SiteKind:
+    """The quantizer kind of a layer site named `name` (`ffn2.input`, `q`, `ffn1.weight`, `residual1.local`)."""
+    if name in NAMED_SITE_KINDS:
+        return NAMED_SITE_KINDS[name]
+    kind = LINEAR_SITE_KINDS.get(name.rsplit(".", 1)[-1])
+    if kind is None:
+        raise ValueError(f"'{name}' is not an encoder-layer site name")
+    return kind
+
+
 @dataclass(frozen=True)
 class InsertConfig:
     mode: Mode = Mode.FT1
+    recipe: Recipe | None = None   # per-site rules (--recipe, --include, --exclude; recipe.py): a Recipe, a dict or a path
 
     def __post_init__(self):
+        from .recipe import parse_recipe
+
         object.__setattr__(self, "mode", choice(Mode, self.mode, "--mode"))
+        object.__setattr__(self, "recipe", parse_recipe(self.recipe))
 
     @property
     def sites(self) -> frozenset[SiteKind]:
         return MODE_SITES[self.mode]
+
+    def covers(self, name: str) -> bool:
+        """Whether this mode quantizes the layer site `name` (`ffn2.input`, `residual1`, `query.gemm_output`)."""
+        return site_kind(name) in self.sites
 
     @property
     def per_channel_weights(self) -> bool:

@@ -11,7 +11,8 @@ Both are strongly typed: the graph's own types decide precision (INT8 where Q/DQ
 where `qdqc lower --target tensorrt` typed it). TensorRT 11 has no precision flags; on 10.x the
 network is created STRONGLY_TYPED and the FP16/INT8 flags are set only before 10.12, where they
 still mattered. The optimization profile covers dynamic batch and sequence: min 1, opt from
---shapes (or 1x128), max from --max-shapes (or 1x512: INT8 fused attention needs sequence <= 512).
+--shapes (or 1x128), max from --max-shapes (or batch 32 and sequence 512: INT8 fused attention needs
+sequence <= 512; a batch-1 maximum would refuse the batched requests a server sends).
 
 The summary is the builder's evidence (`engine_evidence`): its log at VERBOSE with DETAILED
 profiling verbosity, and the engine inspector where a GPU can deserialize the engine.
@@ -30,7 +31,7 @@ import onnx_graphsurgeon as gs
 from . import engine_evidence, ir
 from .errors import QdqcError, UsageError
 
-DEFAULT_OPT, DEFAULT_MAX_SEQUENCE = (1, 128), 512
+DEFAULT_OPT, DEFAULT_MAX_BATCH, DEFAULT_MAX_SEQUENCE = (1, 128), 32, 512
 BACKENDS = ("auto", "tensorrt", "tensorrt-rtx")
 # TensorRT-RTX's ComputeCapability members by "major.minor"
 COMPUTE_CAPABILITIES = {"7.5": "SM75", "8.0": "SM80", "8.6": "SM86", "8.9": "SM89", "12.0": "SM120",
@@ -173,10 +174,12 @@ def profile_shapes(graph: gs.Graph, config: EngineConfig) -> dict[str, tuple[tup
 
         opt = fill(config.opt_shapes, DEFAULT_OPT)
         low = fill(config.min_shapes, tuple(1 for _ in dynamic))
-        high = fill(config.max_shapes, (opt[dynamic[0]] if dynamic else 1, DEFAULT_MAX_SEQUENCE))
+        high = fill(config.max_shapes, (max(opt[dynamic[0]], DEFAULT_MAX_BATCH) if dynamic else 1,
+                                        DEFAULT_MAX_SEQUENCE))
         if any(a > b or b > c for a, b, c in zip(low, opt, high)):
-            hint = "" if tensor.name in config.max_shapes else \
-                f" (max is the default: batch of --shapes, sequence {DEFAULT_MAX_SEQUENCE}; set --max-shapes)"
+            hint = "" if tensor.name in config.max_shapes else (
+                f" (max is the default: batch {DEFAULT_MAX_BATCH} or that of --shapes, sequence "
+                f"{DEFAULT_MAX_SEQUENCE}; set --max-shapes)")
             raise UsageError(f"input '{tensor.name}': need min <= opt <= max, got {low}, {opt}, {high}{hint}")
         shapes[tensor.name] = (low, opt, high)
     return shapes

@@ -135,7 +135,31 @@ def _forward(tensor: gs.Tensor) -> list[gs.Node]:
 
 
 def attention_blocks(graph: gs.Graph) -> list[AttentionBlock]:
-    """Every Softmax fed by a Q·K^T batched matmul (through scale and mask) and read by a ·V one."""
+    """The graph's attentions: from the plan `qdqc insert` stored in the model (every family, DeBERTa's
+    relative-position terms between Q·K^T and the softmax included), else every Softmax fed by a Q·K^T
+    batched matmul (through scale and mask) and read by a ·V one (a float model, a foreign graph)."""
+    from .carried import encoder_layers
+
+    found = encoder_layers(graph)
+    if found.source == "metadata":
+        return [block for view in found.layers if (block := _planned_block(view)) is not None]
+    return _walked_blocks(graph)
+
+
+def _planned_block(view) -> AttentionBlock | None:
+    probs = view.attention["probs"]
+    context = next((n for n in probs.outputs if queries.is_bmm(n) and n.inputs[0] is probs), None)
+    softmax = ir.producer(probs)
+    while softmax is not None and softmax.op in ("Cast", "QuantizeLinear", "DequantizeLinear", "Where",
+                                                 *queries.RESHAPE_OPS):
+        softmax = ir.producer(softmax.inputs[0] if softmax.op != "Where" else softmax.inputs[2])
+    if view.bmm1 is None or context is None or softmax is None or softmax.op != "Softmax":
+        return None
+    quantized = all(queries.is_dequantized(t) for t in view.attention.values())
+    return AttentionBlock(view.bmm1.name, softmax.name, context.name, quantized)
+
+
+def _walked_blocks(graph: gs.Graph) -> list[AttentionBlock]:
     blocks = []
     for softmax in graph.nodes:
         if softmax.op != "Softmax":

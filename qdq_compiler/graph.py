@@ -74,24 +74,47 @@ def up(tensor: gs.Tensor) -> gs.Node | None:
     return node
 
 
+# what may sit between a GEMM and its constant weight: QAT exports write weight -> Q -> DQ -> Transpose
+# (torch's F.linear reads W^T), with Identity, Cast or a shape-keeping Reshape on the way
+WEIGHT_PATH_OPS = frozenset({"Transpose", "Reshape", "Cast", "Identity", "QuantizeLinear", "DequantizeLinear"})
+
+
 def weight_of(node: gs.Node, index: int):
-    """(constant, output axis, user, already quantized) for a 2-D GEMM weight input, else None."""
-    tensor = node.inputs[index]
-    user = (node, index)
-    quantized = False
-    source = ir.producer(tensor)
-    if source is not None and source.op == "DequantizeLinear":
-        quantized = True
-        inner = ir.producer(source.inputs[0])
-        tensor = inner.inputs[0] if inner is not None and inner.op == "QuantizeLinear" else source.inputs[0]
+    """(constant, transposed, user, already quantized) for a 2-D GEMM weight input, else None.
+
+    `user` reads the constant where a new quantizer would go: the GEMM itself when the weight is
+    already behind a DequantizeLinear (so placement sees it quantized), else the first op on the path."""
+    tensor, user = node.inputs[index], (node, index)
+    quantized = transposed = False
+    reshapes: list[tuple[list[int], bool]] = []   # (target shape, transposed at that point)
+    for _ in range(8):
+        if ir.is_constant(tensor):
+            break
         source = ir.producer(tensor)
-    transposed = False
-    if source is not None and source.op == "Transpose" and ir.is_constant(source.inputs[0]):
-        if list(source.attrs.get("perm", [1, 0])) != [1, 0]:
+        if source is None or source.op not in WEIGHT_PATH_OPS:
             return None
-        user, tensor, transposed = (source, 0), source.inputs[0], True
+        if source.op == "Transpose":
+            if list(source.attrs.get("perm", [1, 0])) != [1, 0]:
+                return None
+            transposed = not transposed
+        elif source.op == "Reshape":
+            target = ir.constant(source.inputs[1])
+            if target is None or target.size != 2:
+                return None
+            reshapes.append(([int(d) for d in target], transposed))
+        elif source.op == "DequantizeLinear":
+            quantized = True
+        elif source.op == "QuantizeLinear" and not quantized:
+            return None   # a Q that no DQ follows is not a fake-quantized weight
+        if not quantized:
+            user = (source, 0)
+        tensor = source.inputs[0]
     value = ir.constant(tensor)
     if value is None or value.ndim != 2:
+        return None
+    # a Reshape on the path may only restate the shape it already has (else the output axis moves)
+    # (transposes between the constant and a Reshape: all of them, less those between it and the GEMM)
+    if any(target != list(value.shape[::-1] if transposed != flipped else value.shape) for target, flipped in reshapes):
         return None
     return tensor, transposed, user, quantized
 

@@ -8,9 +8,9 @@ import onnx_graphsurgeon as gs
 
 from . import ir
 from .patterns.records import EncoderMatch
-from .config import InsertConfig
+from .config import InsertConfig, SiteKind, site_kind
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
-from .placement import QuantPlan
+from .placement import QuantPlan, layer_site
 
 # what `qdqc lower` (or onnxruntime's own quantizer) leaves: integer kernels instead of Q/DQ pairs
 LOWERED_OPS = frozenset({"MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QGemm", "QLinearConv",
@@ -61,7 +61,7 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
 
     layers = []
     for layer in result.match.layers:
-        prefix = f"layer{layer.index}."
+        prefix = layer_site(layer.index, "")
         sites = {site[len(prefix):]: site_entry(site) for site in by_site if site.startswith(prefix)}
         attn = layer.attention
         layers.append({
@@ -77,10 +77,12 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
             "activation": layer.activation.kind,
             "sites": sites,
         })
-    other = {site: site_entry(site) for site in by_site if not site.startswith("layer")}
+    inside = tuple(layer_site(layer.index, "") for layer in result.match.layers)
+    other = {site: site_entry(site) for site in by_site if not site.startswith(inside or ("\0",))}
     return {
         "mode": config.mode.value,
         "fallback_generic": result.plan.fallback,
+        "site_names": list(by_site),
         "layers": layers,
         "other_sites": other,
         "quantizers": [q.to_json() for q in result.plan.quantizers],
@@ -90,19 +92,28 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
         "input_quantization": {"qdq_nodes": result.input_qdq,
                                "sites_already_quantized": [vars(e) for e in result.plan.existing]},
         "skipped_sites": [{"site": s, "reason": why} for s, why in result.plan.skipped],
+        "disabled_sites": [{"site": s, "by": rule} for s, rule in result.plan.disabled],
+        "recipe": result.plan.recipe.to_json() if result.plan.recipe else None,
         "created_nodes": {node: {"pass": "insert-qdq", "sites": sites} for node, sites in result.created.items()},
         "passes": [r.to_json() for r in result.records],
     }
 
 
-_CATEGORIES = {"input": "GEMM inputs", "weight": "weights", "gemm_output": "GEMM outputs",
-               "query": "BMM inputs", "key": "BMM inputs", "value": "BMM inputs", "probs": "BMM inputs",
-               "qk_output": "QK^T outputs", "skip": "residual skips", "local": "residual locals",
-               "final_output": "final output", "input0": "GEMM inputs", "input1": "GEMM inputs"}
+_CATEGORIES = {SiteKind.GEMM_INPUT: "GEMM inputs", SiteKind.GEMM_WEIGHT: "weights", SiteKind.GEMM_OUTPUT: "GEMM outputs",
+               SiteKind.BMM_INPUT: "BMM inputs", SiteKind.QK_OUTPUT: "QK^T outputs",
+               SiteKind.RESIDUAL_SKIP: "residual skips", SiteKind.RESIDUAL_LOCAL: "residual locals",
+               SiteKind.FINAL_OUTPUT: "final output"}
 
 
 def site_category(site: str) -> str:
-    return _CATEGORIES.get(site.rsplit(".", 1)[-1], "other")
+    """`layer.3.ffn2.input` -> "GEMM inputs", `layer.0.ffn1.weight` -> "weights", `<node>.input1` -> "GEMM inputs"."""
+    parts = site.split(".")
+    if len(parts) > 2 and parts[0] == "layer" and parts[1].isdigit():
+        try:
+            return _CATEGORIES[site_kind(".".join(parts[2:]))]
+        except ValueError:
+            return "other"
+    return "GEMM inputs" if parts[-1] in ("input0", "input1") else "other"
 
 
 def summary(result: InsertResult, config: InsertConfig) -> str:
@@ -124,6 +135,9 @@ def summary(result: InsertResult, config: InsertConfig) -> str:
     if any(result.input_qdq.values()):
         lines.append(f"input already had {result.input_qdq['QuantizeLinear']} Q / "
                      f"{result.input_qdq['DequantizeLinear']} DQ nodes; {len(plan.existing)} sites kept as found")
+    if plan.disabled:
+        shown = ", ".join(site for site, _ in plan.disabled[:4]) + (", ..." if len(plan.disabled) > 4 else "")
+        lines.append(f"{len(plan.disabled)} site(s) left in float by the recipe: {shown}")
     if match.unmatched_gemms:
         lines.append(f"{len(match.unmatched_gemms)} GEMMs outside matched layers (--explain says why)")
     return "\n".join(lines)

@@ -24,6 +24,7 @@ FP32_CHOICES = frozenset({"LayerNorm", "Softmax", "Gelu"})
 class LowerConfig:
     target: Target = Target.ONNXRUNTIME
     keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # tensorrt: what stays FP32
+    strict: bool = False   # a quantized GEMM the target cannot make integer is an error, not a warning
 
     def __post_init__(self):
         object.__setattr__(self, "target", choice(Target, self.target, "--target"))
@@ -48,6 +49,11 @@ def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False,
 
     require_fake_quant(graph, "qdqc lower")
     records = run_pipeline(graph, PIPELINES[f"lower-{config.target.value}"], PassContext(config), verify=verify)
+    left = [d for r in records for d in r.diagnostics if d.level == "warning" and r.name == "report-float-gemms"]
+    if config.strict and left:
+        from .errors import ModelError
+
+        raise ModelError(f"--strict: {len(left)} quantized GEMM(s) left in float; first: {left[0].message}")
     from . import ir
 
     ir.unique_node_names(graph)   # a lowered model is for a runtime, and onnxruntime refuses repeated node names

@@ -18,6 +18,14 @@ import numpy as np
 from .errors import QdqcError, UsageError
 
 
+def check_ir_target(path, target: str | None) -> None:
+    """An IR is written for the openvino target (or before lowering): OpenVINO reads neither
+    com.microsoft's integer GEMMs nor a graph typed for TensorRT."""
+    if target not in (None, "openvino"):
+        raise UsageError(f"{path}: an OpenVINO IR (.xml) is written for --target openvino, not {target}; "
+                         "pass --target openvino or write an .onnx file")
+
+
 class Precision(str, Enum):
     """OpenVINO's floating-point execution precision (`INFERENCE_PRECISION_HINT`).
 

@@ -7,7 +7,7 @@ quantized consumers gets one quantizer (one scale) whatever the number of sites.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import onnx_graphsurgeon as gs
@@ -15,7 +15,8 @@ import onnx_graphsurgeon as gs
 from . import ir
 from .graph import RESHAPE_OPS, weight_of
 from .patterns.records import EncoderLayer, EncoderMatch
-from .config import InsertConfig, Mode, SiteKind
+from .config import InsertConfig, Mode
+from .recipe import Granularity, Recipe, SiteSettings, combine
 
 GRAPH_OUTPUT = "<graph output>"   # how a report names the graph-output use
 
@@ -52,12 +53,13 @@ class Quantizer:
     uses: tuple[Use, ...]
     sites: tuple[str, ...]
     scale_group: str | None = None  # quantizers that must end with one common scale
+    settings: SiteSettings = SiteSettings()   # what the recipe decided for it (calibration, smoothing)
 
     def to_json(self) -> dict:
         return {"tensor": self.tensor, "kind": self.kind.value,
                 "granularity": "per-channel" if self.axis is not None else "per-tensor",
                 "axis": self.axis, "sites": list(self.sites), "scale_group": self.scale_group,
-                "consumers": [u.label for u in self.uses]}
+                "consumers": [u.label for u in self.uses], "recipe": self.settings.to_json()}
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class QuantPlan:
     existing: tuple[ExistingQuantizer, ...]
     skipped: tuple[tuple[str, str], ...]   # (site, reason)
     fallback: bool                         # no layer matched: generic placement used
+    disabled: tuple[tuple[str, str], ...] = ()   # (site, the rule that turned it off)
+    recipe: Recipe = Recipe()
 
     def by_site(self) -> dict[str, Quantizer]:
         return {site: q for q in self.quantizers for site in q.sites}
@@ -87,6 +91,23 @@ class _Request:
     kind: TensorKind
     axis: int | None = None
     group: str | None = None
+    node: gs.Node | None = None          # the GEMM, batched matmul or Add the site belongs to (recipe rules)
+    channel_axis: int | None = None      # a weight's output-channel axis (a rule may ask for per-channel)
+
+    def names(self) -> tuple[str, ...]:
+        """What a recipe rule may name this site by: the site, its node's name and op type, the tensor."""
+        node = self.node
+        return (self.site, node.name if node is not None else "", node.op if node is not None else "", self.tensor)
+
+
+def layer_site(index: int, site: str) -> str:
+    """The stable name of a site of encoder layer `index`: `layer.3.ffn2.input`, `layer.0.q`, ..."""
+    return f"layer.{index}.{site}"
+
+
+# the GEMM-input site of each linear layer, in FasterTransformer's terms (records.SITE_NAMES)
+GEMM_INPUT_SITES = {"query": "qkv.input", "key": "qkv.input", "value": "qkv.input", "qkv": "qkv.input",
+                    "attention_output": "attention_output.input", "ffn1": "ffn1.input", "ffn2": "ffn2.input"}
 
 
 def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) -> QuantPlan:
@@ -99,9 +120,31 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
         tensors = graph.tensors()
         for layer in match.layers:
             _layer_requests(layer, config, tensors, requests, skipped)
-        if SiteKind.FINAL_OUTPUT in config.sites:
-            _final_requests(graph, match.layers[-1], requests)
-    return _merge(graph, requests, skipped, config.mode, fallback)
+        _final_requests(graph, match.layers[-1], config, requests, skipped)
+    requests, settings, disabled = _apply_recipe(config.recipe, requests)
+    return _merge(graph, requests, settings, skipped, config, fallback, disabled)
+
+
+def _apply_recipe(recipe: Recipe, requests: list[_Request]):
+    """The requests the recipe keeps (weights at the granularity it asks), each one's settings, and
+    the sites it turned off; a rule that names nothing is an error."""
+    kept, settings, disabled, used = [], [], [], set()
+    for request in requests:
+        found = recipe.settings(request.names())
+        used.update(found.rules)
+        if not found.enabled:
+            rule = next(recipe.rules[i] for i in reversed(found.rules) if recipe.rules[i].enabled is False)
+            disabled.append((request.site, rule.label))
+            continue
+        if request.kind is TensorKind.WEIGHT and found.weights is not None:
+            per_channel = found.weights is Granularity.PER_CHANNEL
+            request = replace(request, axis=request.channel_axis if per_channel else None)
+        kept.append(request)
+        settings.append(found)
+    if recipe.rules:
+        recipe.check_used(used, (name for r in requests for name in r.names() if name))
+    unique = list(OrderedDict.fromkeys(disabled))
+    return kept, settings, tuple(unique)
 
 
 def gemm_input_site(tensors: dict[str, gs.Tensor], node: gs.Node, tensor: str) -> Use:
@@ -117,49 +160,67 @@ def gemm_input_site(tensors: dict[str, gs.Tensor], node: gs.Node, tensor: str) -
 
 def _layer_requests(layer: EncoderLayer, config: InsertConfig, tensors: dict[str, gs.Tensor],
                     out: list[_Request], skipped: list[tuple[str, str]]) -> None:
-    sites, prefix = config.sites, f"layer{layer.index}"
+    """The sites of one layer that the mode covers (`config.covers`, by site name), each with its readers."""
+    candidates: list[tuple[str, _Request | str]] = []   # (site within the layer, request or why it cannot be)
+    shared = layer_site(layer.index, "qkv") if config.fuse_qkv else None   # FT's fuse_qkv: one amax for Q, K, V
     qkv_roles = {"query", "key", "value"}
     for role, linear in layer.linears().items():
-        shared = f"{prefix}.qkv" if config.fuse_qkv and role in qkv_roles else None
-        if SiteKind.GEMM_INPUT in sites:
-            use = gemm_input_site(tensors, linear.node, linear.input)
-            out.append(_Request(f"{prefix}.{role}.input", use.tensor, use, TensorKind.ACTIVATION))
-        if SiteKind.GEMM_WEIGHT in sites:
-            axis = linear.weight_axis if config.per_channel_weights else None
-            user = Use(linear.weight_user[0], linear.weight)
-            out.append(_Request(f"{prefix}.{role}.weight", linear.weight, user, TensorKind.WEIGHT, axis,
-                                shared and shared + ".weight"))
-        if SiteKind.GEMM_OUTPUT in sites:
-            site = f"{prefix}.{role}.gemm_output"
-            if linear.bias_add is None:
-                skipped.append((site, f"{ir.describe(linear.node)} has no separate bias Add to quantize before"))
-            else:
-                out.append(_Request(site, linear.gemm_output, Use(linear.bias_add, linear.gemm_output),
-                                    TensorKind.ACTIVATION, group=shared and shared + ".gemm_output"))
+        group = shared if role in qkv_roles else None
+        use = gemm_input_site(tensors, linear.node, linear.input)
+        candidates.append((GEMM_INPUT_SITES[role], _Request("", use.tensor, use, TensorKind.ACTIVATION,
+                                                            node=linear.node)))
+        axis = linear.weight_axis if config.per_channel_weights else None
+        candidates.append((f"{role}.weight", _Request("", linear.weight, Use(linear.weight_user[0], linear.weight),
+                                                      TensorKind.WEIGHT, axis, group and group + ".weight",
+                                                      linear.node, linear.weight_axis)))
+        if linear.bias_add is None:
+            candidates.append((f"{role}.gemm_output",
+                               f"{ir.describe(linear.node)} has no separate bias Add to quantize before"))
+        else:
+            candidates.append((f"{role}.gemm_output",
+                               _Request("", linear.gemm_output, Use(linear.bias_add, linear.gemm_output),
+                                        TensorKind.ACTIVATION, group=group and group + ".gemm_output",
+                                        node=linear.node)))
     attn = layer.attention
-    if SiteKind.BMM_INPUT in sites:
-        qkv = f"{prefix}.qkv.bmm_input" if config.fuse_qkv else None
-        for name, tensor, node, group in (("bmm1.query", attn.query, attn.bmm1, qkv),
-                                          ("bmm1.key", attn.key, attn.bmm1, qkv),
-                                          ("bmm2.probs", attn.probs, attn.bmm2, None),
-                                          ("bmm2.value", attn.value, attn.bmm2, qkv)):
-            out.append(_Request(f"{prefix}.{name}", tensor, Use(node, tensor), TensorKind.ACTIVATION, group=group))
-    if SiteKind.QK_OUTPUT in sites:
-        # the readers are resolved from the graph in _merge (scale Mul, mask Add or Softmax)
-        out.append(_Request(f"{prefix}.qk_output", attn.scores, None, TensorKind.ACTIVATION))
-    for name, residual in (("attention_residual", layer.attention_residual), ("ffn_residual", layer.ffn_residual)):
-        if SiteKind.RESIDUAL_SKIP in sites:
-            out.append(_Request(f"{prefix}.{name}.skip", residual.skip, Use(residual.add, residual.skip),
-                                TensorKind.ACTIVATION))
-        if SiteKind.RESIDUAL_LOCAL in sites:
-            out.append(_Request(f"{prefix}.{name}.local", residual.local, Use(residual.add, residual.local),
-                                TensorKind.ACTIVATION))
+    bmm_group = shared and shared + ".bmm_input"
+    for name, tensor, node, group in (("q", attn.query, attn.bmm1, bmm_group), ("k", attn.key, attn.bmm1, bmm_group),
+                                      ("softmax.output", attn.probs, attn.bmm2, None),
+                                      ("v", attn.value, attn.bmm2, bmm_group)):
+        candidates.append((name, _Request("", tensor, Use(node, tensor), TensorKind.ACTIVATION, group=group, node=node)))
+    # QK^T's readers are resolved from the graph in _merge (scale Mul, mask Add or Softmax)
+    candidates.append(("qk.output", _Request("", attn.scores, None, TensorKind.ACTIVATION, node=attn.bmm1)))
+    for name, residual in (("residual1", layer.attention_residual), ("residual2", layer.ffn_residual)):
+        candidates.append((name, _Request("", residual.skip, Use(residual.add, residual.skip), TensorKind.ACTIVATION,
+                                          node=residual.add)))
+        candidates.append((f"{name}.local", _Request("", residual.local, Use(residual.add, residual.local),
+                                                     TensorKind.ACTIVATION, node=residual.add)))
+    for name, found in candidates:
+        if not config.covers(name):
+            continue
+        site = layer_site(layer.index, name)
+        if isinstance(found, str):
+            skipped.append((site, found))
+        else:
+            out.append(replace(found, site=site))
 
 
-def _final_requests(graph: gs.Graph, last: EncoderLayer, out: list[_Request]) -> None:
-    out.append(_Request("final_output", last.output, None, TensorKind.ACTIVATION))
-    if any(t.name == last.output for t in graph.outputs):
-        out.append(_Request("final_output", last.output, Use(None, last.output), TensorKind.ACTIVATION))
+def _final_requests(graph: gs.Graph, last: EncoderLayer, config: InsertConfig, out: list[_Request],
+                    skipped: list[tuple[str, str]]) -> None:
+    """The encoder's output (FasterTransformer's final_input quantizer), for whatever reads it next. A
+    pre-LN encoder ends in a final LayerNorm: its output is the encoder's, and a quantizer before it
+    would only feed a LayerNorm, which runs in float anyway."""
+    if not config.covers("output"):
+        return
+    site, output = layer_site(last.index, "output"), last.output
+    if last.norm_position == "pre":
+        readers = graph.tensors()[output].outputs
+        if len(readers) != 1 or readers[0].op != "LayerNormalization":
+            skipped.append((site, "pre-LN: no single final LayerNormalization reads the last layer's output"))
+            return
+        output = readers[0].outputs[0].name
+    out.append(_Request(site, output, None, TensorKind.ACTIVATION))
+    if any(t.name == output for t in graph.outputs):
+        out.append(_Request(site, output, Use(None, output), TensorKind.ACTIVATION))
 
 
 def _generic_requests(graph: gs.Graph, config: InsertConfig) -> list[_Request]:
@@ -176,13 +237,18 @@ def _generic_requests(graph: gs.Graph, config: InsertConfig) -> list[_Request]:
             found = weight_of(node, index) if index == 1 and node.op != "Conv" else None
             if found is not None:
                 const, transposed, user, _ = found
-                axis = _generic_axis(node, transposed) if config.per_channel_weights else None
-                requests.append(_Request(site, const.name, Use(user[0], const.name), TensorKind.WEIGHT, axis))
+                channel = _generic_axis(node, transposed)
+                axis = channel if config.per_channel_weights else None
+                requests.append(_Request(site, const.name, Use(user[0], const.name), TensorKind.WEIGHT, axis,
+                                         node=node, channel_axis=channel))
             elif ir.is_constant(tensor):
-                axis = 0 if node.op == "Conv" and config.per_channel_weights else None
-                requests.append(_Request(site, tensor.name, Use(node, tensor.name), TensorKind.WEIGHT, axis))
+                channel = 0 if node.op == "Conv" else None
+                axis = channel if config.per_channel_weights else None
+                requests.append(_Request(site, tensor.name, Use(node, tensor.name), TensorKind.WEIGHT, axis,
+                                         node=node, channel_axis=channel))
             else:
-                requests.append(_Request(site, tensor.name, Use(node, tensor.name), TensorKind.ACTIVATION))
+                requests.append(_Request(site, tensor.name, Use(node, tensor.name), TensorKind.ACTIVATION,
+                                         node=node))
     return requests
 
 
@@ -191,12 +257,13 @@ def _generic_axis(node: gs.Node, transposed: bool) -> int:
     return 1 - axis if transposed else axis
 
 
-def _merge(graph: gs.Graph, requests: list[_Request], skipped: list[tuple[str, str]], mode: Mode,
-           fallback: bool) -> QuantPlan:
+def _merge(graph: gs.Graph, requests: list[_Request], settings: list[SiteSettings],
+           skipped: list[tuple[str, str]], config: InsertConfig, fallback: bool,
+           disabled: tuple[tuple[str, str], ...]) -> QuantPlan:
     tensors = graph.tensors()
     merged: OrderedDict[str, dict] = OrderedDict()
     existing: list[ExistingQuantizer] = []
-    for request in requests:
+    for request, found in zip(requests, settings):
         tensor = tensors[request.tensor]
         source = ir.producer(tensor)
         if source is not None and source.op == "DequantizeLinear":
@@ -208,7 +275,7 @@ def _merge(graph: gs.Graph, requests: list[_Request], skipped: list[tuple[str, s
                                               f"{ir.describe(reader)} already reads it through a DequantizeLinear"))
             continue
         entry = merged.setdefault(request.tensor, {"kind": request.kind, "axis": request.axis, "uses": [],
-                                                   "sites": [], "group": request.group})
+                                                   "sites": [], "group": request.group, "rules": []})
         if entry["axis"] != request.axis or entry["kind"] != request.kind:
             skipped.append((request.site, f"'{request.tensor}' is already quantized with another granularity"))
             continue
@@ -220,6 +287,9 @@ def _merge(graph: gs.Graph, requests: list[_Request], skipped: list[tuple[str, s
         if request.site not in entry["sites"]:
             entry["sites"].append(request.site)
         entry["group"] = entry["group"] or request.group
-    quantizers = tuple(Quantizer(name, e["kind"], e["axis"], tuple(e["uses"]), tuple(e["sites"]), e["group"])
+        entry["rules"].append(found.rules)
+    recipe = config.recipe
+    quantizers = tuple(Quantizer(name, e["kind"], e["axis"], tuple(e["uses"]), tuple(e["sites"]), e["group"],
+                                 combine(recipe, e["rules"]))
                        for name, e in merged.items())
-    return QuantPlan(mode, quantizers, tuple(existing), tuple(skipped), fallback)
+    return QuantPlan(config.mode, quantizers, tuple(existing), tuple(skipped), fallback, disabled, recipe)

@@ -132,21 +132,42 @@ def best_alpha(rows: np.ndarray, weights: list[np.ndarray], activation_max: np.n
     return min(errors, key=errors.get)
 
 
-def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig, *, verify: bool = False):
+def recipe_sites(graph: gs.Graph, config: SmoothConfig | None) -> tuple[list[SmoothSite], dict[str, float]]:
+    """The sites to smooth and the alphas the recipe fixed: a site it says `off` is left alone, a site it
+    gives an alpha is smoothed with it (even with --smooth off); the others follow `config`."""
+    settings = carried.recipe_settings(graph)
+    chosen, fixed = [], {}
+    for site in smooth_sites(graph):
+        wanted = settings[site.tensor].smooth if site.tensor in settings else None
+        if wanted == "off" or (wanted is None and config is None):
+            continue
+        if wanted is not None:
+            fixed[site.tensor] = float(wanted)
+        chosen.append(site)
+    return chosen, fixed
+
+
+def wanted(graph: gs.Graph) -> bool:
+    """Whether the recipe in force asks some site for an alpha (smoothing runs then, even with --smooth off)."""
+    return any(isinstance(s.smooth, float) for s in carried.recipe_settings(graph).values())
+
+
+def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *, verify: bool = False):
     """Measure per-channel maxima of the smoothable activations, then rewrite (pass `smooth-gemm-inputs`);
-    with alpha None, each site's alpha is the grid value minimizing its layer's quantized error."""
+    with alpha None, each site's alpha is the grid value minimizing its layer's quantized error. The
+    recipe in force may fix a site's alpha or turn it off (`config` None: only its fixed sites)."""
     from .calibrate import channel_maxima
     from .pipeline import PassContext, run_pipeline
 
-    sites = smooth_sites(graph)
-    ctx = PassContext(config)
+    sites, fixed = recipe_sites(graph, config)
+    ctx = PassContext(config or SmoothConfig())
     maxima, first = channel_maxima(graph, dataset, calibration, [s.tensor for s in sites])
     ctx.analyses["channel_max"] = maxima
-    if config.alpha is None:
-        alphas = {}
-        for site in sites:
+    ctx.analyses["alpha"] = dict(fixed)
+    if config is not None and config.alpha is None:
+        alphas = ctx.analyses["alpha"]
+        for site in (s for s in sites if s.tensor not in fixed):
             weights = [(w.values if axis == 0 else w.values.T) for w, axis in
                        (reader_weight(reader) for reader in site.readers)]
             alphas[site.tensor] = best_alpha(first[site.tensor], weights, maxima[site.tensor])
-        ctx.analyses["alpha"] = alphas
     return run_pipeline(graph, ("smooth-gemm-inputs",), ctx, verify=verify)

@@ -230,13 +230,44 @@ def embedding_table(graph) -> tuple[str, int] | None:
     return None
 
 
+def position_table(graph, word_table: str) -> tuple[str, int] | None:
+    """The learned position-embedding table (name, rows): a 2-D constant as wide as the word table,
+    gathered by indices that no input's values feed (position ids made from the sequence length:
+    Range, or a stored table sliced by it). Position ids computed from the token values (RoBERTa's
+    padding offset) are not recognized: such models are checked when they run."""
+    from . import ir
+
+    words = ir.constant(graph.tensors()[word_table])
+    fed = set()
+    frontier = list(graph.inputs)
+    while frontier:
+        tensor = frontier.pop()
+        if id(tensor) not in fed:
+            fed.add(id(tensor))
+            frontier.extend(out for node in tensor.outputs if node.op != "Shape" for out in node.outputs)
+    for node in graph.nodes:
+        if node.op != "Gather" or len(node.inputs) < 2 or node.inputs[0].name == word_table:
+            continue
+        table = ir.constant(node.inputs[0])
+        if table is not None and table.ndim == 2 and table.shape[1] == words.shape[1] \
+                and id(node.inputs[1]) not in fed and table.shape[0] > 2:
+            return node.inputs[0].name, table.shape[0]
+    return None
+
+
 def fit_to_model(data: TextData, graph) -> dict[str, np.ndarray]:
     """The arrays the model takes: a tokenizer larger than the embedding table is refused (a mismatched
-    tokenizer reads the wrong rows, or past the table); arrays the model does not take are dropped with a note."""
+    tokenizer reads the wrong rows, or past the table), so is a --max-length longer than the learned
+    position table; arrays the model does not take are dropped with a note."""
     table = embedding_table(graph)
     if table is not None and data.vocab_size > table[1]:
         raise QdqcError(f"{data.source}: the tokenizer has {data.vocab_size} tokens but the model's embedding "
                         f"table '{table[0]}' has {table[1]} rows: a tokenizer for another model?")
+    positions = position_table(graph, table[0]) if table is not None else None
+    length = next(iter(data.values())).shape[1]
+    if positions is not None and length > positions[1]:
+        raise UsageError(f"--max-length {length}: the model's position table '{positions[0]}' has "
+                         f"{positions[1]} rows; use --max-length {positions[1]} or less")
     names = {t.name for t in graph.inputs}
     dropped = sorted(set(data) - names)
     if dropped:

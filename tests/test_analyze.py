@@ -92,7 +92,8 @@ def test_html_report_is_self_contained(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = html.read_text()
     assert "Settings" in text and "Sensitivity (worst first)" in text and "Fidelity on 10 evaluation samples" in text
-    assert text.count("data:image/png;base64,") == 1 + 8  # cosine histogram + one per activation site
+    # cosine histogram + one per activation site of the output (the fallback excluded one of the 8)
+    assert text.count("data:image/png;base64,") == 1 + 7
     assert "src=\"http" not in text and "<script" not in text  # nothing fetched from elsewhere
     proc = qdqc("report", source, "--data", data)
     assert proc.returncode == 2 and "--html" in proc.stderr

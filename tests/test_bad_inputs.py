@@ -144,6 +144,11 @@ def files(tmp_path_factory):
     save_states(f["other_model"], calibrate(graph, Dataset(f["float_ok"], model_inputs(graph)),
                                             CalibrationConfig(progress=False))[0])
 
+    # recipes, each wrong in one way (the row's word says which)
+    for name, text in RECIPE_FILES.items():
+        f[name] = root / name.replace("_json", ".json").replace("_toml", ".toml")
+        f[name].write_text(text)
+
     f["no_dir"] = root / "no" / "such" / "dir" / "out.onnx"
     from onnx import TensorProto, helper
 
@@ -170,6 +175,54 @@ def _float_model(path: Path) -> None:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])], [weight])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
+
+RECIPE_FILES = {
+    "r_unknown_key_json": '{"sites": [{"match": "layer.*.ffn2.input", "enable": false}]}',
+    "r_unknown_top_json": '{"layers": [{"match": "layer.0.*"}]}',
+    "r_unknown_site_toml": '[[sites]]\nmatch = "layer.*.ffn3.input"\nenabled = false\n',
+    "r_no_match_json": '{"sites": [{"enabled": false}]}',
+    "r_bad_method_json": '{"sites": [{"match": "layer.*.q", "method": "median"}]}',
+    "r_auto_method_json": '{"sites": [{"match": "layer.*.q", "method": "auto"}]}',
+    "r_bad_percentile_toml": '[[sites]]\nmatch = "layer.0.*"\npercentile = 120\n',
+    "r_text_percentile_json": '{"sites": [{"match": "layer.0.*", "percentile": "high"}]}',
+    "r_bad_weights_json": '{"sites": [{"match": "layer.*.ffn1.weight", "weights": "per-row"}]}',
+    "r_bad_smooth_json": '{"sites": [{"match": "layer.*.ffn1.input", "smooth": 1.5}]}',
+    "r_bad_enabled_json": '{"sites": [{"match": "layer.*.ffn1.input", "enabled": "no"}]}',
+    "r_bits4_json": '{"bits": 4, "sites": []}',
+    "r_site_bits_toml": '[[sites]]\nmatch = "layer.0.ffn1.weight"\nbits = 4\n',
+    "r_bad_mode_json": '{"mode": "ft9", "sites": []}',
+    "r_mode_ft2_json": '{"mode": "ft2", "sites": []}',
+    "r_broken_toml": '[[sites]\nmatch = "x"\n',
+    "r_broken_json": '{"sites": [',
+    "r_list_json": '[{"match": "layer.0.*"}]',
+}
+RECIPE_ROWS = [
+    ("insert {model} -o {out} --recipe {r_unknown_key_json}", 2, "did you mean 'enabled'"),
+    ("insert {model} -o {out} --recipe {r_unknown_top_json}", 2, "unknown key 'layers'"),
+    ("insert {model} -o {out} --recipe {r_unknown_site_toml}", 2, "closest: layer.0.ffn2.input"),
+    ("compile {model} --data {data} -o {out} --recipe {r_unknown_site_toml}", 2, "sites[0]"),
+    ("insert {model} -o {out} --recipe {r_no_match_json}", 2, "no 'match'"),
+    ("insert {model} -o {out} --recipe {r_bad_method_json}", 2, "median"),
+    ("insert {model} -o {out} --recipe {r_auto_method_json}", 2, "whole-model"),
+    ("insert {model} -o {out} --recipe {r_bad_percentile_toml}", 2, "(0, 100]"),
+    ("insert {model} -o {out} --recipe {r_text_percentile_json}", 2, "expected a number"),
+    ("insert {model} -o {out} --recipe {r_bad_weights_json}", 2, "per-channel, per-tensor"),
+    ("insert {model} -o {out} --recipe {r_bad_smooth_json}", 2, "alpha"),
+    ("insert {model} -o {out} --recipe {r_bad_enabled_json}", 2, "true or false"),
+    ("insert {model} -o {out} --recipe {r_bits4_json}", 2, "8 bits only"),
+    ("insert {model} -o {out} --recipe {r_site_bits_toml}", 2, "8 bits only"),
+    ("insert {model} -o {out} --recipe {r_bad_mode_json}", 2, "ft9"),
+    ("insert {model} -o {out} --recipe {r_mode_ft2_json} --mode ft1", 2, "says mode ft2"),
+    ("insert {model} -o {out} --recipe {r_broken_toml}", 2, "not valid TOML"),
+    ("insert {model} -o {out} --recipe {r_broken_json}", 2, "not valid JSON"),
+    ("insert {model} -o {out} --recipe {r_list_json}", 2, "expected a table"),
+    ("insert {model} -o {out} --recipe {root}/none.toml", 2, "no such file"),
+    ("insert {model} -o {out} --exclude layer.*.ffn3.input", 2, "--exclude 'layer.*.ffn3.input'"),
+    ("insert {model} -o {out} --include Matmul", 2, "closest: MatMul"),
+    ("analyze {calib} --data {data} --fallback-budget 1", 2, "--emit-recipe"),
+    ("analyze {calib} --data {data} --emit-recipe {out}.toml", 2, "--fallback-budget"),
+    ("compile {model} --data {data} -o {out} --emit-recipe {data}", 2, "overwrite the input"),
+]
 
 # (command template, exit code, a word the error line contains); {name} is a file from `files`, {out} a fresh
 # output path. Model inputs: missing 2, folder 2, empty/text/truncated/old opset 1.
@@ -259,6 +312,7 @@ ROWS = (
         ("bench {model} --data {too_long} --iterations 1", 1, "onnxruntime failed"),
         ("compile {model} --data {data} -o {out} --html {root}/r.html --eval {negative_ids}", 1, "id -5"),
     ]
+    + RECIPE_ROWS
 )
 # valid but unusual: must succeed
 GOOD_ROWS = [("insert {model} -o {out}", "14 quantizers"),  # the named model, for the two below
@@ -271,7 +325,11 @@ GOOD_ROWS = [("insert {model} -o {out}", "14 quantizers"),  # the named model, f
              ("calibrate merge {stats} {stats2} -o {out}", "merged 2"),
              ("calibrate {qdq} --data {data} -o {out} --num-samples 100", "8 samples"),
              ("calibrate {qdq} --data {mixed} -o {out} --batch-size 4", "11 samples"),
-             ("compile {float_model} --mode generic --data {float_huge} --smooth 0.85 -o {out}", "wrote")]
+             ("compile {float_model} --mode generic --data {float_huge} --smooth 0.85 -o {out}", "wrote"),
+             # recipes: a mode that agrees, a generic site by node name and by op type
+             ("insert {model} -o {out} --recipe {r_mode_ft2_json} --mode ft2", "mode ft2"),
+             ("insert {float_model} --mode generic --exclude mm.input0 -o {out}", "1 quantizers"),
+             ("insert {float_model} --mode generic --include MatMul -o {out}", "2 quantizers")]
 
 
 def _expand(template: str, files: dict, out: Path) -> list[str]:
@@ -324,7 +382,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 174 and len(GOOD_ROWS) == 12
+    assert len(ROWS) == 199 and len(GOOD_ROWS) == 15
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):

@@ -45,6 +45,7 @@ def test_cli_compares_models_interleaved(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("Throughput:") == 4 and proc.stdout.count("Median vs first model") == 2
     assert "percentile(99%)" in proc.stdout and "intra-op threads 2" in proc.stdout
+    assert "Inputs: input_ids 2x16, attention_mask 2x16, token_type_ids 2x16" in proc.stdout  # what ran
     rows = json.loads(out.read_text())
     assert [(r["batch"], r["iterations"]) for r in rows] == [(1, 5), (1, 5), (2, 5), (2, 5)]
     data = tmp_path / "d.npz"

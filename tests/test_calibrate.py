@@ -67,11 +67,11 @@ def test_fused_qkv_group_takes_the_largest_member(files, tmp_path):
     assert qdqc("calibrate", qdq, "--data", data, "--smooth", "off", "--method", "max", "-o", out).returncode == 0
     graph = ir.load(out)
     groups = activation_quantizers(graph).groups
-    qkv = next(members for name, members in groups.items() if name.startswith("layer0.qkv.bmm_input"))
+    qkv = next(members for name, members in groups.items() if name.startswith("layer.0.qkv.bmm_input"))
     assert len(qkv) == 3
     feeds = dict(np.load(data))
     largest = max(tensor_max(model, t, feeds) for t in qkv)
-    scale = graph.tensors()[next(n for n in groups if n.startswith("layer0.qkv.bmm_input"))].values
+    scale = graph.tensors()[next(n for n in groups if n.startswith("layer.0.qkv.bmm_input"))].values
     assert float(scale) == pytest.approx(largest / 127, rel=1e-6)
 
 

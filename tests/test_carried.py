@@ -144,7 +144,7 @@ def test_smoothing_reads_the_gemm_input_sites_from_the_plan():
     insert(graph, InsertConfig("ft1"))
     assert len(smooth_sites(graph)) == 6   # per layer: the QKV input, FFN1 input, FFN2 input
     plan = carried.read(graph)
-    dropped = plan.sites["layer1.ffn2.input"]
+    dropped = plan.sites["layer.1.ffn2.input"]
     sites = {site: tensor for site, tensor in plan.sites.items() if tensor != dropped}
     carried.store(graph, carried.CarriedPlan(plan.family, plan.mode, plan.layers, sites))
     found = smooth_sites(graph)

@@ -27,7 +27,7 @@ def test_insert_writes_model_report_and_explains(tmp_path, bert_file):
     data = json.loads(report.read_text())
     assert data["mode"] == "ft2" and len(data["layers"]) == 2
     site = data["layers"][0]["sites"]["query.weight"]
-    assert site["granularity"] == "per-tensor" and site["scale_group"] == "layer0.qkv.weight"
+    assert site["granularity"] == "per-tensor" and site["scale_group"] == "layer.0.qkv.weight"
     assert data["unmatched_gemms"] == []
     assert [p["pass"] for p in data["passes"]] == ["canonicalize", "decompose-fused", "split-gemm-bias",
                                                    "match-bert", "place-quantizers", "insert-qdq", "record-plan"]

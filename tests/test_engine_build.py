@@ -24,11 +24,13 @@ def graph():
     return gs.import_onnx(build_bert(BertSpec(layers=1)))
 
 
-def test_profiles_default_to_batch_1_seq_128_and_512():
+def test_profiles_default_to_opt_1x128_and_max_32x512():
     shapes = profile_shapes(graph(), EngineConfig())
-    assert shapes["input_ids"] == ((1, 1), (1, 128), (1, 512))
+    assert shapes["input_ids"] == ((1, 1), (1, 128), (32, 512))
     shapes = profile_shapes(graph(), EngineConfig(opt_shapes={"input_ids": "8x384"}))
-    assert shapes["input_ids"] == ((1, 1), (8, 384), (8, 512))
+    assert shapes["input_ids"] == ((1, 1), (8, 384), (32, 512))
+    shapes = profile_shapes(graph(), EngineConfig(opt_shapes={"input_ids": "64x384"}))
+    assert shapes["input_ids"] == ((1, 1), (64, 384), (64, 512))
     # the other inputs share the symbolic dims (batch, sequence): one --shapes entry sets them all
     assert shapes["attention_mask"] == shapes["token_type_ids"] == shapes["input_ids"]
 
@@ -191,7 +193,7 @@ def test_baseline_from_another_model_is_refused_and_quantized_baselines_are_name
         build_engine(other, tmp_path / "o.plan", EngineConfig(baseline=folder / "fp32.plan"))
     summary = build_engine(folder / "bert.trt.onnx", tmp_path / "q.plan", EngineConfig(baseline=folder / "int8.plan"))
     assert summary["baseline"]["float"] is False and "of the quantized" in summary_line(summary)
-    assert summary["profile"]["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [1, 512]}
+    assert summary["profile"]["input_ids"] == {"min": [1, 1], "opt": [1, 128], "max": [32, 512]}
 
 
 def test_long_sequences_warn_about_int8_fused_attention(tmp_path, engines):

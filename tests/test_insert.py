@@ -1,3 +1,4 @@
+import re
 from collections import Counter
 
 import numpy as np
@@ -35,12 +36,15 @@ def test_each_mode_places_exactly_its_sites(mode):
     assert len(result.plan.quantizers) == expected
     ops = Counter(n.op for n in graph.nodes)
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] == expected
-    kinds = Counter(site.split(".", 1)[-1] for q in result.plan.quantizers for site in q.sites)
-    assert kinds["bmm1.query"] == kinds["bmm2.probs"] == 3
+    kinds = Counter(site.split(".", 2)[-1] for q in result.plan.quantizers for site in q.sites)
+    assert kinds["q"] == kinds["softmax.output"] == kinds["qkv.input"] == kinds["ffn2.input"] == 3
     assert (kinds["query.gemm_output"] == 3) == (mode in ("ft2", "ft3"))
-    assert (kinds["qk_output"] == 3) == (mode == "ft3")
-    assert (kinds["attention_residual.local"] == 3) == (mode == "trt")
-    assert (kinds["ffn_residual.skip"] == 3) == (mode in ("ft2", "ft3", "trt"))
+    assert (kinds["qk.output"] == 3) == (mode == "ft3")
+    assert (kinds["residual1.local"] == 3) == (mode == "trt")
+    assert (kinds["residual2"] == 3) == (mode in ("ft2", "ft3", "trt"))
+    assert (kinds["output"] == 1) == (mode == "trt")
+    names = [site for q in result.plan.quantizers for site in q.sites]
+    assert all(re.fullmatch(r"layer\.[0-2]\.[a-z0-9_.]+", site) for site in names)
     assert check_graph(graph) == []
 
 
@@ -56,8 +60,9 @@ def test_layer_norm_output_is_quantized_once_for_q_k_v_and_the_residual_stays_fl
     assert {id(layer.linears()[r].node) for r in ("query", "key", "value")} <= readers
     residual = layer.attention_residual.add
     assert ln_out in residual.inputs and dequantized not in residual.inputs
-    site = report(result, InsertConfig("ft1"))["layers"][1]["sites"]["query.input"]
-    assert sorted(site["shared_with"]) == ["layer1.key.input", "layer1.value.input"]
+    site = report(result, InsertConfig("ft1"))["layers"][1]["sites"]["qkv.input"]
+    assert site["tensor"] == layer.input and site["shared_with"] == []   # one site, one quantizer, three readers
+    assert len(result.plan.by_site()["layer.1.qkv.input"].uses) == 3
 
 
 def test_ft2_residual_reads_the_shared_quantized_tensor():
@@ -150,7 +155,7 @@ def test_a_model_with_qdq_keeps_them_and_is_never_quantized_twice():
     second = insert(graph, InsertConfig("ft1"), verify=True)
     assert Counter(n.op for n in graph.nodes) == before
     assert second.input_qdq == {"DequantizeLinear": 28, "QuantizeLinear": 28}
-    assert len(second.plan.existing) == sum(len(q.sites) for q in first.plan.quantizers)
+    assert len({e.site for e in second.plan.existing}) == sum(len(q.sites) for q in first.plan.quantizers)
     # a different mode adds only the sites that were not there
     third = insert(graph, InsertConfig("trt"), verify=True)
     assert Counter(n.op for n in graph.nodes)["QuantizeLinear"] == 28 + 2 * 2 + 1
@@ -175,6 +180,27 @@ def test_canonicalize_removes_identities_and_folds_weight_transposes_but_not_qdq
     assert not any(n.op == "Identity" for n in graph.nodes)
     assert not any(n.op == "Transpose" and isinstance(n.inputs[0], gs.Constant) for n in graph.nodes)
     assert any(n.name == "wq" for n in graph.nodes)
+
+
+def test_canonicalize_shares_byte_identical_weights_but_not_scalars():
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((8, 8)).astype(np.float32)
+    x = gs.Variable("x", dtype=np.float32, shape=[2, 8])
+    h, y = gs.Variable("h", dtype=np.float32), gs.Variable("y", dtype=np.float32)
+    z = gs.Variable("z", dtype=np.float32)
+    graph = gs.Graph(nodes=[gs.Node("MatMul", "mm1", inputs=[x, gs.Constant("w1", weight)], outputs=[h]),
+                            gs.Node("MatMul", "mm2", inputs=[h, gs.Constant("w2", weight.copy())], outputs=[y]),
+                            gs.Node("Mul", "m1", inputs=[y, gs.Constant("s1", np.array(2, np.float32))], outputs=[z]),
+                            gs.Node("Mul", "m2", inputs=[z, gs.Constant("s2", np.array(2, np.float32))],
+                                    outputs=[gs.Variable("out", dtype=np.float32)])],
+                     inputs=[x], outputs=[], opset=17)
+    graph.outputs = [graph.nodes[-1].outputs[0]]
+    records = run_pipeline(graph, ("canonicalize",), PassContext(InsertConfig()), verify=True)
+    assert records[0].stats["weights_shared"] == 1
+    first, second = (n for n in graph.nodes if n.op == "MatMul")
+    assert first.inputs[1] is second.inputs[1]
+    muls = [n for n in graph.nodes if n.op == "Mul"]
+    assert muls[0].inputs[1] is not muls[1].inputs[1]
 
 
 def test_no_bert_layer_falls_back_to_generic_and_says_so():

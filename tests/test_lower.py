@@ -134,6 +134,16 @@ def float_types(graph):
             if isinstance(t, gs.Variable) and t.dtype is not None and np.dtype(t.dtype).kind == "f"}
 
 
+@pytest.mark.parametrize("mode,fusable", [("ft1", 2), ("ft3", 0)])
+def test_report_mha_says_a_quantized_qk_output_breaks_fusion(tmp_path, mode, fusable):
+    graph = calibrated(tmp_path, BertSpec(layers=2), mode)
+    record = next(r for r in lower(graph, LowerConfig("tensorrt")) if r.name == "report-mha")
+    assert record.stats["attention_blocks_quantized"] == 2
+    assert record.stats["attention_blocks_fusable"] == fusable
+    warned = [d for d in record.diagnostics if "will not fuse" in d.message]
+    assert len(warned) == 2 - fusable
+
+
 @pytest.mark.parametrize("norm,opset", [("op", 17), ("decomposed", 13)])
 def test_tensorrt_graph_is_fp16_with_fp32_layer_norm(tmp_path, norm, opset):
     spec = BertSpec(layers=2, norm=norm, opset=opset)
@@ -141,7 +151,8 @@ def test_tensorrt_graph_is_fp16_with_fp32_layer_norm(tmp_path, norm, opset):
     feeds = example_inputs(spec, batch=4, seq=16, seed=2)
     fake = run_model(graph, feeds)[0]
     records = lower(graph, LowerConfig("tensorrt"), verify=True)
-    assert records[0].stats["head_sizes"] == [16] and records[0].stats["attention_blocks_quantized"] == 2
+    mha = next(r for r in records if r.name == "report-mha")
+    assert mha.stats["head_sizes"] == [16] and mha.stats["attention_blocks_quantized"] == 2
     assert graph.opset == 19
     types = float_types(graph)
     matmuls = [n for n in graph.nodes if n.op == "MatMul"]

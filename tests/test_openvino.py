@@ -4,6 +4,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+import qdq_compiler
 
 from qdq_compiler import ir
 from qdq_compiler.bench import BenchConfig
@@ -152,6 +153,19 @@ def test_cli_lower_writes_ir_and_bench_runs_it(tmp_path):
                 "--ov-precision", "f32")
     assert done.returncode == 0, done.stderr
     assert "precision f32" in done.stdout and done.stdout.count("Latency:") == 2
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_ir_output_is_refused_for_other_targets_before_any_work(tmp_path, target):
+    graph, _ = calibrated_bert(tmp_path, SPEC)
+    calibrated_path = tmp_path / "m.calib.onnx"
+    onnx.save(ir.to_model(graph), calibrated_path)
+    done = qdqc("lower", calibrated_path, "--target", target, "-o", tmp_path / "m.xml")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"m.xml: an OpenVINO IR (.xml) is written for --target openvino, not {target}" in done.stderr
+    assert not (tmp_path / "m.xml").exists()
+    with pytest.raises(UsageError, match="written for --target openvino"):
+        qdq_compiler.lower(calibrated_path, target=target).save(tmp_path / "m.xml")
 
 
 @pytest.mark.parametrize("args,message", [

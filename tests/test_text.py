@@ -131,6 +131,19 @@ def test_a_larger_vocabulary_than_the_embedding_table_is_refused(tmp_path):
     assert proc.returncode == 1 and "has 128 rows" in proc.stderr
 
 
+def test_a_max_length_past_the_position_table_is_refused(tmp_path):
+    model = tmp_path / "short.onnx"
+    onnx.save(build_bert(BertSpec(vocab=30522, max_positions=64)), model)
+    texts = tmp_path / "t.txt"
+    texts.write_text("A sentence.\nAnother one.\n")
+    proc = qdqc("data", texts, "--tokenizer", minilm_dir(), "--model", model, "--max-length", "65")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--max-length 65: the model's position table 'embeddings.position" in proc.stderr and "has 64 rows" in proc.stderr
+    proc = qdqc("data", texts, "--tokenizer", minilm_dir(), "--model", model, "--max-length", "64",
+                "-o", tmp_path / "ok.npz")
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_inputs_the_model_does_not_take_are_dropped_with_a_note(tmp_path):
     """A DistilBERT-like model (no token_type_ids): text data straight into compile, analyze and report."""
     model = tmp_path / "distil.onnx"

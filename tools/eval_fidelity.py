@@ -1,6 +1,7 @@
 """Task-level fidelity of every recipe against FP32, on the real all-MiniLM-L6-v2 and the shipped sentences.
 
-    python tools/eval_fidelity.py [--folder artifacts] [--eval 1000]
+    python tools/eval_fidelity.py [--folder artifacts] [--eval 1000] [--recipe R.toml ...] [--only default]
+                                  [--targets onnxruntime]
 
 For each qdqc recipe (compiled on the 256 calibration sentences) the model is lowered for onnxruntime
 (integer GEMMs) and for TensorRT (FP16 + INT8 Q/DQ, run by onnxruntime on CPU: the engine's numerics
@@ -48,7 +49,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, help="where minilm.onnx is (exported if missing) and models go")
     parser.add_argument("--eval", type=int, default=1000)
+    parser.add_argument("--recipe", type=Path, action="append", default=[],
+                        help="also a row per recipe file: the default options with that recipe (`compile --recipe`)")
+    parser.add_argument("--only", choices=["all", "default"], default="all",
+                        help="default: only the default row (and the --recipe rows), no baselines")
+    parser.add_argument("--targets", default="onnxruntime,tensorrt")
     args = parser.parse_args()
+    recipes = dict(RECIPES) if args.only == "all" else {k: v for k, v in RECIPES.items() if not v}
+    recipes.update({f"qdqc default + recipe {path.name}": {"recipe": path} for path in args.recipe})
     import bench_cpu  # tools/: onnxruntime's own quantizers, built the same way as in the latency table
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,17 +65,20 @@ def main() -> None:
         model, calibration, evaluation = bench_cpu.minilm_inputs(folder, args.eval)
         reference = embeddings(open_session(model), evaluation)
         rows = []
-        for label, options in RECIPES.items():
+        for label, options in recipes.items():
             started = time.perf_counter()
-            calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True,
-                                                **{k: v for k, v in options.items() if k != "target"})
+            inserted = qdq_compiler.insert(model, recipe=options.get("recipe"))
+            calibrated = qdq_compiler.calibrate(inserted, calibration, quiet=True,
+                                                **{k: v for k, v in options.items() if k not in ("target", "recipe")})
             seconds = time.perf_counter() - started
-            for target in ("onnxruntime", "tensorrt"):
+            for target in args.targets.split(","):
                 lowered = qdq_compiler.lower(calibrated, target=target)
                 session = bench_cpu.tensorrt_graph_session(lowered.model) if target == "tensorrt" \
                     else open_session(lowered.model)
                 rows.append((f"{label} [{target}]", metrics(reference, embeddings(session, evaluation)), seconds))
                 print_row(*rows[-1])
+        if args.only == "default":
+            return
         for label, path in (("ORT quantize_dynamic (per-channel)", bench_cpu.build_dynamic(model, folder)),
                             ("ORT quantize_static (FT placement, p99.999)",
                              bench_cpu.build_static(model, calibration, folder, 128))):

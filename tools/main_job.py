@@ -59,8 +59,8 @@ def print_sites(report_path: Path) -> None:
         sites = layer["sites"]
         distinct = {s["tensor"] for s in sites.values()}
         per_channel = sum(s["granularity"] == "per-channel" for s in sites.values())
-        shared = sites.get("query.input", {}).get("shared_with", [])
-        readers = ", ".join(["query.input"] + [s.split(".", 1)[1] for s in shared]) if shared else "-"
+        shared = sites.get("qkv.input", {}).get("shared_with", [])
+        readers = ", ".join(["qkv.input"] + [s.split(".", 2)[2] for s in shared]) if shared else "-"
         print(f"{layer['index']:>5}  {len(distinct):>10}  {len(sites):>5}  {per_channel:>19}  {readers}")
     print(f"unmatched GEMMs: {len(report['unmatched_gemms'])}\n")
 

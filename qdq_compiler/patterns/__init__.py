@@ -4,7 +4,8 @@ A pattern is a family name and a function that, anchored on one attention Softma
 around it and returns an `EncoderLayer` record (or fails with a reason). Every family returns the
 same record, so it exposes the same named sites (`EncoderLayer.sites()`: qkv.input, q, k, v,
 softmax.output, attention_output.input, ffn1.input, ffn2.input, residual1, residual2, output);
-placement, the modes, the carried plan and the reports work on the record whatever the family.
+placement names every site `layer.<i>.<site>` from them, the modes cover sites by name
+(`config.site_kind`), and recipes, the carried plan and the reports use those names whatever the family.
 Adding a family is one module here that calls `register_pattern`, plus its test.
 Matching never mutates the graph.
 """
