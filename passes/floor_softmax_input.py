@@ -23,6 +23,9 @@ import onnx_graphsurgeon as gs
 from qdq_compiler import ir
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
+from .clamp_attention_mask import clamped_already
+from .mask_key_columns import masked_in_gemm
+
 FLOOR = 80.0   # e^-80 ≈ 1.8e-35: normal in float32 (the smallest normal is 1.2e-38, e^-87.3)
 
 
@@ -43,7 +46,8 @@ def floor_softmax_input(graph: gs.Graph, ctx: PassContext) -> PassResult:
     floored = 0
     offset = None
     for softmax in [n for n in graph.nodes if n.op == "Softmax"]:
-        if not _last_axis(softmax) or _floored_already(softmax) or graph.opset < 13:
+        if (not _last_axis(softmax) or _floored_already(softmax) or clamped_already(softmax)
+                or masked_in_gemm(softmax) or graph.opset < 13):
             continue
         x = softmax.inputs[0]
         if offset is None:

@@ -163,7 +163,7 @@ class Lowering:
         return add, other
 
 
-@register("lower-onnxruntime", requires=("qdq",))
+@register("lower-onnxruntime", requires=("qdq",), provides=("integer-gemms",))
 def lower_onnxruntime(graph: gs.Graph, ctx: PassContext) -> PassResult:
     lowering = Lowering(graph)
     lowered = weights = batched = 0

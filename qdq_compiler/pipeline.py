@@ -85,6 +85,8 @@ class PassSpec:
 PROPERTIES: Mapping[str, tuple[Callable[[gs.Graph], bool], str]] = {
     "qdq": (lambda graph: any(n.op == "QuantizeLinear" for n in graph.nodes),
             "Q/DQ pairs in the graph (run qdqc insert, or the insert-qdq pass)"),
+    "integer-gemms": (lambda graph: any(n.op == "MatMulIntegerToFloat" for n in graph.nodes),
+                      "integer GEMMs in the graph (run the lower-onnxruntime pass)"),
 }
 # Analyses that callers compute outside any pass and put in ctx.analyses before running the pass.
 EXTERNAL_ANALYSES: Mapping[str, str] = {
@@ -98,7 +100,8 @@ PIPELINES: Mapping[str, tuple[str, ...]] = {
     "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq",
                "record-plan"),
     "lower-onnxruntime": ("qdq-constants", "signed-zero-points", "lower-onnxruntime", "fold-output-scale",
-                          "residual-sum", "floor-softmax-input", "fold-weight-quantizers", "report-float-gemms"),
+                          "mask-key-columns", "residual-sum", "clamp-attention-mask", "floor-softmax-input",
+                          "fold-weight-quantizers", "report-float-gemms"),
     "lower-openvino": ("qdq-constants", "signed-zero-points", "unsigned-linear-inputs", "fold-weight-quantizers"),
     "lower-tensorrt": ("qdq-constants", "signed-zero-points", "report-mha", "drop-nan-guard", "fold-weight-quantizers",
                        "to-fp16", "check-types"),

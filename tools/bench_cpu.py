@@ -50,6 +50,7 @@ def gemm_weight_bytes(path: Path) -> int:
     return total
 
 
+DYNAMIC_ROW = "ORT quantize_dynamic"
 OURS = {"qdqc ft1 mse, lowered": {"smooth": "off", "method": "mse"},
         "qdqc ft1 defaults (smooth auto p99.999)": {}}
 
@@ -144,6 +145,11 @@ def report(title: str, paths: dict, timings: dict, fidelity: dict | None,
                                                                                                    (6, 3))))])
         line += "".join(f" {'-':>14} {'-':>7} {'-':>8}" for _ in timings)
         print(line + f" {weight_mib(path):17.1f}", flush=True)
+    if DYNAMIC_ROW in paths:
+        for name in (n for n in OURS if n in paths):
+            ratios = ", ".join(f"b{b}s{s} {statistics.median(t[DYNAMIC_ROW]) / statistics.median(t[name]):.2f}x"
+                               for (b, s), t in timings.items())
+            print(f"{name} vs {DYNAMIC_ROW} (its median / ours): {ratios}")
     if OURS_OPENVINO in paths and NNCF_ROW in paths:
         ratios = ", ".join(f"b{b}s{s} {statistics.median(t[NNCF_ROW]) / statistics.median(t[OURS_OPENVINO]):.3f}x"
                            for (b, s), t in timings.items())
@@ -221,7 +227,7 @@ def run_minilm(folder: Path, args, tensorrt_graph: Path | None = None) -> None:
 
     model, calibration, evaluation = minilm_inputs(folder, args.eval)
     paths = {"FP32": model, **{name: build_ours(model, calibration, folder, options) for name, options in OURS.items()},
-             "ORT quantize_dynamic": build_dynamic(model, folder),
+             DYNAMIC_ROW: build_dynamic(model, folder),
              f"ORT quantize_static ({args.static_samples} s.)": build_static(model, calibration, folder,
                                                                           args.static_samples)}
     if args.openvino:
@@ -260,7 +266,7 @@ def run_bert_base(folder: Path, args) -> None:
     feeds["attention_mask"][:] = 1
     np.savez(calibration, **feeds)
     paths = {"FP32": model, **{name: build_ours(model, calibration, folder, options) for name, options in OURS.items()},
-             "ORT quantize_dynamic": build_dynamic(model, folder),
+             DYNAMIC_ROW: build_dynamic(model, folder),
              # its Percentile calibrator fails on this model ("Too many bins for data range"): MinMax
              "ORT quantize_static MinMax": build_static(model, calibration, folder, 32, "MinMax")}
     batches = {(b, SEQ): {k: v[:b] for k, v in example_inputs(spec, batch=8, seq=SEQ, seed=6).items()}

@@ -2,7 +2,7 @@
 performance counters summed by layer type, kernel and execution precision.
 
     python tools/profile_cpu.py BEFORE.onnx AFTER.onnx [MODEL.xml ...] [--batch 8] [--seq 128]
-        [--runs 20] [--threads 2] [--openvino] [--data calib.npz] [--top 12]
+        [--runs 20] [--threads 2] [--openvino] [--data calib.npz] [--top 12] [--by-node]
 
 A .onnx runs in onnxruntime (CPU EP, ORT_ENABLE_ALL, intra-op threads --threads, spinning off)
 unless --openvino; a .xml always runs in OpenVINO (--threads threads, one stream, its default
@@ -10,6 +10,8 @@ precision unless --ov-precision). Each model runs --runs times after two warm-up
 gives milliseconds per inference by op type (onnxruntime: kernel time of each node, summed over
 nodes of that type) and its share of the model's summed kernel time, with the model's own wall
 median, so two models (a lowering before and after a pass, say) can be read side by side.
+--by-node (onnxruntime) rows by op type and node name with the layer index taken out
+("MatMulIntegerToFloat /inner/encoder/layer.*/attention/self/MatMul"), summed over the layers.
 Profiling costs time itself: compare the shares and the op times, and take latency from
 `qdqc bench` / tools/bench_cpu.py.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -31,10 +34,13 @@ from qdq_compiler.bench import BenchConfig, random_feeds
 from qdq_compiler.errors import QdqcError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+LAYER = re.compile(r"layer[._]\d+")
 
 
-def onnxruntime_profile(path: Path, feeds_for, runs: int, threads: int) -> tuple[dict, list[float]]:
-    """{op type: (ms per inference, node count)} from onnxruntime's profiler, and wall times."""
+def onnxruntime_profile(path: Path, feeds_for, runs: int, threads: int,
+                        by_node: bool = False) -> tuple[dict, list[float]]:
+    """{op type (or op type and layer-free node name): (ms per inference, node count)} from
+    onnxruntime's profiler, and wall times."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory(prefix="qdqc-profile-") as folder:
@@ -64,6 +70,8 @@ def onnxruntime_profile(path: Path, feeds_for, runs: int, threads: int) -> tuple
     for name, seen in by_node.items():
         for event in seen[-runs:]:
             op = event["args"].get("op_name", "?")
+            if by_node:   # the node, its layer index and lowering suffixes taken out
+                op = f"{op} {LAYER.sub('layer.*', name[:-len('_kernel_time')]).split('::')[0]}"
             per_type[op] += event["dur"] / 1000 / runs
             nodes[op].add(name)
     return {op: (ms, len(nodes[op])) for op, ms in per_type.items()}, wall
@@ -137,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ov-precision", default="default", choices=["default", "f32", "bf16"])
     parser.add_argument("--data", type=Path, help="real inputs (npz); default: random ids, full attention mask")
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--by-node", action="store_true",
+                        help="onnxruntime: one row per node name (layer index taken out) instead of per op type")
     args = parser.parse_args(argv)
     try:
         for value, name in ((args.batch, "--batch"), (args.seq, "--seq"), (args.runs, "--runs"),
@@ -153,7 +163,7 @@ def main(argv=None) -> int:
                 rows, wall = openvino_profile(path, feeds_for, args.runs, args.threads, args.ov_precision)
                 print(table(f"{path} (OpenVINO, precision {args.ov_precision})", rows, wall, args.top), flush=True)
             else:
-                rows, wall = onnxruntime_profile(path, feeds_for, args.runs, args.threads)
+                rows, wall = onnxruntime_profile(path, feeds_for, args.runs, args.threads, args.by_node)
                 print(table(f"{path} (onnxruntime)", rows, wall, args.top), flush=True)
     except QdqcError as exc:
         print(f"profile_cpu: error: {exc}", file=sys.stderr)
