@@ -50,13 +50,20 @@ class CarriedPlan:
     sites: Mapping[str, str] = field(default_factory=dict)   # site -> the float tensor its quantizer reads
     recipe: Mapping | None = None    # the recipe in force at insert (its file form), None: none given
     settings: Mapping[str, Mapping] = field(default_factory=dict)   # quantized tensor -> what the recipe set
+    float_sites: Mapping[str, str] = field(default_factory=dict)   # site the recipe left in float -> its tensor
 
     def to_json(self) -> dict:
         found = {"format": FORMAT, "family": self.family, "mode": self.mode,
                  "layers": [layer.to_json() for layer in self.layers], "sites": dict(self.sites)}
         if self.recipe is not None:
             found.update(recipe=dict(self.recipe), settings={k: dict(v) for k, v in sorted(self.settings.items())})
+        if self.float_sites:
+            found["float_sites"] = dict(self.float_sites)
         return found
+
+    def deliberate_float(self) -> dict[str, str]:
+        """Tensor -> the site the recipe left in float there (lowering notes these GEMMs, never warns)."""
+        return {tensor: site for site, tensor in self.float_sites.items()}
 
     def tensor_settings(self) -> dict[str, SiteSettings]:
         """Quantized tensor -> the per-site calibration/smoothing settings the recipe gave it."""
@@ -76,7 +83,8 @@ class CarriedPlan:
             for values in settings.values():
                 SiteSettings.from_json(values)   # an unknown method or granularity is unreadable here
             return cls(data["family"], str(data["mode"]), layers, {str(k): str(v) for k, v in data["sites"].items()},
-                       data.get("recipe"), settings)
+                       data.get("recipe"), settings,
+                       {str(k): str(v) for k, v in data.get("float_sites", {}).items()})
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ModelError(f"metadata '{PLAN_KEY}' is unreadable ({type(exc).__name__}: {exc}); "
                              f"remove it to fall back to matching") from None
@@ -96,7 +104,8 @@ def record(match: EncoderMatch, plan, family: str | None) -> CarriedPlan:
     sites.update({site: q.tensor for q in plan.quantizers for site in q.sites})
     recipe = plan.recipe.to_json() if plan.recipe else None
     settings = {q.tensor: q.settings.to_json() for q in plan.quantizers if q.settings.to_json()}
-    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites, recipe, settings)
+    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites, recipe, settings,
+                       dict(plan.disabled_tensors))
 
 
 def _planned(tensor: gs.Tensor) -> str:
