@@ -340,7 +340,8 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
             continue
         method = settings.method or (config.method if config.method is not Method.AUTO else Method.PERCENTILE)
         if settings.percentile is not None and method is not Method.PERCENTILE:
-            raise UsageError(f"the recipe sets percentile {settings.percentile:g} for '{t}', whose method is "
+            where = ", ".join(carried.quantizer_sites(graph).get(t, ())) or f"'{t}'"
+            raise UsageError(f"the recipe sets percentile {settings.percentile:g} for {where}, whose method is "
                              f"{method.value} (--method {config.method.value}): a percentile applies only to method "
                              "percentile; give the entry method = \"percentile\" or pass --method percentile")
         percentile = settings.percentile if settings.percentile is not None else config.percentile

@@ -17,6 +17,7 @@ from typing import Mapping
 import onnx_graphsurgeon as gs
 
 from . import ir
+from .graph import LAYOUT_OPS
 from .patterns import match_encoder
 from .patterns.blocks import match_activation
 from .patterns.records import Activation, EncoderMatch
@@ -114,11 +115,42 @@ def _planned(tensor: gs.Tensor) -> str:
     return source.inputs[0].name if source is not None and "::smooth" in source.name else tensor.name
 
 
+# the layer sites every mode has (FasterTransformer's GEMM and batched-matmul inputs): what a model
+# without a plan can be named by, whatever mode inserted it
+_EVERY_MODE_SITES = ("qkv.input", "q", "k", "v", "softmax.output", "attention_output.input", "ffn1.input", "ffn2.input")
+
+
+def _matched_sites(graph: gs.Graph) -> dict[str, list[str]]:
+    """Tensor -> site names, matched (a model without a plan: an older qdqc's output, a QAT export); a
+    quantized site's tensor is the one its DequantizeLinear hands the GEMM."""
+    from .placement import layer_site
+
+    by_tensor: dict[str, list[str]] = {}
+    for layer in match_encoder(graph).layers:
+        for name, tensor in layer.sites().items():
+            if name in _EVERY_MODE_SITES:
+                by_tensor.setdefault(tensor, []).append(layer_site(layer.index, name))
+    return by_tensor
+
+
 def quantizer_sites(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
-    """Activation tensor read by a QuantizeLinear now -> the site names insert gave it (none without a plan)."""
+    """Activation tensor read by a QuantizeLinear now -> the site names insert gave it (without a plan:
+    the names every mode has, found by matching the encoder)."""
     plan = read(graph)
     if plan is None:
-        return {}
+        by_tensor = _matched_sites(graph)
+        found = {}
+        for q in graph.nodes:
+            if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]):
+                continue
+            names = list(by_tensor.get(q.inputs[0].name, ()))
+            reached = [dq.outputs[0] for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"]
+            while reached:   # what the DequantizeLinear hands on, through the reshapes that only flatten it
+                tensor = reached.pop()
+                names += [n for n in by_tensor.get(tensor.name, ()) if n not in names]
+                reached += [n.outputs[0] for n in tensor.outputs if n.op in LAYOUT_OPS]
+            found[q.inputs[0].name] = tuple(names)
+        return found
     by_tensor: dict[str, list[str]] = {}
     for site, tensor in plan.sites.items():
         by_tensor.setdefault(tensor, []).append(site)

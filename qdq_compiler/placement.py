@@ -154,7 +154,7 @@ def _apply_recipe(recipe: Recipe, requests: list[_Request], mode: Mode):
         recipe.check_used(used, (name for r in requests for name in (*r.names(), r.tensor) if name),
                           (r.site for r in requests), mode)
         _check_applicable(recipe, kinds)
-        _check_scale_groups(recipe, requests, kept)
+        _check_scale_groups(recipe, kept, mode)
     unique = list(OrderedDict.fromkeys(disabled))
     return kept, settings, tuple(unique)
 
@@ -173,7 +173,7 @@ def _check_applicable(recipe: Recipe, kinds: dict[int, set[TensorKind]]) -> None
                                  "weights (weights are scaled by their own max)")
 
 
-def _check_scale_groups(recipe: Recipe, requests: list[_Request], kept: list[_Request]) -> None:
+def _check_scale_groups(recipe: Recipe, kept: list[_Request], mode: Mode) -> None:
     """Weights that share one scale (ft2/ft3/trt: Q, K and V) change granularity together or not at all:
     one per-channel member would split the scale the fused QKV GEMM needs."""
     groups: dict[str, list[_Request]] = {}
@@ -184,9 +184,9 @@ def _check_scale_groups(recipe: Recipe, requests: list[_Request], kept: list[_Re
         if len({m.axis for m in members}) > 1:
             rule = next(recipe.rules[i] for m in members for i in reversed(recipe.settings(m.names(), m.tensor).rules)
                         if recipe.rules[i].weights is not None)
-            raise UsageError(f"{rule.label}: weights {rule.weights.value} would split the scale "
-                             f"{', '.join(m.site for m in members)} share in this mode; name all of them "
-                             f"(e.g. 'layer.*.*.weight') or none")
+            raise UsageError(f"{rule.label}: weights {rule.weights.value} would split the one scale that "
+                             f"{', '.join(m.site for m in members)} share in mode {mode.value}; name all of them "
+                             f"(e.g. 'layer.*.[qkv]*.weight') or none")
 
 
 def gemm_input_site(tensors: dict[str, gs.Tensor], node: gs.Node, tensor: str) -> Use:
