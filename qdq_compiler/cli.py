@@ -446,6 +446,10 @@ def run_compile(args) -> int:
         raise UsageError("report needs --html FILE (where to write the report)")
     _check_recipe(args)
     output = _checked_output(args, args.report, args.html, args.emit_recipe)
+    if args.emit_recipe is not None:   # after the overwrite check: writing over an input is the worse mistake
+        from .recipe import check_suffix
+
+        check_suffix(args.emit_recipe, "--emit-recipe")
     result = api.compile(args.model, args.data, target=args.target, keep_fp32=args.keep_fp32,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine,
                          samples=args.samples, strict=args.strict, html=args.html,
@@ -487,18 +491,16 @@ def _check_recipe(args) -> None:
         raise UsageError(f"--recipe {args.recipe}: no such file")
     if args.recipe is not None:
         check_suffix(args.recipe, "--recipe")
-    if getattr(args, "emit_recipe", None) is not None:
-        check_suffix(args.emit_recipe, "--emit-recipe")
 
 
 def run_analyze(args) -> int:
     from . import api
 
+    _checked_extra(args, args.json, args.emit_recipe)
     if args.emit_recipe is not None:
         from .recipe import check_suffix
 
         check_suffix(args.emit_recipe, "--emit-recipe")
-    _checked_extra(args, args.json, args.emit_recipe)
     if args.emit_recipe is None and (args.fallback_budget is not None or args.target_cosine is not None):
         raise UsageError("analyze: --fallback-budget/--target-cosine choose the sites --emit-recipe writes; "
                          "add --emit-recipe FILE")
