@@ -40,7 +40,8 @@ def _mode_args(parser: argparse.ArgumentParser) -> None:
                              "percentile, weights, smooth}; later entries win")
     parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
                         help="quantize only the sites this glob names (site name such as layer.*.ffn1.input, "
-                             "node name or op type); repeatable")
+                             "the name or op type of the node reading the site, or a tensor's exact name); "
+                             "repeatable")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave the sites this glob names in float (e.g. 'layer.*.ffn2.input'); repeatable")
 

@@ -1,8 +1,11 @@
 """Per-site control: which quantization sites are on, and how each one is quantized.
 
 A recipe is an ordered list of rules. A rule names sites by a glob (fnmatch, case-sensitive) over
-site names (`layer.3.ffn2.input`, `layer.*.softmax.output`; generic sites `<node>.input0`), the
-names of the nodes reading them, their op types or the tensors they quantize, and sets some of:
+site names (`layer.3.ffn2.input`, `layer.*.softmax.output`; generic sites `<node>.input0`), the names
+of the nodes the sites belong to (the GEMM, batched MatMul or Add reading the quantized tensor, never
+its producer) and their op types, or by the exact name of the tensor a site quantizes (not a glob:
+exported tensor names carry their producer's path, so a node-path glob would reach the next layer's
+inputs), and sets some of:
 `enabled`, `method` and `percentile` (activations), `weights` (per-channel | per-tensor), `smooth`
 (off | an alpha). Later rules override earlier ones. `--include`/`--exclude` are rules too, appended
 after the file's. The same idea as pytorch-quantization's per-module `QuantDescriptor` and
