@@ -1,6 +1,7 @@
 """Never a silent float GEMM: after lowering for onnxruntime, every MatMul/Gemm that still reads a
 dequantized tensor (the model quantized it, the lowering could not make it integer) is named with
-the reason, as a warning; `qdqc lower --strict` turns any of them into an error."""
+the reason, as a warning; `qdqc lower --strict` turns any of them into an error. A GEMM the recipe
+carried in the model left in float on purpose (`--exclude`, a recipe entry, the fallback) is a note."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,9 +50,38 @@ def why_float(gemm: gs.Node) -> str:
     return "no integer form for this GEMM"
 
 
+def _float_by_recipe(gemm: gs.Node, deliberate: dict[str, str]) -> str | None:
+    """The site the carried recipe left in float at one of this GEMM's float inputs (looking back through
+    the Reshape/Transpose that only flatten it), else None."""
+    for tensor in gemm.inputs[:2]:
+        if is_dequantized(tensor):
+            continue
+        while True:
+            if tensor.name in deliberate:
+                return deliberate[tensor.name]
+            node = ir.producer(tensor)
+            if node is None or node.op not in LAYOUT_OPS:
+                break
+            tensor = node.inputs[0]
+    return None
+
+
 @register("report-float-gemms")
 def report_float_gemms(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    from qdq_compiler import carried
+
+    plan = carried.read(graph)
+    deliberate = plan.deliberate_float() if plan is not None else {}
     left = [n for n in graph.nodes if n.op in GEMM_OPS and any(is_dequantized(t) for t in n.inputs[:2])]
-    diagnostics = tuple(Diagnostic("warning", f"quantized {ir.describe(n)} left in float: {why_float(n)}", ir.label(n))
-                        for n in left)
-    return PassResult(False, {"quantized_gemms_left_float": len(left)}, diagnostics)
+    diagnostics, accidental = [], 0
+    for n in left:
+        site = _float_by_recipe(n, deliberate)
+        if site is not None:   # what the user asked for (--exclude, a recipe, the fallback): a note
+            diagnostics.append(Diagnostic("info", f"{ir.describe(n)} runs in float: the recipe in the model leaves "
+                                                  f"{site} in float", ir.label(n)))
+        else:
+            accidental += 1
+            diagnostics.append(Diagnostic("warning", f"quantized {ir.describe(n)} left in float: {why_float(n)}",
+                                          ir.label(n)))
+    return PassResult(False, {"quantized_gemms_left_float": accidental,
+                              "left_float_by_recipe": len(left) - accidental}, tuple(diagnostics))

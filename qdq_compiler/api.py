@@ -59,7 +59,7 @@ class Result:
     left_out: list[Sensitivity] = field(default_factory=list)
     ranking: list[Sensitivity] | None = None
     records: list[PassRecord] = field(default_factory=list)
-    recipe: dict | None = None    # what was decided, as a recipe to replay (compile: fallback, auto methods)
+    recipe: dict | None = None    # the recipe in force, to replay (insert: as given; compile: + fallback, auto methods)
     target: str | None = None                       # the lowering's target; None before lowering
 
     @property
@@ -128,12 +128,20 @@ def insert_config(mode: str | None = None, recipe=None, include=(), exclude=()) 
     then `include`/`exclude` globs (a list, or comma-separated); `mode` None takes the recipe's mode,
     else ft1. A --mode that contradicts the recipe's is refused."""
     parsed = parse_recipe(recipe)
-    parsed = parsed.with_filters(names(include or (), "--include"), names(exclude or (), "--exclude"))
+    parsed = parsed.with_filters(_patterns(include, "--include"), _patterns(exclude, "--exclude"))
     if mode is None:
         return InsertConfig(parsed.mode or InsertConfig.mode, parsed)
     if parsed.mode is not None and choice(Mode, mode, "--mode") is not parsed.mode:
         raise UsageError(f"--mode {mode}: the recipe ({parsed.source or 'recipe'}) says mode {parsed.mode.value}")
     return InsertConfig(mode, parsed)
+
+
+def _patterns(value, option: str) -> tuple[str, ...]:
+    """--include/--exclude globs (a list, or comma-separated); an empty one names no site: refused."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    if any(isinstance(item, str) and not item.strip() for item in items):
+        raise UsageError(f"{option} '': an empty pattern names no site (e.g. 'layer.*.ffn2.input')")
+    return names(items, option)
 
 
 insert_config_of = insert_config   # inside `compile`, `insert_config` names its local
@@ -150,7 +158,7 @@ def insert(model, *, mode: str | None = None, recipe=None, include=(), exclude=(
     with clock("insert"):
         inserted = run_insert(graph, config, verify=verify)
     return Result(graph, {"sites": report(inserted, config), "timings": clock.timings}, source, inserted,
-                  records=list(inserted.records))
+                  records=list(inserted.records), recipe=config.recipe.to_json() if config.recipe else None)
 
 
 def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, clock, verify=False,
@@ -317,6 +325,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
             weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
+            samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
@@ -324,7 +333,8 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     By default: FasterTransformer ft1 sites, SmoothQuant with alpha searched per site, percentile
     99.999, lowered for onnxruntime (the best recipe measured, README). `--smooth off --method
     percentile --percentile 99.99` is pytorch-quantization's own default. `html` also writes the
-    HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution). `recipe`/`include`/`exclude`:
+    HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution); `samples`: how many the fallback
+    measures sensitivity on; `strict`: as `lower`'s. `recipe`/`include`/`exclude`:
     per-site rules (recipe.py). With a fallback, the sites it chooses are excluded and the model is built
     again from the float one, so it equals `exclude=` those sites; `Result.recipe` is the decision
     (rules in force, sites left in float, `--method auto`'s choices) as a recipe to replay."""
@@ -333,11 +343,11 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     from .insert import insert as run_insert, report as sites_report
     from .lower import lower as run_lower
 
-    insert_config, lower_config = insert_config_of(mode, recipe, include, exclude), LowerConfig(target, keep_fp32)
+    insert_config, lower_config = insert_config_of(mode, recipe, include, exclude), LowerConfig(target, keep_fp32, strict)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     smoothing = _smoothing(smooth, True)
     rounding = parse_rounding(weights, True)
-    fallback = FallbackConfig(fallback_budget, target_cosine)
+    fallback = FallbackConfig(fallback_budget, target_cosine, samples)
     if eval is not None and html is None:
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
     clock = _Clock()

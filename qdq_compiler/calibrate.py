@@ -347,6 +347,11 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
         if t not in found or (settings.method is None and settings.percentile is None):
             continue
         method = settings.method or (config.method if config.method is not Method.AUTO else Method.PERCENTILE)
+        if settings.percentile is not None and method is not Method.PERCENTILE:
+            where = ", ".join(carried.quantizer_sites(graph).get(t, ())) or f"'{t}'"
+            raise UsageError(f"the recipe sets percentile {settings.percentile:g} for {where}, whose method is "
+                             f"{method.value} (--method {config.method.value}): a percentile applies only to method "
+                             "percentile; give the entry method = \"percentile\" or pass --method percentile")
         percentile = settings.percentile if settings.percentile is not None else config.percentile
         chosen[t] = amaxes(collectors[t], percentile=percentile)[method.value]
         label = f"percentile {percentile:g}" if method is Method.PERCENTILE else method.value

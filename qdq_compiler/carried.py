@@ -17,6 +17,7 @@ from typing import Mapping
 import onnx_graphsurgeon as gs
 
 from . import ir
+from .graph import LAYOUT_OPS
 from .patterns import match_encoder
 from .patterns.blocks import match_activation
 from .patterns.records import Activation, EncoderMatch
@@ -50,13 +51,20 @@ class CarriedPlan:
     sites: Mapping[str, str] = field(default_factory=dict)   # site -> the float tensor its quantizer reads
     recipe: Mapping | None = None    # the recipe in force at insert (its file form), None: none given
     settings: Mapping[str, Mapping] = field(default_factory=dict)   # quantized tensor -> what the recipe set
+    float_sites: Mapping[str, str] = field(default_factory=dict)   # site the recipe left in float -> its tensor
 
     def to_json(self) -> dict:
         found = {"format": FORMAT, "family": self.family, "mode": self.mode,
                  "layers": [layer.to_json() for layer in self.layers], "sites": dict(self.sites)}
         if self.recipe is not None:
             found.update(recipe=dict(self.recipe), settings={k: dict(v) for k, v in sorted(self.settings.items())})
+        if self.float_sites:
+            found["float_sites"] = dict(self.float_sites)
         return found
+
+    def deliberate_float(self) -> dict[str, str]:
+        """Tensor -> the site the recipe left in float there (lowering notes these GEMMs, never warns)."""
+        return {tensor: site for site, tensor in self.float_sites.items()}
 
     def tensor_settings(self) -> dict[str, SiteSettings]:
         """Quantized tensor -> the per-site calibration/smoothing settings the recipe gave it."""
@@ -76,7 +84,8 @@ class CarriedPlan:
             for values in settings.values():
                 SiteSettings.from_json(values)   # an unknown method or granularity is unreadable here
             return cls(data["family"], str(data["mode"]), layers, {str(k): str(v) for k, v in data["sites"].items()},
-                       data.get("recipe"), settings)
+                       data.get("recipe"), settings,
+                       {str(k): str(v) for k, v in data.get("float_sites", {}).items()})
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             raise ModelError(f"metadata '{PLAN_KEY}' is unreadable ({type(exc).__name__}: {exc}); "
                              f"remove it to fall back to matching") from None
@@ -96,7 +105,8 @@ def record(match: EncoderMatch, plan, family: str | None) -> CarriedPlan:
     sites.update({site: q.tensor for q in plan.quantizers for site in q.sites})
     recipe = plan.recipe.to_json() if plan.recipe else None
     settings = {q.tensor: q.settings.to_json() for q in plan.quantizers if q.settings.to_json()}
-    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites, recipe, settings)
+    return CarriedPlan(family if match.layers else None, plan.mode.value, tuple(layers), sites, recipe, settings,
+                       dict(plan.disabled_tensors))
 
 
 def _planned(tensor: gs.Tensor) -> str:
@@ -109,11 +119,42 @@ def _planned(tensor: gs.Tensor) -> str:
     return tensor.name
 
 
+# the layer sites every mode has (FasterTransformer's GEMM and batched-matmul inputs): what a model
+# without a plan can be named by, whatever mode inserted it
+_EVERY_MODE_SITES = ("qkv.input", "q", "k", "v", "softmax.output", "attention_output.input", "ffn1.input", "ffn2.input")
+
+
+def _matched_sites(graph: gs.Graph) -> dict[str, list[str]]:
+    """Tensor -> site names, matched (a model without a plan: an older qdqc's output, a QAT export); a
+    quantized site's tensor is the one its DequantizeLinear hands the GEMM."""
+    from .placement import layer_site
+
+    by_tensor: dict[str, list[str]] = {}
+    for layer in match_encoder(graph).layers:
+        for name, tensor in layer.sites().items():
+            if name in _EVERY_MODE_SITES:
+                by_tensor.setdefault(tensor, []).append(layer_site(layer.index, name))
+    return by_tensor
+
+
 def quantizer_sites(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
-    """Activation tensor read by a QuantizeLinear now -> the site names insert gave it (none without a plan)."""
+    """Activation tensor read by a QuantizeLinear now -> the site names insert gave it (without a plan:
+    the names every mode has, found by matching the encoder)."""
     plan = read(graph)
     if plan is None:
-        return {}
+        by_tensor = _matched_sites(graph)
+        found = {}
+        for q in graph.nodes:
+            if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]):
+                continue
+            names = list(by_tensor.get(q.inputs[0].name, ()))
+            reached = [dq.outputs[0] for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"]
+            while reached:   # what the DequantizeLinear hands on, through the reshapes that only flatten it
+                tensor = reached.pop()
+                names += [n for n in by_tensor.get(tensor.name, ()) if n not in names]
+                reached += [n.outputs[0] for n in tensor.outputs if n.op in LAYOUT_OPS]
+            found[q.inputs[0].name] = tuple(names)
+        return found
     by_tensor: dict[str, list[str]] = {}
     for site, tensor in plan.sites.items():
         by_tensor.setdefault(tensor, []).append(site)

@@ -40,7 +40,8 @@ def _mode_args(parser: argparse.ArgumentParser) -> None:
                              "percentile, weights, smooth}; later entries win")
     parser.add_argument("--include", action="append", default=[], metavar="PATTERN",
                         help="quantize only the sites this glob names (site name such as layer.*.ffn1.input, "
-                             "node name or op type); repeatable")
+                             "the name or op type of the node reading the site, or a tensor's exact name); "
+                             "repeatable")
     parser.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                         help="leave the sites this glob names in float (e.g. 'layer.*.ffn2.input'); repeatable")
 
@@ -108,6 +109,8 @@ def _calibration_options(args) -> dict:
 
 
 def _compile_args(parser: argparse.ArgumentParser) -> None:
+    from .analyze import FallbackConfig
+
     _model_args(parser)
     _output_args(parser, ".int8.onnx")
     _mode_args(parser)
@@ -116,12 +119,18 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, help="site report of the insert step (JSON)")
     parser.add_argument("--fallback-budget", type=int,
                         help="leave the K most sensitive activation sites in float (measured by `analyze`)")
+    parser.add_argument("--samples", type=int, default=FallbackConfig.samples,
+                        help=f"with --fallback-budget/--target-cosine: samples to measure sensitivity on "
+                             f"(default {FallbackConfig.samples})")
     parser.add_argument("--target-cosine", type=float,
                         help="leave the fewest most-sensitive sites in float that reach this mean cosine to "
                              "the float model on the calibration samples (at most --fallback-budget)")
     parser.add_argument("--emit-recipe", type=Path,
                         help="write what was decided (rules in force, sites the fallback left in float, "
                              "--method auto's choices) as a recipe to replay with --recipe")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail when a quantized GEMM cannot be made integer (as `lower --strict`; the sites the "
+                             "recipe leaves in float are noted, never a failure)")
     parser.add_argument("--html", type=Path, help="also write the HTML report (histograms, sensitivity, fidelity)")
     parser.add_argument("--eval", type=Path, help="with --html: samples for the FP32-vs-INT8 cosine distribution")
     parser.add_argument("--quiet", action="store_true")
@@ -134,7 +143,7 @@ def _checked_output(args, *extra: Path | None) -> Path:
     from . import ir
 
     ir.check_input(args.model)
-    data = [getattr(args, name, None) for name in ("data", "eval", "stats")]
+    data = [getattr(args, name, None) for name in ("data", "eval", "stats", "recipe")]
     if data[2] is not None and data[0] is None:   # recomputing from --stats: it must exist, said first
         ir.check_input(data[2], "a statistics .npz")
     output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
@@ -142,7 +151,7 @@ def _checked_output(args, *extra: Path | None) -> Path:
         from .openvino_backend import check_ir_target
 
         check_ir_target(output, getattr(args, "target", None))
-    for path in data:   # the data and statistics are never an output, --overwrite or not
+    for path in data:   # the data, statistics and recipe are never an output, --overwrite or not
         if path is not None and ir.same_file(output, path):
             raise UsageError(f"{output}: output would overwrite the input {path}")
     _checked_extra(args, *extra, output=output)
@@ -152,7 +161,9 @@ def _checked_output(args, *extra: Path | None) -> Path:
 def _checked_extra(args, *paths: Path | None, output: Path | None = None) -> None:
     from . import ir
 
-    inputs = [getattr(args, "model", None), getattr(args, "data", None), getattr(args, "eval", None)]
+    inputs = [getattr(args, name, None) for name in ("model", "data", "eval", "recipe")]
+    if getattr(args, "data", None) is None:   # without --data, --stats is read (with it, --stats is an output)
+        inputs.append(getattr(args, "stats", None))
     inputs += list(getattr(args, "models", None) or []) + list(getattr(args, "compare", None) or [])
     paths = [p for p in paths if p is not None]
     for index, path in enumerate(paths):
@@ -220,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     _target_args(lower)
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     lower.add_argument("--strict", action="store_true",
-                       help="fail when a quantized GEMM cannot be made integer (by default: a warning naming it)")
+                       help="fail when a quantized GEMM cannot be made integer (by default: a warning naming it); "
+                            "GEMMs the model's recipe leaves in float are a note, never a failure")
     lower.add_argument("--quiet", action="store_true")
     lower.set_defaults(run=run_lower)
 
@@ -402,14 +414,21 @@ def run_lower(args) -> int:
     result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify,
                        strict=args.strict)
     result.save(output, overwrite=args.overwrite)
-    for record in result.records:   # warnings print even with --quiet: never a silent float GEMM
-        for diagnostic in record.diagnostics:
-            if diagnostic.level == "warning":
-                print(f"qdqc: warning: {diagnostic.message}", file=sys.stderr)
+    _print_diagnostics(result.records, args.quiet)
     if not args.quiet:
         _print_records(result.records)
         print(f"wrote {output}")
     return 0
+
+
+def _print_diagnostics(records, quiet: bool) -> None:
+    """Warnings print even with --quiet (never a silent float GEMM); notes (what a recipe asked for) without it."""
+    for record in records:
+        for diagnostic in record.diagnostics:
+            if diagnostic.level == "warning":
+                print(f"qdqc: warning: {diagnostic.message}", file=sys.stderr)
+            elif record.name == "report-float-gemms" and not quiet:
+                print(f"qdqc: note: {diagnostic.message}", file=sys.stderr)
 
 
 def _print_records(records) -> None:
@@ -428,10 +447,16 @@ def run_compile(args) -> int:
         raise UsageError("report needs --html FILE (where to write the report)")
     _check_recipe(args)
     output = _checked_output(args, args.report, args.html, args.emit_recipe)
+    if args.emit_recipe is not None:   # after the overwrite check: writing over an input is the worse mistake
+        from .recipe import check_suffix
+
+        check_suffix(args.emit_recipe, "--emit-recipe")
     result = api.compile(args.model, args.data, target=args.target, keep_fp32=args.keep_fp32,
-                         fallback_budget=args.fallback_budget, target_cosine=args.target_cosine, html=args.html,
+                         fallback_budget=args.fallback_budget, target_cosine=args.target_cosine,
+                         samples=args.samples, strict=args.strict, html=args.html,
                          eval=args.eval, **_site_options(args), **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
+    _print_diagnostics(result.records[-len(result.report["lowering"]):], args.quiet)
     if args.report:
         _write_json(args.report, result.report["sites"])
     if args.emit_recipe:
@@ -461,14 +486,22 @@ def run_compile(args) -> int:
 
 def _check_recipe(args) -> None:
     """A missing --recipe file is said before any output is checked or work done."""
+    from .recipe import check_suffix
+
     if args.recipe is not None and not args.recipe.is_file():
         raise UsageError(f"--recipe {args.recipe}: no such file")
+    if args.recipe is not None:
+        check_suffix(args.recipe, "--recipe")
 
 
 def run_analyze(args) -> int:
     from . import api
 
     _checked_extra(args, args.json, args.emit_recipe)
+    if args.emit_recipe is not None:
+        from .recipe import check_suffix
+
+        check_suffix(args.emit_recipe, "--emit-recipe")
     if args.emit_recipe is None and (args.fallback_budget is not None or args.target_cosine is not None):
         raise UsageError("analyze: --fallback-budget/--target-cosine choose the sites --emit-recipe writes; "
                          "add --emit-recipe FILE")

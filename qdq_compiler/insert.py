@@ -38,7 +38,12 @@ def insert(graph: gs.Graph, config: InsertConfig, *, verify: bool = False) -> In
     records = run_pipeline(graph, PIPELINES["insert"], ctx, verify=verify)
     plan = ctx.analyses["plan"]
     if not plan.quantizers and not plan.existing:
-        from .errors import QdqcError
+        from .errors import QdqcError, UsageError
+
+        if plan.disabled:   # there were sites: the rules turned every one off
+            rules = list(dict.fromkeys(rule for _, rule in plan.disabled))
+            raise UsageError(f"the recipe leaves no site to quantize: all {len(plan.disabled)} sites are turned off "
+                             f"(by {', '.join(rules[:3])}{', ...' if len(rules) > 3 else ''})")
 
         lowered = [n.op for n in graph.nodes if n.op in LOWERED_OPS]
         raise QdqcError("nothing to quantize: " + (f"the model is already lowered ({lowered[0]})" if lowered else

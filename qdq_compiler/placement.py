@@ -16,6 +16,7 @@ from . import ir
 from .graph import RESHAPE_OPS, weight_of
 from .patterns.records import EncoderLayer, EncoderMatch
 from .config import InsertConfig, Mode
+from .errors import UsageError
 from .recipe import Granularity, Recipe, SiteSettings, combine
 
 GRAPH_OUTPUT = "<graph output>"   # how a report names the graph-output use
@@ -78,6 +79,7 @@ class QuantPlan:
     fallback: bool                         # no layer matched: generic placement used
     disabled: tuple[tuple[str, str], ...] = ()   # (site, the rule that turned it off)
     recipe: Recipe = Recipe()
+    disabled_tensors: tuple[tuple[str, str], ...] = ()   # (site, the tensor it would have quantized)
 
     def by_site(self) -> dict[str, Quantizer]:
         return {site: q for q in self.quantizers for site in q.sites}
@@ -95,9 +97,10 @@ class _Request:
     channel_axis: int | None = None      # a weight's output-channel axis (a rule may ask for per-channel)
 
     def names(self) -> tuple[str, ...]:
-        """What a recipe rule may name this site by: the site, its node's name and op type, the tensor."""
+        """What a recipe glob may name this site by: the site, its node's name and op type (the tensor it
+        quantizes only by its exact name: `Recipe.settings`)."""
         node = self.node
-        return (self.site, node.name if node is not None else "", node.op if node is not None else "", self.tensor)
+        return (self.site, node.name if node is not None else "", node.op if node is not None else "")
 
 
 def layer_site(index: int, site: str) -> str:
@@ -121,17 +124,23 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
         for layer in match.layers:
             _layer_requests(layer, config, tensors, requests, skipped)
         _final_requests(graph, match.layers[-1], config, requests, skipped)
-    requests, settings, disabled = _apply_recipe(config.recipe, requests)
-    return _merge(graph, requests, settings, skipped, config, fallback, disabled)
+    everything = requests
+    requests, settings, disabled = _apply_recipe(config.recipe, requests, config.mode)
+    off = {site for site, _ in disabled}
+    plan = _merge(graph, requests, settings, skipped, config, fallback, disabled)
+    return replace(plan, disabled_tensors=tuple(dict.fromkeys((r.site, r.tensor) for r in everything if r.site in off)))
 
 
-def _apply_recipe(recipe: Recipe, requests: list[_Request]):
+def _apply_recipe(recipe: Recipe, requests: list[_Request], mode: Mode):
     """The requests the recipe keeps (weights at the granularity it asks), each one's settings, and
-    the sites it turned off; a rule that names nothing is an error."""
+    the sites it turned off; a rule that names nothing, or sets what none of its sites has, is an error."""
     kept, settings, disabled, used = [], [], [], set()
+    kinds: dict[int, set[TensorKind]] = {}   # rule index -> the kinds of site it matched
     for request in requests:
-        found = recipe.settings(request.names())
+        found = recipe.settings(request.names(), request.tensor)
         used.update(found.rules)
+        for index in found.rules:
+            kinds.setdefault(index, set()).add(request.kind)
         if not found.enabled:
             rule = next(recipe.rules[i] for i in reversed(found.rules) if recipe.rules[i].enabled is False)
             disabled.append((request.site, rule.label))
@@ -142,9 +151,42 @@ def _apply_recipe(recipe: Recipe, requests: list[_Request]):
         kept.append(request)
         settings.append(found)
     if recipe.rules:
-        recipe.check_used(used, (name for r in requests for name in r.names() if name))
+        recipe.check_used(used, (name for r in requests for name in (*r.names(), r.tensor) if name),
+                          (r.site for r in requests), mode)
+        _check_applicable(recipe, kinds)
+        _check_scale_groups(recipe, kept, mode)
     unique = list(OrderedDict.fromkeys(disabled))
     return kept, settings, tuple(unique)
+
+
+def _check_applicable(recipe: Recipe, kinds: dict[int, set[TensorKind]]) -> None:
+    """`weights` sets a weight's granularity, `method`/`percentile`/`smooth` an activation's calibration:
+    a rule whose sites have none of the kind its setting is for would do nothing."""
+    for index, matched in kinds.items():
+        rule = recipe.rules[index]
+        if rule.weights is not None and TensorKind.WEIGHT not in matched:
+            raise UsageError(f"{rule.label}: 'weights' sets a weight's granularity, and this entry names only "
+                             "activation sites")
+        for key in ("method", "percentile", "smooth"):
+            if getattr(rule, key) is not None and TensorKind.ACTIVATION not in matched:
+                raise UsageError(f"{rule.label}: '{key}' applies to activation sites, and this entry names only "
+                                 "weights (weights are scaled by their own max)")
+
+
+def _check_scale_groups(recipe: Recipe, kept: list[_Request], mode: Mode) -> None:
+    """Weights that share one scale (ft2/ft3/trt: Q, K and V) change granularity together or not at all:
+    one per-channel member would split the scale the fused QKV GEMM needs."""
+    groups: dict[str, list[_Request]] = {}
+    for request in kept:
+        if request.kind is TensorKind.WEIGHT and request.group:
+            groups.setdefault(request.group, []).append(request)
+    for group, members in groups.items():
+        if len({m.axis for m in members}) > 1:
+            rule = next(recipe.rules[i] for m in members for i in reversed(recipe.settings(m.names(), m.tensor).rules)
+                        if recipe.rules[i].weights is not None)
+            raise UsageError(f"{rule.label}: weights {rule.weights.value} would split the one scale that "
+                             f"{', '.join(m.site for m in members)} share in mode {mode.value}; name all of them "
+                             f"(e.g. 'layer.*.[qkv]*.weight') or none")
 
 
 def gemm_input_site(tensors: dict[str, gs.Tensor], node: gs.Node, tensor: str) -> Use:

@@ -1,8 +1,11 @@
 """Per-site control: which quantization sites are on, and how each one is quantized.
 
 A recipe is an ordered list of rules. A rule names sites by a glob (fnmatch, case-sensitive) over
-site names (`layer.3.ffn2.input`, `layer.*.softmax.output`; generic sites `<node>.input0`), the
-names of the nodes reading them, their op types or the tensors they quantize, and sets some of:
+site names (`layer.3.ffn2.input`, `layer.*.softmax.output`; generic sites `<node>.input0`), the names
+of the nodes the sites belong to (the GEMM, batched MatMul or Add reading the quantized tensor, never
+its producer) and their op types, or by the exact name of the tensor a site quantizes (not a glob:
+exported tensor names carry their producer's path, so a node-path glob would reach the next layer's
+inputs), and sets some of:
 `enabled`, `method` and `percentile` (activations), `weights` (per-channel | per-tensor), `smooth`
 (off | an alpha). Later rules override earlier ones. `--include`/`--exclude` are rules too, appended
 after the file's. The same idea as pytorch-quantization's per-module `QuantDescriptor` and
@@ -81,6 +84,9 @@ class SiteRule:
                 CalibrationConfig(percentile=self.percentile)   # the --percentile checks
             except UsageError as exc:
                 raise UsageError(f"{where}: {str(exc).removeprefix('--')}") from None
+        if self.percentile is not None and self.method not in (None, Method.PERCENTILE):
+            raise UsageError(f"{where}: percentile {self.percentile:g} with method {self.method.value}: a percentile "
+                             "applies only to method percentile")
         if self.weights is not None:
             object.__setattr__(self, "weights", choice(Granularity, self.weights, f"{where}: weights"))
         if self.smooth is not None:
@@ -102,8 +108,10 @@ class SiteRule:
             return f"{self.origin} {self.match!r}"
         return f"{self.origin or 'recipe rule'} ({self.match!r})"
 
-    def matches(self, names: Iterable[str]) -> bool:
-        return any(fnmatch.fnmatchcase(name, self.match) for name in names if name)
+    def matches(self, names: Iterable[str], tensor: str = "") -> bool:
+        """A glob over the site's `names` (site name, reading node's name, its op type); the quantized
+        tensor only by its exact name, since a tensor is named after its producer, not its reader."""
+        return self.match == tensor or any(fnmatch.fnmatchcase(name, self.match) for name in names if name)
 
     def to_json(self) -> dict:
         found = {"match": self.match}
@@ -198,8 +206,9 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
-        """A recipe file: `.toml` (tomllib) or JSON."""
+        """A recipe file: `.toml` (tomllib) or `.json`."""
         path = Path(path)
+        check_suffix(path, "--recipe")
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -234,24 +243,34 @@ class Recipe:
 
     # ------------------------------------------------------------ resolving
 
-    def settings(self, names: Iterable[str]) -> SiteSettings:
-        """The settings of a site known by `names` (its site name, readers' names and op types, tensor)."""
+    def settings(self, names: Iterable[str], tensor: str = "") -> SiteSettings:
+        """The settings of a site known by `names` (its site name, reader's name and op type) and `tensor`."""
         names = tuple(names)
         found = SiteSettings()
         for index, rule in enumerate(self.rules):
-            if rule.matches(names):
+            if rule.matches(names, tensor):
                 found = fold(found, rule, index)
         return found
 
-    def check_used(self, matched: set[int], candidates: Iterable[str]) -> None:
+    def check_used(self, matched: set[int], candidates: Iterable[str], sites: Iterable[str] = (),
+                   mode: Mode | None = None) -> None:
         """A rule that matched no site is a mistake (a typo, another mode's site): one line with the
-        closest names."""
+        closest names, the modes that have such a site, or what the names here look like."""
+        sites = list(dict.fromkeys(sites))
         for index, rule in enumerate(self.rules):
             if index in matched or rule.match == "*":
                 continue
             known = sorted(set(candidates))
             close = difflib.get_close_matches(rule.match, known, 5, 0.5)
-            hint = f"; closest: {', '.join(close)}" if close else ""
+            elsewhere = _other_modes(rule.match, sites, mode) if mode is not None else ""
+            if elsewhere:
+                hint = f"; {elsewhere}"
+            elif close:
+                hint = f"; closest: {', '.join(close)}"
+            else:
+                ops = sorted({name for name in known if name in _SITE_OPS})
+                hint = (f"; site names here look like {', '.join(sites[:3])}" if sites else "") + \
+                        (f"; op types: {', '.join(ops)}" if ops else "")
             raise UsageError(f"{rule.label}: matches no quantization site, node name or op type{hint}")
 
     def to_json(self) -> dict:
@@ -260,6 +279,24 @@ class Recipe:
             found["mode"] = self.mode.value
         found["sites"] = [rule.to_json() for rule in self.rules]
         return found
+
+
+_SITE_OPS = ("MatMul", "Gemm", "Conv", "Add")
+
+
+def _other_modes(pattern: str, sites: list[str], mode: Mode) -> str:
+    """Which modes have the layer sites `pattern` names, when `mode` has none of them ('' if none do)."""
+    from .config import LINEAR_SITE_KINDS, MODE_SITES, NAMED_SITE_KINDS, site_kind
+
+    layers = sorted({site.split(".")[1] for site in sites if site.startswith("layer.")} or {"0"})
+    roles = ("query", "key", "value", "qkv", "attention_output", "ffn1", "ffn2")
+    names = list(NAMED_SITE_KINDS) + [f"{role}.{kind}" for role in roles for kind in LINEAR_SITE_KINDS]
+    wanted = [name for name in names if any(fnmatch.fnmatchcase(f"layer.{i}.{name}", pattern) for i in layers)]
+    if not wanted:
+        return ""
+    modes = [m.value for m in Mode if m is not mode and any(site_kind(n) in MODE_SITES[m] for n in wanted)]
+    return (f"mode {mode.value} has no {wanted[0]} site" + (f" (modes {', '.join(modes)} have)" if modes else "")
+            if modes else "")
 
 
 def fold(settings: SiteSettings, rule: SiteRule, index: int) -> SiteSettings:
@@ -290,11 +327,23 @@ def parse_recipe(recipe) -> Recipe:
     raise UsageError(f"recipe: expected a path, a dict or a Recipe, got {type(recipe).__name__}")
 
 
+SUFFIXES = (".json", ".toml")
+
+
+def check_suffix(path: str | Path, option: str) -> Path:
+    """A recipe file is `.json` or `.toml` (its suffix says which), never guessed from another suffix."""
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"{option} {path}: a recipe file ends in .json or .toml, not "
+                         f"{path.suffix or 'no suffix'!r}")
+    return path
+
+
 def write(recipe: dict, path: str | Path) -> Path:
-    """Write a recipe (its JSON/TOML dict) atomically: `.toml` or JSON by suffix."""
+    """Write a recipe (its JSON/TOML dict) atomically: `.toml` or `.json` by suffix."""
     from . import ir
 
-    path = Path(path)
+    path = check_suffix(path, "--emit-recipe")
     ir.write_text_atomic(path, to_toml(recipe) if path.suffix.lower() == ".toml" else json.dumps(recipe, indent=1) + "\n")
     return path
 
@@ -304,20 +353,21 @@ def to_toml(recipe: dict) -> str:
     def value(v) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
 
-    lines = [f"{k} = {value(v)}" for k, v in recipe.items() if k != "sites"]
+    lines = [f"{k} = {value(v)}" for k, v in recipe.items() if k != "sites" and v is not None]
     for entry in recipe.get("sites", []):
-        lines += ["", "[[sites]]"] + [f"{k} = {value(v)}" for k, v in entry.items()]
+        lines += ["", "[[sites]]"] + [f"{k} = {value(v)}" for k, v in entry.items() if v is not None]
     return "\n".join(lines) + "\n"
 
 
-def decision(base: Recipe, mode: str, float_sites: Iterable[str] = (),
+def decision(base: Recipe, mode: str | None, float_sites: Iterable[str] = (),
              methods: dict[str, str] | None = None) -> dict:
     """A decision written as a recipe (its file form), to review, edit and replay: the rules in force,
     then one rule per site left in float, then one per site whose calibration method was chosen
-    (`--method auto`'s labels: "max", "mse", "entropy", "percentile 99.99")."""
+    (`--method auto`'s labels: "max", "mse", "entropy", "percentile 99.99"). `mode` None (a model
+    without qdqc's plan): no mode, the replaying command's --mode decides."""
     rules = [rule.to_json() for rule in base.rules]
     rules += [{"match": site, "enabled": False} for site in float_sites]
     for site, label in (methods or {}).items():
         method, _, percentile = label.partition(" ")
         rules.append({"match": site, "method": method, **({"percentile": float(percentile)} if percentile else {})})
-    return {"format": FORMAT, "mode": mode, "sites": rules}
+    return {"format": FORMAT, **({"mode": mode} if mode is not None else {}), "sites": rules}

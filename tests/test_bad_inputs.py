@@ -146,7 +146,7 @@ def files(tmp_path_factory):
 
     # recipes, each wrong in one way (the row's word says which)
     for name, text in RECIPE_FILES.items():
-        f[name] = root / name.replace("_json", ".json").replace("_toml", ".toml")
+        f[name] = root / name.replace("_json", ".json").replace("_toml", ".toml").replace("_yaml", ".yaml")
         f[name].write_text(text)
 
     f["no_dir"] = root / "no" / "such" / "dir" / "out.onnx"
@@ -195,6 +195,16 @@ RECIPE_FILES = {
     "r_broken_toml": '[[sites]\nmatch = "x"\n',
     "r_broken_json": '{"sites": [',
     "r_list_json": '[{"match": "layer.0.*"}]',
+    # valid, but given where it would be overwritten or under a suffix that is neither .json nor .toml
+    "r_ok_json": '{"sites": [{"match": "layer.0.ffn2.input", "enabled": false}]}',
+    "r_ok_toml": '# a comment to keep\n[[sites]]\nmatch = "layer.0.ffn2.input"\nenabled = false\n',
+    "r_ok_yaml": '{"sites": [{"match": "layer.0.ffn2.input", "enabled": false}]}',
+    # entries that cannot apply
+    "r_weights_on_activation_json": '{"sites": [{"match": "layer.*.q", "weights": "per-tensor"}]}',
+    "r_method_on_weight_json": '{"sites": [{"match": "layer.*.query.weight", "method": "mse"}]}',
+    "r_percentile_mse_json": '{"sites": [{"match": "layer.*.q", "method": "mse", "percentile": 99.9}]}',
+    "r_percentile_alone_json": '{"sites": [{"match": "layer.*.q", "percentile": 99.9}]}',
+    "r_split_qkv_json": '{"mode": "trt", "sites": [{"match": "layer.*.query.weight", "weights": "per-channel"}]}',
 }
 RECIPE_ROWS = [
     ("insert {model} -o {out} --recipe {r_unknown_key_json}", 2, "did you mean 'enabled'"),
@@ -222,6 +232,29 @@ RECIPE_ROWS = [
     ("analyze {calib} --data {data} --fallback-budget 1", 2, "--emit-recipe"),
     ("analyze {calib} --data {data} --emit-recipe {out}.toml", 2, "--fallback-budget"),
     ("compile {model} --data {data} -o {out} --emit-recipe {data}", 2, "overwrite the input"),
+    # a recipe or statistics file is an input: never an output of the command reading it
+    ("insert {model} -o {r_ok_json} --recipe {r_ok_json}", 2, "overwrite the input"),
+    ("insert {model} -o {out} --recipe {r_ok_json} --report {r_ok_json}", 2, "overwrite the input"),
+    ("compile {model} --data {data} -o {out} --recipe {r_ok_toml} --emit-recipe {r_ok_toml}", 2, "overwrite the input"),
+    ("calibrate {qdq} --stats {stats} -o {out} --report {stats}", 2, "overwrite the input"),
+    # rules that turn off every site, patterns that name nothing
+    ("insert {model} -o {out} --exclude MatMul", 2, "leaves no site to quantize"),
+    ("insert {model} -o {out} --exclude *", 2, "leaves no site to quantize"),
+    ("insert {model} -o {out} --include layer.0.q --exclude layer.0.q", 2, "leaves no site to quantize"),
+    ("insert {model} -o {out} --exclude Softmax", 2, "site names here look like layer.0."),
+    ("insert {model} -o {out} --exclude layer.*.residual1", 2, "mode ft1 has no residual1 site (modes ft2, ft3, trt"),
+    # a recipe file is .json or .toml
+    ("insert {model} -o {out} --recipe {r_ok_yaml}", 2, "ends in .json or .toml"),
+    ("compile {model} --data {data} -o {out} --emit-recipe {root}/d.yaml", 2, "ends in .json or .toml"),
+    ("analyze {calib} --data {data} --fallback-budget 1 --emit-recipe {root}/d.yaml", 2, "ends in .json or .toml"),
+    # entries that cannot apply
+    ("insert {model} -o {out} --recipe {r_weights_on_activation_json}", 2, "names only activation sites"),
+    ("insert {model} -o {out} --recipe {r_method_on_weight_json}", 2, "names only weights"),
+    ("insert {model} -o {out} --recipe {r_percentile_mse_json}", 2, "with method mse"),
+    ("compile {model} --data {data} -o {out} --recipe {r_percentile_alone_json} --method max", 2,
+     "only to method percentile"),
+    ("insert {model} -o {out} --recipe {r_split_qkv_json}", 2, "split the one scale"),
+    ("compile {model} --data {data} -o {out} --fallback-budget 1 --samples 0", 2, "--samples must be at least 1"),
 ]
 
 # (command template, exit code, a word the error line contains); {name} is a file from `files`, {out} a fresh
@@ -382,7 +415,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 199 and len(GOOD_ROWS) == 15
+    assert len(ROWS) == 217 and len(GOOD_ROWS) == 15
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):

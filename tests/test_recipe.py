@@ -200,3 +200,96 @@ def test_analyze_lists_site_names_and_emits_a_recipe(tmp_path):
     worst = [site for row in rows[:2] for site in row["sites"]]
     assert recipe["mode"] == "ft1" and [e["match"] for e in recipe["sites"]] == worst
     assert all(e["enabled"] is False for e in recipe["sites"])
+
+
+def test_a_node_path_glob_selects_the_sites_of_the_nodes_it_names_not_what_they_produce(model):
+    # layer 1's Q/K/V GEMMs read `layer.0/ffn/LayerNorm_..._out`, a tensor named after its layer-0 producer
+    layer0 = qdq_compiler.insert(model, exclude=["layer.0/*"]).inserted.plan
+    off = {site for site, _ in layer0.disabled}
+    assert off and all(site.startswith("layer.0.") for site in off)
+    assert "layer.1.qkv.input" in layer0.by_site()
+    generic = qdq_compiler.insert(model, mode="generic", exclude=["layer.0/ffn/*"]).inserted.plan
+    graph = ir.from_model(model)
+    readers = {n.name for n in graph.nodes if n.name.startswith("layer.0/ffn/") and n.op == "MatMul"}
+    assert {site for site, _ in generic.disabled} == {f"{name}.input{i}" for name in readers for i in (0, 1)}
+    # a tensor is still named by its exact name: every site that quantizes it
+    tensor = layer0.by_site()["layer.1.qkv.input"].tensor
+    exact = qdq_compiler.insert(model, exclude=[tensor]).inserted.plan
+    assert [site for site, _ in exact.disabled] == ["layer.1.qkv.input"]
+
+
+def test_empty_patterns_are_refused_and_insert_returns_the_recipe_in_force(model):
+    for exclude in ([""], ["  "], "layer.0.q,,"):
+        with pytest.raises(UsageError, match="--exclude '': an empty pattern"):
+            qdq_compiler.insert(model, exclude=exclude)
+    result = qdq_compiler.insert(model, exclude=["layer.*.ffn2.input"])
+    assert result.recipe == {"format": 1, "sites": [{"match": "layer.*.ffn2.input", "enabled": False}]}
+    assert qdq_compiler.insert(model).recipe is None
+
+
+def test_a_weight_granularity_change_takes_a_whole_scale_group(model):
+    with pytest.raises(UsageError, match=r"sites\[0\] \('layer\.\*\.query\.weight'\): weights per-channel would split"):
+        qdq_compiler.insert(model, mode="trt", recipe={"sites": [{"match": "layer.*.query.weight",
+                                                                  "weights": "per-channel"}]})
+    plan = qdq_compiler.insert(model, mode="trt", recipe={"sites": [{"match": "layer.*.[qkv]*.weight",
+                                                                     "weights": "per-channel"}]}).inserted.plan
+    by_site = plan.by_site()
+    for layer in range(SPEC.layers):
+        for role in ("query", "key", "value"):
+            assert by_site[f"layer.{layer}.{role}.weight"].axis is not None   # each its own per-channel scale
+        assert by_site[f"layer.{layer}.ffn1.weight"].axis is None            # the others as the mode has them
+    # per-tensor in ft1 has no group to split: allowed on the query weight alone
+    ft1 = qdq_compiler.insert(model, recipe={"sites": [{"match": "layer.0.query.weight", "weights": "per-tensor"}]})
+    assert ft1.inserted.plan.by_site()["layer.0.query.weight"].axis is None
+
+
+def test_lower_notes_what_the_recipe_left_in_float_and_strict_fails_only_on_accidents(model, feeds, tmp_path):
+    inserted = qdq_compiler.insert(model, exclude=["layer.*.ffn2.input"])
+    calibrated = qdq_compiler.calibrate(inserted, feeds, **QUICK)
+    lowered = qdq_compiler.lower(calibrated, strict=True)
+    report = next(r for r in lowered.records if r.name == "report-float-gemms")
+    assert report.stats == {"quantized_gemms_left_float": 0, "left_float_by_recipe": SPEC.layers}
+    assert [d.level for d in report.diagnostics] == ["info"] * SPEC.layers
+    assert all("leaves layer." in d.message and "ffn2.input in float" in d.message for d in report.diagnostics)
+    # the same graph without the record: the float GEMMs are accidents as far as lower can tell
+    path = tmp_path / "nometa.onnx"
+    proto = calibrated.model
+    del proto.metadata_props[:]
+    onnx.save(proto, path)
+    with pytest.raises(qdq_compiler.errors.ModelError, match=r"--strict: 2 quantized GEMM\(s\) left in float"):
+        qdq_compiler.lower(path, strict=True)
+    # compile --strict: a note on stderr, success
+    data = tmp_path / "calib.npz"
+    np.savez(data, **feeds)
+    proc = qdqc("compile", _float_file(model, tmp_path), "--data", data,
+                "-o", tmp_path / "c.onnx", "--exclude", "layer.*.ffn2.input", "--strict", "--smooth", "off",
+                "--weights", "nearest", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""   # --quiet: notes are not printed, and there is no warning
+
+
+def _float_file(model, tmp_path):
+    path = tmp_path / "bert.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_a_model_without_a_plan_is_named_by_matching_and_its_recipe_replays(model, feeds, tmp_path):
+    import tomllib
+
+    calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), feeds, **QUICK).model
+    del calibrated.metadata_props[:]   # as an older qdqc wrote it
+    path, data = tmp_path / "nometa.onnx", tmp_path / "calib.npz"
+    onnx.save(calibrated, path)
+    np.savez(data, **feeds)
+    ranking, emitted = tmp_path / "rank.json", tmp_path / "float.toml"
+    proc = qdqc("analyze", path, "--data", data, "--samples", "4", "--json", ranking, "--fallback-budget", "1",
+                "--emit-recipe", emitted, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(ranking.read_text())
+    named = {site for row in rows for site in row["sites"]}
+    assert named == {f"layer.{i}.{s}" for i in range(SPEC.layers) for s in SITES}   # every activation site, once
+    recipe = tomllib.loads(emitted.read_text())   # valid TOML: no `mode = None`
+    assert "mode" not in recipe and recipe["sites"] == [{"match": rows[0]["sites"][0], "enabled": False}]
+    replayed = qdq_compiler.insert(model, recipe=emitted)
+    assert [site for site, _ in replayed.inserted.plan.disabled] == rows[0]["sites"]
