@@ -559,10 +559,11 @@ def run_bench(args) -> int:
     for batch, seq in _sweep(args.sweep):
         config = replace(base, batch=batch or base.batch, sequence=seq or base.sequence)
         summaries = bench(models, config, data)
-        if len(_sweep(args.sweep)) > 1:
-            print(f"\n--- batch {config.batch}, seq {config.sequence}")
+        if len(_sweep(args.sweep)) > 1:   # with --data, the data's own width is the sequence
+            print(f"\n--- batch {config.batch}" + (f", seq {config.sequence}" if data is None else ""))
         print(format_summary(summaries, config))
-        results += [dict(s.to_json(), sequence=config.sequence) for s in summaries]
+        results += [dict(s.to_json(), sequence=config.sequence if data is None else None, inputs=s.inputs)
+                    for s in summaries]
         if args.plot:
             plot(summaries, args.plot)
     if args.json:
