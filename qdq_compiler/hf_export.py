@@ -94,6 +94,22 @@ def input_names(model) -> list[str]:
     return [n for n in ("pixel_values", "input_ids", "attention_mask", "token_type_ids") if n in params]
 
 
+def positional_encoder(model, names: list[str]):
+    """`model` as a module taking its inputs positionally (in `names` order) and returning
+    last_hidden_state: the form torch.onnx exports with named ONNX inputs."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            return self.inner(**dict(zip(names, inputs))).last_hidden_state
+
+    return Encoder(model)
+
+
 def export(family: str, out: Path, *, exporter: str = "torchscript", opset: int = 17,
            seq: int = 128, attn: str = "eager") -> Path:
     """Export `family` to `out`; returns the path written."""
@@ -114,25 +130,17 @@ def export(family: str, out: Path, *, exporter: str = "torchscript", opset: int 
     axes["last_hidden_state"] = {0: "batch"} if family in VISION else {0: "batch", 1: "sequence"}
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    class Encoder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *inputs):
-            return self.inner(**dict(zip(names, inputs))).last_hidden_state
-
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             batch, sequence = torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=160)
             dims = {n: {0: batch} if n == "pixel_values" else {0: batch, 1: sequence} for n in names}
-            program = torch.onnx.export(Encoder(model), args, dynamo=True, opset_version=opset,
+            program = torch.onnx.export(positional_encoder(model, names), args, dynamo=True, opset_version=opset,
                                         input_names=names, output_names=["last_hidden_state"],
                                         dynamic_shapes=(tuple(dims[n] for n in names),), verbose=False)
             program.save(str(out))
         else:
-            torch.onnx.export(Encoder(model), args, str(out), dynamo=False, opset_version=opset,
+            torch.onnx.export(positional_encoder(model, names), args, str(out), dynamo=False, opset_version=opset,
                               input_names=names, output_names=["last_hidden_state"],
                               dynamic_axes=axes, do_constant_folding=True)
     return out

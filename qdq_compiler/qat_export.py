@@ -155,22 +155,15 @@ def _calibration_tensors(family: str, model, sentences, seq: int, samples: int) 
 def _export(model, tensors: dict, out: Path, opset: int) -> Path:
     import torch
 
+    from .hf_export import positional_encoder
+
     names = list(tensors)
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, *inputs):
-            return self.inner(**dict(zip(names, inputs))).last_hidden_state
-
     axes = {n: {0: "batch", 1: "sequence"} for n in names + ["last_hidden_state"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Encoder(model), tuple(t[:2] for t in tensors.values()), str(out), dynamo=False,
-                          opset_version=opset, input_names=names, output_names=["last_hidden_state"],
+        torch.onnx.export(positional_encoder(model, names), tuple(t[:2] for t in tensors.values()), str(out),
+                          dynamo=False, opset_version=opset, input_names=names, output_names=["last_hidden_state"],
                           dynamic_axes=axes, do_constant_folding=True)
     return out
 
