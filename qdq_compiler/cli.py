@@ -124,6 +124,9 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
                              "--method auto's choices) as a recipe to replay with --recipe")
     parser.add_argument("--html", type=Path, help="also write the HTML report (histograms, sensitivity, fidelity)")
     parser.add_argument("--eval", type=Path, help="with --html: samples for the FP32-vs-INT8 cosine distribution")
+    parser.add_argument("--keep-scales", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the model's own Q/DQ scales and weights (a QAT export), calibrate only what "
+                             "insert added (default: yes when the model already has Q/DQ)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(run=run_compile, report_command=False)
 
@@ -358,8 +361,12 @@ def _calibration_line(result) -> str:
         weights += f": {rounding['weights_rounded']} GEMMs in {result.report['timings'].get('round weights', 0):.1f} s"
         if rounding.get("skipped"):
             weights += f", {rounding['skipped']} kept nearest rounding"
-    return (f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method}, "
-            f"{weights})")
+    kept = sum(bool(t.get("kept")) for t in calibration["tensors"])
+    other = max(0, result.report.get("scales_kept", 0) - kept)
+    kept_line = (f"; {kept} activation and {other} other scales (weights') kept as the model holds them "
+                 "(--keep-scales)" if result.report.get("scales_kept") else "")
+    return (f"calibrated {len(calibration['tensors']) - kept} activation tensors ({seen}, {smooth}, method {method}, "
+            f"{weights}){kept_line}")
 
 
 def run_calibrate(args) -> int:
@@ -430,7 +437,8 @@ def run_compile(args) -> int:
     output = _checked_output(args, args.report, args.html, args.emit_recipe)
     result = api.compile(args.model, args.data, target=args.target, keep_fp32=args.keep_fp32,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine, html=args.html,
-                         eval=args.eval, **_site_options(args), **_calibration_options(args))
+                         eval=args.eval, keep_scales=args.keep_scales, **_site_options(args),
+                         **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     if args.report:
         _write_json(args.report, result.report["sites"])

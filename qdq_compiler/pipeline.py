@@ -97,7 +97,8 @@ _REGISTRY: dict[str, PassSpec] = {}
 
 PIPELINES: Mapping[str, tuple[str, ...]] = {
     "canonicalize": ("canonicalize",),
-    "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers", "insert-qdq",
+    "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers",
+               "release-quantizers", "insert-qdq",
                "record-plan"),
     "lower-onnxruntime": ("qdq-constants", "signed-zero-points", "lower-onnxruntime", "fold-output-scale",
                           "mask-key-columns", "residual-sum", "clamp-attention-mask", "floor-softmax-input",
