@@ -90,15 +90,16 @@ def _onnxruntime_quiet():
         onnxruntime.set_default_logger_severity(2)
 
 
-def fold_constants(graph: gs.Graph) -> None:
-    """Fold every constant subgraph except Q/DQ nodes; Constant nodes become initializers."""
+def fold_constants(graph: gs.Graph, exclude=lambda node: node.op in ir.QDQ_OPS) -> None:
+    """Fold every constant subgraph except the nodes `exclude` names (Q/DQ); Constant nodes become
+    initializers."""
     # Folding a weight's Q->DQ would erase a QAT model's quantization: leave Q/DQ alone.
     # graphsurgeon folds by running onnxruntime, which refuses repeated node names: fold with unique
     # ones, then give every node its own name back
     names = [(node, node.name) for node in graph.nodes]
     ir.unique_node_names(graph)
     with _onnxruntime_quiet():
-        graph.fold_constants(should_exclude_node=lambda node: node.op in ir.QDQ_OPS, error_ok=True)
+        graph.fold_constants(should_exclude_node=exclude, error_ok=True)
     for node, name in names:
         node.name = name
     ir.cleanup(graph)

@@ -49,7 +49,7 @@ def dequantized_value(dq: gs.Node, stored: np.ndarray) -> np.ndarray:
     return ((stored.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
-def _stored(dq: gs.Node) -> np.ndarray | None:
+def stored_integers(dq: gs.Node) -> np.ndarray | None:
     """The integer values a weight's DequantizeLinear reads: stored, or its QuantizeLinear of a constant."""
     value = ir.constant(dq.inputs[0])
     if value is not None:
@@ -85,7 +85,7 @@ def release_quantizers(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 float_tensor = q.inputs[0]
                 activations += 1
             else:
-                stored = _stored(dq)
+                stored = stored_integers(dq)
                 if stored is None:
                     continue
                 float_tensor = gs.Constant(names.fresh(f"{dequantized.name}::float"), dequantized_value(dq, stored))

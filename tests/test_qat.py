@@ -285,6 +285,25 @@ def test_check_cli_reports_type_violations(exports, tmp_path):
     assert proc.returncode == 1 and "[types]" in proc.stdout
 
 
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_deberta_relative_position_projections_of_a_qat_export_fold_to_constants(tmp_path_factory, target):
+    """DeBERTa's pos_key/pos_query projections read the (constant) relative-position table: quantized
+    by the QAT export, they compute a constant, folded at lowering instead of left as float GEMMs."""
+    from qdq_compiler.qat_export import export_qat
+
+    path = tmp_path_factory.getbasetemp() / "deberta.qat.onnx"
+    if not path.exists():
+        export_qat("deberta-v2", path, seq=16, samples=8)
+    lowered = api.lower(path, target=target, strict=target == "onnxruntime")
+    folded = [r for r in lowered.records if r.name == "fold-constant-gemms"][0]
+    assert folded.stats["constant_gemms_folded"] == 2 * LAYERS and folded.diagnostics[0].level == "info"
+    assert not any("pos_key_proj/MatMul" in n.name or "pos_query_proj/MatMul" in n.name for n in lowered.graph.nodes)
+    if target == "onnxruntime":
+        inputs = {k: v for k, v in feeds().items() if k != "token_type_ids"}
+        reference = run(path, inputs, optimize=False)
+        assert token_cosines(run(lowered, inputs), reference).min() > 0.999   # integer kernels: rounding only
+
+
 # ---------------------------------------------------------------- never silent
 
 def asymmetric_gemm(zero_point: int) -> onnx.ModelProto:
