@@ -69,7 +69,7 @@ class Result:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`.
         A `.xml` path writes OpenVINO IR (`.xml` + `.bin`, needs the `openvino` extra)."""
-        if Path(path).suffix == ".xml":
+        if Path(path).suffix.lower() == ".xml":   # OV.XML is an IR too
             from .openvino_backend import check_ir_target, save_ir
 
             check_ir_target(path, self.target)

@@ -141,7 +141,7 @@ def _checked_output(args, *extra: Path | None) -> Path:
     if data[2] is not None and data[0] is None:   # recomputing from --stats: it must exist, said first
         ir.check_input(data[2], "a statistics .npz")
     output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
-    if output.suffix == ".xml":
+    if output.suffix.lower() == ".xml":
         from .openvino_backend import check_ir_target
 
         check_ir_target(output, getattr(args, "target", None))
