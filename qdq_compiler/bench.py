@@ -292,8 +292,14 @@ def plot(summaries: list[Summary], path: Path) -> None:
     ir.write_bytes_atomic(path, buffer.getvalue())
 
 
+SAME_SPEED = 0.005   # medians this close read as the same speed
+
+
 def _versus(first: float, median: float) -> str:
-    """'Median vs first model: 2.31x faster' or '1.09x slower' (never 'faster' for a slowdown)."""
+    """'Median vs first model: 2.31x faster', '1.09x slower' (never 'faster' for a slowdown), or 'same speed'
+    within 0.5% (where '1.00x slower' would say nothing)."""
     ratio = first / median
+    if abs(ratio - 1) < SAME_SPEED:
+        return f"Median vs first model: same speed (within {SAME_SPEED:.1%})"
     return (f"Median vs first model: {ratio:.2f}x faster" if ratio >= 1
             else f"Median vs first model: {1 / ratio:.2f}x slower")

@@ -91,6 +91,15 @@ def quantized_twice(graph: gs.Graph) -> list[str]:
     return [q.inputs[0].name for q in graph.nodes if q.op == "QuantizeLinear" and is_dequantized(q.inputs[0])]
 
 
+def test_qat_export_help_gives_its_whole_description(capsys):
+    from qdq_compiler.qat_export import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the fixture for qdqc's QAT path, and a way to bring one's own." in text
+
+
 # ---------------------------------------------------------------- structure as exported
 
 def test_torch_export_has_the_qat_structure_the_issue_describes(exports):
