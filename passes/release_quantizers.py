@@ -71,7 +71,7 @@ def release_quantizers(graph: gs.Graph, ctx: PassContext) -> PassResult:
     names = ir.Names(graph)
     activations = weights = 0
     for use in plan.released:
-        for index, value in enumerate(use.node.inputs[:2]):
+        for value in use.node.inputs[:2]:
             found = _dequantized_path(value)
             if found is None:
                 continue
@@ -80,7 +80,9 @@ def release_quantizers(graph: gs.Graph, ctx: PassContext) -> PassResult:
             behind = {value.name, dequantized.name, dq.inputs[0].name} | ({q.inputs[0].name} if q is not None else set())
             if use.tensor not in behind:
                 continue   # the GEMM's other input: not the site the recipe turned off
-            chain_reader = next(n for n in dequantized.outputs if n is use.node or _leads_to(n, use.node))
+            chain_reader = next((n for n in dequantized.outputs if n is use.node or _leads_to(n, use.node)), None)
+            if chain_reader is None:
+                continue   # data movement shared with other readers: nothing to rewire for this one alone
             if q is not None and q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]):
                 float_tensor = q.inputs[0]
                 activations += 1
