@@ -2,6 +2,7 @@
 identical weights, infer shapes."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -75,14 +76,30 @@ def share_identical_weights(graph: gs.Graph) -> int:
     return len(replace)
 
 
-def fold_constants(graph: gs.Graph) -> None:
-    """Fold every constant subgraph except Q/DQ nodes; Constant nodes become initializers."""
+@contextlib.contextmanager
+def _onnxruntime_quiet():
+    """onnxruntime's own optimizer warns while graphsurgeon runs the folded subgraph (torch's SDPA
+    export: "UnsqueezeElimination cannot remove node"), and graphsurgeon takes no session options:
+    errors only on the default logger meanwhile, then onnxruntime's default (warnings) again."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)
+    try:
+        yield
+    finally:
+        onnxruntime.set_default_logger_severity(2)
+
+
+def fold_constants(graph: gs.Graph, exclude=lambda node: node.op in ir.QDQ_OPS) -> None:
+    """Fold every constant subgraph except the nodes `exclude` names (Q/DQ); Constant nodes become
+    initializers."""
     # Folding a weight's Q->DQ would erase a QAT model's quantization: leave Q/DQ alone.
     # graphsurgeon folds by running onnxruntime, which refuses repeated node names: fold with unique
     # ones, then give every node its own name back
     names = [(node, node.name) for node in graph.nodes]
     ir.unique_node_names(graph)
-    graph.fold_constants(should_exclude_node=lambda node: node.op in ir.QDQ_OPS, error_ok=True)
+    with _onnxruntime_quiet():
+        graph.fold_constants(should_exclude_node=exclude, error_ok=True)
     for node, name in names:
         node.name = name
     ir.cleanup(graph)

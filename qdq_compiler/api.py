@@ -69,7 +69,7 @@ class Result:
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the model to `path` (temp file + rename); refuses to replace the input model unless `overwrite`.
         A `.xml` path writes OpenVINO IR (`.xml` + `.bin`, needs the `openvino` extra)."""
-        if Path(path).suffix == ".xml":
+        if Path(path).suffix.lower() == ".xml":   # OV.XML is an IR too
             from .openvino_backend import check_ir_target, save_ir
 
             check_ir_target(path, self.target)
@@ -199,7 +199,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
     tensor, every method's amax. `keep_scales` (a QAT model): only the quantizers insert added are
     calibrated; every scale the model had, weights' included, and the weights themselves are kept."""
-    from .calibrate import apply_scales, existing_scales, report_json, restore_scales
+    from .calibrate import apply_scales, existing_scales, report_json
     from .calibration import load_states, save_states
 
     if data is None and stats is None:
@@ -236,10 +236,21 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
                  "weights": {"rounding": "nearest"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
-    restore_scales(graph, kept)
+    _restore(graph, kept, found, config)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
               "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
+
+
+def _restore(graph: gs.Graph, kept: dict, found: dict, config: CalibrationConfig) -> None:
+    """--keep-scales: the model's own scales back in the graph, and in the calibration report as kept."""
+    from .calibrate import report_json, restore_scales
+
+    if not kept:
+        return
+    found["tensors"] = restore_scales(graph, kept, found["tensors"])
+    calibration = found["calibration"]
+    calibration["tensors"] = report_json(found["tensors"], config, calibration["samples"], 0.0)["tensors"]
 
 
 def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfig.keep_fp32,
@@ -327,8 +338,12 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
-            eval=None, verify: bool = False, quiet: bool = False) -> Result:
+            eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
+
+    `keep_scales` (None: yes when the model already has Q/DQ, a QAT export): the model's own scales
+    and weights are kept as trained and only what insert added is calibrated (`calibrate --keep-scales`),
+    so smoothing and GPTQ rounding are off; report["scales_kept"] counts them.
 
     By default: FasterTransformer ft1 sites, SmoothQuant with alpha searched per site, percentile
     99.999, lowered for onnxruntime (the best recipe measured, README). `--smooth off --method
@@ -339,6 +354,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     again from the float one, so it equals `exclude=` those sites; `Result.recipe` is the decision
     (rules in force, sites left in float, `--method auto`'s choices) as a recipe to replay."""
     from .analyze import choose_fallback, float_gemm_share
+    from .calibrate import existing_scales
     from .carried import record_decision
     from .insert import insert as run_insert, report as sites_report
     from .lower import lower as run_lower
@@ -366,7 +382,17 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             reference = ir.to_model(float_graph)
     with clock("insert"):
         inserted = run_insert(graph, insert_config, verify=verify)
+    if keep_scales is None:
+        keep_scales = inserted.input_qdq.get("QuantizeLinear", 0) > 0
+    if keep_scales:
+        if smooth not in (None, "off") or weights == "gptq":
+            raise UsageError("--keep-scales keeps the model's weights and scales (the default on a model that "
+                             "already has Q/DQ): it cannot take --smooth or --weights gptq; --no-keep-scales "
+                             "recalibrates every scale")
+        smoothing, rounding = None, "nearest"
+    kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
+    _restore(graph, kept, found, calibration)
     left_out, ranking, fallbacks = [], None, None
     if fallback.active:
         with clock("fallback"):
@@ -384,13 +410,15 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             graph, _ = load(model)
             with clock("insert"):
                 inserted = run_insert(graph, insert_config, verify=verify)
+            kept = existing_scales(graph) if keep_scales else {}
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
+            _restore(graph, kept, found, calibration)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
                           "smooth": found["smoothing"]["smooth"], "weights": rounding},
               "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
               "weights": found["weights"],
-              "calibration": found["calibration"], "fallbacks": fallbacks}
+              "calibration": found["calibration"], "fallbacks": fallbacks, "scales_kept": len(kept)}
     methods = _auto_methods(graph, found["tensors"])
     decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)
     record_decision(graph, decided, methods)   # the recipe in force, as its replay records it

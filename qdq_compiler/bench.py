@@ -180,7 +180,7 @@ def make_runner(path: Path, config: BenchConfig):
         from .trt_engine import EngineRunner
 
         return EngineRunner(path)
-    if path.suffix == ".xml" or config.runtime is Runtime.OPENVINO:
+    if path.suffix.lower() == ".xml" or config.runtime is Runtime.OPENVINO:
         if config.provider != "cpu":
             raise UsageError(f"{path}: OpenVINO runs here on the CPU only (--provider cpu)")
         from .openvino_backend import OpenVinoRunner
@@ -257,7 +257,7 @@ def _batch_of(feeds: dict[str, np.ndarray]) -> int:
 
 def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
     """trtexec's summary layout, one block per model, plus ratios to the first."""
-    openvino = config.runtime is Runtime.OPENVINO or any(s.name.endswith(".xml") for s in summaries)
+    openvino = config.runtime is Runtime.OPENVINO or any(s.name.lower().endswith(".xml") for s in summaries)
     where = (f"{config.provider}, intra-op threads {config.threads}, spinning off"
              + (f"; OpenVINO threads {config.threads}, 1 stream, precision {config.precision.value}" if openvino else ""))
     lines = [f"=== Performance summary ({where}, {len(summaries[0].latencies_ms)} interleaved iterations) ==="]
@@ -292,8 +292,14 @@ def plot(summaries: list[Summary], path: Path) -> None:
     ir.write_bytes_atomic(path, buffer.getvalue())
 
 
+SAME_SPEED = 0.005   # medians this close read as the same speed
+
+
 def _versus(first: float, median: float) -> str:
-    """'Median vs first model: 2.31x faster' or '1.09x slower' (never 'faster' for a slowdown)."""
+    """'Median vs first model: 2.31x faster', '1.09x slower' (never 'faster' for a slowdown), or 'same speed'
+    within 0.5% (where '1.00x slower' would say nothing)."""
     ratio = first / median
+    if abs(ratio - 1) < SAME_SPEED:
+        return f"Median vs first model: same speed (within {SAME_SPEED:.1%})"
     return (f"Median vs first model: {ratio:.2f}x faster" if ratio >= 1
             else f"Median vs first model: {1 / ratio:.2f}x slower")

@@ -13,7 +13,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -320,6 +320,7 @@ class TensorReport:
     amax: dict[str, float]
     chosen: float
     scale: float
+    kept: bool = False   # the scale is the model's own (--keep-scales): chosen/scale are what it holds
 
 
 def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], config: CalibrationConfig,
@@ -411,7 +412,7 @@ def report_json(reports: list[TensorReport], config: CalibrationConfig, samples:
             "seconds": round(seconds, 3),
             "tensors": [{"tensor": r.tensor, "samples": samples, "elements": r.elements,
                          "nonfinite": r.nonfinite, "max": r.max, "amax": r.amax, "chosen_amax": r.chosen,
-                         "scale": r.scale} for r in reports]}
+                         "scale": r.scale, **({"kept": True} if r.kept else {})} for r in reports]}
 
 
 def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
@@ -447,7 +448,19 @@ def existing_scales(graph: gs.Graph) -> dict[str, np.ndarray]:
     return kept
 
 
-def restore_scales(graph: gs.Graph, kept: dict[str, np.ndarray]) -> None:
+def restore_scales(graph: gs.Graph, kept: dict[str, np.ndarray], reports: list[TensorReport] = ()) -> list[TensorReport]:
+    """Put the kept scales back; returns `reports` with each kept tensor's entry giving the scale the
+    model holds (amax = scale * 127), marked kept, instead of the one calibration computed."""
     tensors = graph.tensors()
     for name, value in kept.items():
         tensors[name].values = value
+    scale_of = {n.inputs[0].name: n.inputs[1].name for n in graph.nodes
+                if n.op == "QuantizeLinear" and len(n.inputs) > 1}
+    restored = []
+    for report in reports:
+        value = kept.get(scale_of.get(report.tensor, ""))
+        if value is not None and value.size == 1:
+            scale = float(value.reshape(()))
+            report = replace(report, chosen=scale * quant.QMAX, scale=scale, kept=True)
+        restored.append(report)
+    return restored

@@ -133,6 +133,9 @@ def _compile_args(parser: argparse.ArgumentParser) -> None:
                              "recipe leaves in float are noted, never a failure)")
     parser.add_argument("--html", type=Path, help="also write the HTML report (histograms, sensitivity, fidelity)")
     parser.add_argument("--eval", type=Path, help="with --html: samples for the FP32-vs-INT8 cosine distribution")
+    parser.add_argument("--keep-scales", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the model's own Q/DQ scales and weights (a QAT export), calibrate only what "
+                             "insert added (default: yes when the model already has Q/DQ)")
     parser.add_argument("--quiet", action="store_true")
     parser.set_defaults(run=run_compile, report_command=False)
 
@@ -147,7 +150,7 @@ def _checked_output(args, *extra: Path | None) -> Path:
     if data[2] is not None and data[0] is None:   # recomputing from --stats: it must exist, said first
         ir.check_input(data[2], "a statistics .npz")
     output = ir.check_output(_output_path(args), inputs=[args.model], overwrite=args.overwrite)
-    if output.suffix == ".xml":
+    if output.suffix.lower() == ".xml":
         from .openvino_backend import check_ir_target
 
         check_ir_target(output, getattr(args, "target", None))
@@ -370,8 +373,12 @@ def _calibration_line(result) -> str:
         weights += f": {rounding['weights_rounded']} GEMMs in {result.report['timings'].get('round weights', 0):.1f} s"
         if rounding.get("skipped"):
             weights += f", {rounding['skipped']} kept nearest rounding"
-    return (f"calibrated {len(calibration['tensors'])} activation tensors ({seen}, {smooth}, method {method}, "
-            f"{weights})")
+    kept = sum(bool(t.get("kept")) for t in calibration["tensors"])
+    other = max(0, result.report.get("scales_kept", 0) - kept)
+    kept_line = (f"; {kept} activation and {other} other scales (weights') kept as the model holds them "
+                 "(--keep-scales)" if result.report.get("scales_kept") else "")
+    return (f"calibrated {len(calibration['tensors']) - kept} activation tensors ({seen}, {smooth}, method {method}, "
+            f"{weights}){kept_line}")
 
 
 def run_calibrate(args) -> int:
@@ -453,8 +460,8 @@ def run_compile(args) -> int:
         check_suffix(args.emit_recipe, "--emit-recipe")
     result = api.compile(args.model, args.data, target=args.target, keep_fp32=args.keep_fp32,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine,
-                         samples=args.samples, strict=args.strict, html=args.html,
-                         eval=args.eval, **_site_options(args), **_calibration_options(args))
+                         samples=args.samples, strict=args.strict, html=args.html, eval=args.eval,
+                         keep_scales=args.keep_scales, **_site_options(args), **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     _print_diagnostics(result.records[-len(result.report["lowering"]):], args.quiet)
     if args.report:

@@ -185,8 +185,15 @@ def profile_shapes(graph: gs.Graph, config: EngineConfig) -> dict[str, tuple[tup
     return shapes
 
 
-def check_precisions(graph: gs.Graph, config: EngineConfig) -> None:
-    """--int8 / --fp16 promise what the graph must carry (strong typing builds the types it sees)."""
+def check_precisions(graph: gs.Graph, config: EngineConfig, model: Path | str = "model") -> None:
+    """--int8 / --fp16 promise what the graph must carry (strong typing builds the types it sees); a
+    graph lowered for onnxruntime carries com.microsoft kernels TensorRT cannot parse."""
+    from .insert import LOWERED_OPS
+
+    lowered = next((n.op for n in graph.nodes if n.op in LOWERED_OPS or n.domain == "com.microsoft"), None)
+    if lowered is not None:
+        raise UsageError(f"{model}: lowered for onnxruntime ({lowered}, com.microsoft integer GEMMs); build-engine "
+                         "needs `qdqc lower --target tensorrt` of the calibrated Q/DQ model")
     has_qdq = any(n.op == "DequantizeLinear" for n in graph.nodes)
     has_fp16 = any(t.dtype is not None and np.dtype(t.dtype) == np.float16 for t in graph.tensors().values())
     if config.int8 and not has_qdq:
@@ -306,7 +313,7 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     if not output.parent.is_dir():
         raise UsageError(f"{output}: no such folder {output.parent}")
     graph = ir.load(model)
-    check_precisions(graph, config)
+    check_precisions(graph, config, model)
     shapes = profile_shapes(graph, config)
     baseline = None
     if config.baseline is not None:
@@ -326,7 +333,7 @@ def build_engine(model: Path, output: Path, config: EngineConfig) -> dict:
     blocks = engine_evidence.attention_blocks(graph)   # walked once: the warning, the summary, the record
     warnings = long_sequence_warning(blocks, shapes)
     for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+        print(f"qdqc: warning: {warning}", file=sys.stderr)
     trt = backend.trt
     logger = build_logger(trt)
     builder, network, _parser = network_from_onnx(trt, model, logger, backend.rtx)

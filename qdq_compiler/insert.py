@@ -87,7 +87,8 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
     return {
         "mode": config.mode.value,
         "fallback_generic": result.plan.fallback,
-        "site_names": list(by_site),
+        # every site quantized in the output: the ones insert placed and the ones the model already had
+        "site_names": list(dict.fromkeys([*by_site, *(e.site for e in result.plan.existing)])),
         "layers": layers,
         "other_sites": other,
         "quantizers": [q.to_json() for q in result.plan.quantizers],
@@ -98,11 +99,17 @@ def report(result: InsertResult, config: InsertConfig) -> dict:
                                "sites_already_quantized": [vars(e) for e in result.plan.existing]},
         "skipped_sites": [{"site": s, "reason": why} for s, why in result.plan.skipped],
         "disabled_sites": [{"site": s, "by": rule} for s, rule in result.plan.disabled],
+        "released_quantizers": [{"reader": use.label, "tensor": use.tensor} for use in result.plan.released],
+        "calibration_rules_not_applied": [{"site": s, "by": rule, "why": KEPT_SCALE}
+                                          for s, rule in result.plan.not_applied],
         "recipe": result.plan.recipe.to_json() if result.plan.recipe else None,
         "created_nodes": {node: {"pass": "insert-qdq", "sites": sites} for node, sites in result.created.items()},
         "passes": [r.to_json() for r in result.records],
     }
 
+
+KEPT_SCALE = ("their scales are the model's own, kept as trained (calibrate --keep-scales, compile's default on "
+              "such a model)")
 
 _CATEGORIES = {SiteKind.GEMM_INPUT: "GEMM inputs", SiteKind.GEMM_WEIGHT: "weights", SiteKind.GEMM_OUTPUT: "GEMM outputs",
                SiteKind.BMM_INPUT: "BMM inputs", SiteKind.QK_OUTPUT: "QK^T outputs",
@@ -142,7 +149,12 @@ def summary(result: InsertResult, config: InsertConfig) -> str:
                      f"{result.input_qdq['DequantizeLinear']} DQ nodes; {len(plan.existing)} sites kept as found")
     if plan.disabled:
         shown = ", ".join(site for site, _ in plan.disabled[:4]) + (", ..." if len(plan.disabled) > 4 else "")
-        lines.append(f"{len(plan.disabled)} site(s) left in float by the recipe: {shown}")
+        released = f" ({len(plan.released)} of the model's own quantizers taken out)" if plan.released else ""
+        lines.append(f"{len(plan.disabled)} site(s) left in float by the recipe{released}: {shown}")
+    if plan.not_applied:
+        site, rule = plan.not_applied[0]
+        lines.append(f"warning: {rule}: its method/percentile does not apply to {len(plan.not_applied)} site(s) the "
+                     f"model already quantizes ({site}, ...): {KEPT_SCALE}")
     if match.unmatched_gemms:
         lines.append(f"{len(match.unmatched_gemms)} GEMMs outside matched layers (--explain says why)")
     return "\n".join(lines)

@@ -86,7 +86,7 @@ def read_model(path: str | os.PathLike) -> onnx.ModelProto:
     """The model's protobuf without its external data, checked: a readable graph, a supported opset,
     external-data files inside the model's folder. What `load` and the benchmark runner rely on."""
     path = check_input(path)
-    if path.suffix in (".xml", ".bin"):
+    if path.suffix.lower() in (".xml", ".bin"):
         raise ModelError(f"{path}: OpenVINO IR is an output of qdqc, not an input: give the ONNX model")
     try:
         model = onnx.load(str(path), load_external_data=False)

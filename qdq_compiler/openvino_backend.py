@@ -24,6 +24,9 @@ def check_ir_target(path, target: str | None) -> None:
     if target not in (None, "openvino"):
         raise UsageError(f"{path}: an OpenVINO IR (.xml) is written for --target openvino, not {target}; "
                          "pass --target openvino or write an .onnx file")
+    if Path(path).suffix != ".xml":   # OpenVINO's writer takes the lowercase suffix only
+        raise UsageError(f"{path}: OpenVINO writes an IR to a lowercase .xml name: use "
+                         f"{Path(path).with_suffix('.xml').name}")
 
 
 class Precision(str, Enum):
@@ -183,8 +186,9 @@ def save_ir(model, path: str | os.PathLike) -> Path:
     ONNX model does; each Q/DQ pair is one FakeQuantize, an int8 weight with its DequantizeLinear
     a compressed int8 constant."""
     path = Path(path)
-    if path.suffix != ".xml":
+    if path.suffix.lower() != ".xml":
         raise UsageError(f"{path}: an OpenVINO IR is written to a .xml file (with its .bin beside it)")
+    check_ir_target(path, None)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise QdqcError(f"{path}: cannot write output (directory {parent} does not exist)")

@@ -80,6 +80,8 @@ class QuantPlan:
     disabled: tuple[tuple[str, str], ...] = ()   # (site, the rule that turned it off)
     recipe: Recipe = Recipe()
     disabled_tensors: tuple[tuple[str, str], ...] = ()   # (site, the tensor it would have quantized)
+    released: tuple[Use, ...] = ()   # the model's own quantizers the recipe turned off: taken out at insertion
+    not_applied: tuple[tuple[str, str], ...] = ()   # (site, rule) calibration settings on a scale the model keeps
 
     def by_site(self) -> dict[str, Quantizer]:
         return {site: q for q in self.quantizers for site in q.sites}
@@ -125,16 +127,31 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
             _layer_requests(layer, config, tensors, requests, skipped)
         _final_requests(graph, match.layers[-1], config, requests, skipped)
     everything = requests
-    requests, settings, disabled = _apply_recipe(config.recipe, requests, config.mode)
-    off = {site for site, _ in disabled}
+    requests, settings, disabled, off = _apply_recipe(config.recipe, requests, config.mode)
+    off_sites = {site for site, _ in disabled}
     plan = _merge(graph, requests, settings, skipped, config, fallback, disabled)
-    return replace(plan, disabled_tensors=tuple(dict.fromkeys((r.site, r.tensor) for r in everything if r.site in off)))
+    released = tuple(r.use for r in off if r.use is not None and r.use.node is not None
+                     and _already_quantized(graph.tensors(), r) is not None)
+    disabled_tensors = tuple(dict.fromkeys((r.site, r.tensor) for r in everything if r.site in off_sites))
+    return replace(plan, disabled_tensors=disabled_tensors, released=released)
+
+
+def _already_quantized(tensors: dict[str, gs.Tensor], request: _Request) -> str | None:
+    """Why the input model already quantizes this site (a QAT export's quantizer), else None."""
+    source = ir.producer(tensors[request.tensor])
+    if source is not None and source.op == "DequantizeLinear":
+        return "already dequantized in the input model"
+    reader = request.use.node if request.use is not None else None
+    if reader is not None and request.tensor not in {t.name for t in reader.inputs}:
+        return f"{ir.describe(reader)} already reads it through a DequantizeLinear"
+    return None
 
 
 def _apply_recipe(recipe: Recipe, requests: list[_Request], mode: Mode):
     """The requests the recipe keeps (weights at the granularity it asks), each one's settings, and
-    the sites it turned off; a rule that names nothing, or sets what none of its sites has, is an error."""
-    kept, settings, disabled, used = [], [], [], set()
+    the sites it turned off (and their requests); a rule that names nothing, or sets what none of its
+    sites has, is an error."""
+    kept, settings, disabled, off, used = [], [], [], [], set()
     kinds: dict[int, set[TensorKind]] = {}   # rule index -> the kinds of site it matched
     for request in requests:
         found = recipe.settings(request.names(), request.tensor)
@@ -144,6 +161,7 @@ def _apply_recipe(recipe: Recipe, requests: list[_Request], mode: Mode):
         if not found.enabled:
             rule = next(recipe.rules[i] for i in reversed(found.rules) if recipe.rules[i].enabled is False)
             disabled.append((request.site, rule.label))
+            off.append(request)
             continue
         if request.kind is TensorKind.WEIGHT and found.weights is not None:
             per_channel = found.weights is Granularity.PER_CHANNEL
@@ -156,7 +174,7 @@ def _apply_recipe(recipe: Recipe, requests: list[_Request], mode: Mode):
         _check_applicable(recipe, kinds)
         _check_scale_groups(recipe, kept, mode)
     unique = list(OrderedDict.fromkeys(disabled))
-    return kept, settings, tuple(unique)
+    return kept, settings, tuple(unique), off
 
 
 def _check_applicable(recipe: Recipe, kinds: dict[int, set[TensorKind]]) -> None:
@@ -305,16 +323,15 @@ def _merge(graph: gs.Graph, requests: list[_Request], settings: list[SiteSetting
     tensors = graph.tensors()
     merged: OrderedDict[str, dict] = OrderedDict()
     existing: list[ExistingQuantizer] = []
+    not_applied: list[tuple[str, str]] = []
     for request, found in zip(requests, settings):
         tensor = tensors[request.tensor]
-        source = ir.producer(tensor)
-        if source is not None and source.op == "DequantizeLinear":
-            existing.append(ExistingQuantizer(request.site, request.tensor, "already dequantized in the input model"))
-            continue
-        reader = request.use.node if request.use is not None else None
-        if reader is not None and request.tensor not in {t.name for t in reader.inputs}:
-            existing.append(ExistingQuantizer(request.site, request.tensor,
-                                              f"{ir.describe(reader)} already reads it through a DequantizeLinear"))
+        why = _already_quantized(tensors, request)
+        if why is not None:
+            existing.append(ExistingQuantizer(request.site, request.tensor, why))
+            rule = _calibration_rule(config.recipe, found)
+            if rule is not None and request.kind is TensorKind.ACTIVATION:
+                not_applied.append((request.site, rule))
             continue
         entry = merged.setdefault(request.tensor, {"kind": request.kind, "axis": request.axis, "uses": [],
                                                    "sites": [], "group": request.group, "rules": []})
@@ -334,4 +351,11 @@ def _merge(graph: gs.Graph, requests: list[_Request], settings: list[SiteSetting
     quantizers = tuple(Quantizer(name, e["kind"], e["axis"], tuple(e["uses"]), tuple(e["sites"]), e["group"],
                                  combine(recipe, e["rules"]))
                        for name, e in merged.items())
-    return QuantPlan(config.mode, quantizers, tuple(existing), tuple(skipped), fallback, disabled, recipe)
+    return QuantPlan(config.mode, quantizers, tuple(existing), tuple(skipped), fallback, disabled, recipe,
+                     not_applied=tuple(not_applied))
+
+
+def _calibration_rule(recipe: Recipe, found: SiteSettings) -> str | None:
+    """The last rule that sets a calibration method or percentile for a site, as its label."""
+    return next((recipe.rules[i].label for i in reversed(found.rules)
+                 if recipe.rules[i].method is not None or recipe.rules[i].percentile is not None), None)

@@ -194,7 +194,7 @@ def export_modelopt(family: str, out: Path, *, sentences: list[str] | None = Non
 def main(argv=None) -> int:
     from .hf_export import FAMILIES, VISION
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))   # first paragraph
     parser.add_argument("family", choices=[f for f in FAMILIES if f not in VISION])
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--style", choices=STYLES + ("modelopt",), default="torch",

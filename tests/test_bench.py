@@ -92,3 +92,6 @@ def test_a_slower_model_is_called_slower():
 
     assert _versus(10.0, 8.0) == "Median vs first model: 1.25x faster"
     assert _versus(8.0, 10.0) == "Median vs first model: 1.25x slower"
+    assert _versus(10.0, 10.04) == "Median vs first model: same speed (within 0.5%)"   # not "1.00x slower"
+    assert _versus(10.0, 9.97) == "Median vs first model: same speed (within 0.5%)"
+    assert _versus(10.0, 10.06) == "Median vs first model: 1.01x slower"

@@ -30,7 +30,8 @@ def test_insert_writes_model_report_and_explains(tmp_path, bert_file):
     assert site["granularity"] == "per-tensor" and site["scale_group"] == "layer.0.qkv.weight"
     assert data["unmatched_gemms"] == []
     assert [p["pass"] for p in data["passes"]] == ["canonicalize", "decompose-fused", "split-gemm-bias",
-                                                   "match-bert", "place-quantizers", "insert-qdq", "record-plan"]
+                                                   "match-bert", "place-quantizers", "release-quantizers",
+                                                   "insert-qdq", "record-plan"]
     created = data["created_nodes"]
     assert all(v["pass"] == "insert-qdq" for v in created.values()) and len(created) == 2 * 40
     assert qdqc("check", out).returncode == 0

@@ -199,7 +199,7 @@ def test_baseline_from_another_model_is_refused_and_quantized_baselines_are_name
 def test_long_sequences_warn_about_int8_fused_attention(tmp_path, engines):
     folder, _, _ = engines
     proc = qdqc("build-engine", folder / "bert.trt.onnx", "-o", tmp_path / "m.plan", "--max-shapes", "input_ids:1x640")
-    assert proc.returncode == 0 and "warning: max sequence 640 > 512" in proc.stderr
+    assert proc.returncode == 0 and "qdqc: warning: max sequence 640 > 512" in proc.stderr
     assert "max 1x640" in proc.stdout  # the profile line shows every input's (shared) dims
 
 
@@ -216,6 +216,17 @@ def test_int8_on_an_unlowered_graph_is_refused(tmp_path, bert_file):
     assert not (tmp_path / "m.plan").exists()
     proc = qdqc("build-engine", bert_file, "-o", tmp_path / "m.plan", "--opt-level", "9")
     assert proc.returncode == 2 and "--opt-level" in proc.stderr
+
+
+def test_an_onnxruntime_lowered_graph_is_refused_naming_the_file(tmp_path):
+    import qdq_compiler
+
+    g, _ = calibrated_bert(tmp_path, BertSpec(layers=1))
+    path = qdq_compiler.lower(ir.to_model(g), target="onnxruntime").save(tmp_path / "m.ort.onnx")
+    proc = qdqc("build-engine", path, "-o", tmp_path / "m.plan", "--int8")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{path}: lowered for onnxruntime (MatMulIntegerToFloat, com.microsoft integer GEMMs)" in proc.stderr
+    assert "needs `qdqc lower --target tensorrt`" in proc.stderr and not (tmp_path / "m.plan").exists()
 
 
 def test_parser_errors_name_their_nodes(tmp_path):

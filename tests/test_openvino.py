@@ -137,6 +137,8 @@ def test_api_saves_openvino_ir_and_bench_runs_it(tmp_path):
     result = qdq_compiler.lower(ir.to_model(graph), target="openvino")
     xml = result.save(tmp_path / "m.xml")
     onnx_path = result.save(tmp_path / "m.onnx")
+    with pytest.raises(UsageError, match=r"upper.XML: OpenVINO writes an IR to a lowercase .xml name: use upper.xml"):
+        result.save(tmp_path / "upper.XML")   # never ONNX bytes in an .XML file
     summaries = bench([xml, onnx_path], BenchConfig(iterations=2, warmup=1, batch=1, sequence=16, runtime="openvino"))
     assert [len(s.latencies_ms) for s in summaries] == [2, 2]
 
@@ -155,17 +157,26 @@ def test_cli_lower_writes_ir_and_bench_runs_it(tmp_path):
     assert "precision f32" in done.stdout and done.stdout.count("Latency:") == 2
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
-def test_ir_output_is_refused_for_other_targets_before_any_work(tmp_path, target):
+@pytest.mark.parametrize("target,name", [("onnxruntime", "m.xml"), ("tensorrt", "m.xml"), ("tensorrt", "M.XML")])
+def test_ir_output_is_refused_for_other_targets_before_any_work(tmp_path, target, name):
     graph, _ = calibrated_bert(tmp_path, SPEC)
     calibrated_path = tmp_path / "m.calib.onnx"
     onnx.save(ir.to_model(graph), calibrated_path)
-    done = qdqc("lower", calibrated_path, "--target", target, "-o", tmp_path / "m.xml")
+    done = qdqc("lower", calibrated_path, "--target", target, "-o", tmp_path / name)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert f"m.xml: an OpenVINO IR (.xml) is written for --target openvino, not {target}" in done.stderr
-    assert not (tmp_path / "m.xml").exists()
+    assert f"{name}: an OpenVINO IR (.xml) is written for --target openvino, not {target}" in done.stderr
+    assert not (tmp_path / name).exists()
     with pytest.raises(UsageError, match="written for --target openvino"):
-        qdq_compiler.lower(calibrated_path, target=target).save(tmp_path / "m.xml")
+        qdq_compiler.lower(calibrated_path, target=target).save(tmp_path / name)
+
+
+def test_an_uppercase_xml_output_is_refused_before_any_work(tmp_path):
+    graph, _ = calibrated_bert(tmp_path, SPEC)
+    calibrated_path = tmp_path / "m.calib.onnx"
+    onnx.save(ir.to_model(graph), calibrated_path)
+    done = qdqc("lower", calibrated_path, "--target", "openvino", "-o", tmp_path / "ov.XML")
+    assert done.returncode == 2 and "ov.XML: OpenVINO writes an IR to a lowercase .xml name" in done.stderr
+    assert not (tmp_path / "ov.XML").exists()
 
 
 @pytest.mark.parametrize("args,message", [

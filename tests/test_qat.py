@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 from qdq_compiler import api, ir
 from qdq_compiler.check import check_graph, check_types
 from qdq_compiler.errors import ModelError, UsageError
-from qdq_compiler.graph import weight_of
+from qdq_compiler.graph import is_dequantized, weight_of
 from qdq_compiler.patterns import match_encoder
 from qdq_compiler.pipeline import PIPELINES, PassContext, run_pipeline
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
@@ -91,6 +91,15 @@ def quantized_twice(graph: gs.Graph) -> list[str]:
     return [q.inputs[0].name for q in graph.nodes if q.op == "QuantizeLinear" and is_dequantized(q.inputs[0])]
 
 
+def test_qat_export_help_gives_its_whole_description(capsys):
+    from qdq_compiler.qat_export import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the fixture for qdqc's QAT path, and a way to bring one's own." in text
+
+
 # ---------------------------------------------------------------- structure as exported
 
 def test_torch_export_has_the_qat_structure_the_issue_describes(exports):
@@ -149,6 +158,76 @@ def test_insert_refuses_to_lower_its_placeholders_and_keep_scales_keeps_the_qat_
     assert calibrated.report["scales_kept"] >= len(original)
     with pytest.raises(UsageError, match="--keep-scales"):
         api.calibrate(inserted, exports["data"], keep_scales=True, smooth="auto", quiet=True)
+
+
+def test_calibrate_keep_scales_reports_the_scales_the_model_holds(exports):
+    calibrated = api.calibrate(api.insert(exports["torch"]), exports["data"], keep_scales=True, quiet=True)
+    scale_of = {n.inputs[0].name: ir.constant(n.inputs[1]) for n in calibrated.graph.nodes if n.op == "QuantizeLinear"}
+    entries = calibrated.report["calibration"]["tensors"]
+    kept = [e for e in entries if e.get("kept")]
+    assert len(entries) - len(kept) == 4 * LAYERS   # only what insert added is calibrated
+    assert kept and all(e["scale"] == pytest.approx(float(scale_of[e["tensor"]]), rel=1e-6) for e in kept)
+    assert all(e["chosen_amax"] == pytest.approx(127 * e["scale"], rel=1e-6) for e in kept)
+
+
+def test_compile_on_a_qat_export_keeps_its_scales_unless_told_not_to(exports, tmp_path):
+    qat = ir.load(exports["torch"])
+    run_pipeline(qat, ("qdq-constants",), PassContext())
+    original = [float(ir.constant(n.inputs[1])) for n in qat.nodes if n.op == "QuantizeLinear"
+                and ir.constant(n.inputs[1]).size == 1]
+    compiled = api.compile(exports["torch"], exports["data"], target="tensorrt", quiet=True)
+    scales = {float(ir.constant(n.inputs[1])) for n in compiled.graph.nodes if n.op == "QuantizeLinear"
+              and ir.constant(n.inputs[1]).size == 1}
+    assert compiled.report["scales_kept"] > 0 and compiled.report["smoothing"]["smooth"] == "off"
+    assert all(any(abs(s - o) <= 1e-3 * o for s in scales) for o in original)   # FP16 in the TensorRT graph
+    fresh = api.compile(exports["torch"], exports["data"], target="tensorrt", keep_scales=False, quiet=True)
+    assert fresh.report["scales_kept"] == 0
+    with pytest.raises(UsageError, match="--keep-scales"):
+        api.compile(exports["torch"], exports["data"], smooth="auto", quiet=True)
+    proc = qdqc("compile", exports["torch"], "--data", exports["data"], "-o", tmp_path / "k.onnx")
+    assert proc.returncode == 0 and f"calibrated {4 * LAYERS} activation tensors" in proc.stdout
+    assert "kept as the model holds them (--keep-scales)" in proc.stdout
+
+
+def test_excluding_a_site_the_qat_model_quantizes_takes_its_quantizer_out(exports, tmp_path):
+    source = ir.load(exports["torch"])
+    run_pipeline(source, ("qdq-constants",), PassContext())
+    result = api.insert(exports["torch"], exclude=["layer.*.ffn2.input", "layer.0.ffn1.weight"])
+    sites = result.report["sites"]
+    assert len(sites["released_quantizers"]) == LAYERS + 1
+    assert "layer.0.ffn2.input" not in sites["site_names"] and "layer.1.ffn1.input" in sites["site_names"]
+    layers = match_encoder(result.graph).layers
+    for layer in layers:   # the activation reads the float tensor again; the other GEMMs keep their Q/DQ
+        assert not is_dequantized(layer.ffn2.node.inputs[0]) and is_dequantized(layer.ffn1.node.inputs[0])
+    ffn1 = layers[0].ffn1
+    assert not ffn1.weight_quantized and layers[1].ffn1.weight_quantized
+    # the weight now holds the values the QAT model computed with: DQ(Q(W)) per output channel
+    trained = match_encoder(source).layers[0].ffn1.weight
+    weight = next(n for n in source.nodes if n.op == "QuantizeLinear" and n.inputs[0].name == trained)
+    values, scale = ir.constant(weight.inputs[0]), ir.constant(weight.inputs[1])
+    expected = np.clip(np.rint(values / scale[:, None]), -128, 127) * scale[:, None]
+    np.testing.assert_allclose(ir.constant(weight_of(ffn1.node, 1)[0]), expected, rtol=1e-6)
+    calibrated = api.calibrate(result, exports["data"], keep_scales=True, quiet=True)
+    lowered = api.lower(calibrated, target="onnxruntime")
+    assert weight_gemms(lowered.model) == {"integer": LAYERS * LINEARS_PER_LAYER - LAYERS - 1, "float": LAYERS + 1}
+
+
+def test_a_recipe_method_on_a_kept_qat_scale_says_it_does_not_apply(exports, tmp_path):
+    recipe = {"sites": [{"match": "layer.*.ffn2.input", "method": "mse"}]}
+    result = api.insert(exports["torch"], recipe=recipe)
+    skipped = result.report["sites"]["calibration_rules_not_applied"]
+    assert [s["site"] for s in skipped] == [f"layer.{i}.ffn2.input" for i in range(LAYERS)]
+    proc = qdqc("insert", exports["torch"], "--recipe", _write_json(tmp_path / "r.json", recipe),
+                "-o", tmp_path / "r.onnx")
+    assert proc.returncode == 0 and "does not apply to 2 site(s) the model already quantizes" in proc.stdout
+    assert "UnsqueezeElimination" not in proc.stderr   # onnxruntime's optimizer, quiet while canonicalize folds
+
+
+def _write_json(path, value):
+    import json
+
+    path.write_text(json.dumps(value))
+    return path
 
 
 # ---------------------------------------------------------------- lowering
@@ -210,6 +289,25 @@ def test_check_cli_reports_type_violations(exports, tmp_path):
     onnx.save(ir.to_model(graph), tmp_path / "broken.onnx")
     proc = qdqc("check", tmp_path / "broken.onnx")
     assert proc.returncode == 1 and "[types]" in proc.stdout
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "tensorrt"])
+def test_deberta_relative_position_projections_of_a_qat_export_fold_to_constants(tmp_path_factory, target):
+    """DeBERTa's pos_key/pos_query projections read the (constant) relative-position table: quantized
+    by the QAT export, they compute a constant, folded at lowering instead of left as float GEMMs."""
+    from qdq_compiler.qat_export import export_qat
+
+    path = tmp_path_factory.getbasetemp() / "deberta.qat.onnx"
+    if not path.exists():
+        export_qat("deberta-v2", path, seq=16, samples=8)
+    lowered = api.lower(path, target=target, strict=target == "onnxruntime")
+    folded = [r for r in lowered.records if r.name == "fold-constant-gemms"][0]
+    assert folded.stats["constant_gemms_folded"] == 2 * LAYERS and folded.diagnostics[0].level == "info"
+    assert not any("pos_key_proj/MatMul" in n.name or "pos_query_proj/MatMul" in n.name for n in lowered.graph.nodes)
+    if target == "onnxruntime":
+        inputs = {k: v for k, v in feeds().items() if k != "token_type_ids"}
+        reference = run(path, inputs, optimize=False)
+        assert token_cosines(run(lowered, inputs), reference).min() > 0.999   # integer kernels: rounding only
 
 
 # ---------------------------------------------------------------- never silent
