@@ -70,6 +70,7 @@ def release_quantizers(graph: gs.Graph, ctx: PassContext) -> PassResult:
     plan = ctx.analyses["plan"]
     names = ir.Names(graph)
     activations = weights = 0
+    renames: list[tuple[gs.Constant, str]] = []   # a float weight takes its trained weight's name once free
     for use in plan.released:
         for value in use.node.inputs[:2]:
             found = _dequantized_path(value)
@@ -91,10 +92,18 @@ def release_quantizers(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 if stored is None:
                     continue
                 float_tensor = gs.Constant(names.fresh(f"{dequantized.name}::float"), dequantized_value(dq, stored))
+                if q is not None and ir.is_constant(q.inputs[0]):
+                    renames.append((float_tensor, q.inputs[0].name))
                 weights += 1
             chain_reader.inputs[[i for i, t in enumerate(chain_reader.inputs) if t is dequantized][0]] = float_tensor
     if activations or weights:
         ir.cleanup(graph)
+        # the site's weight keeps its name (the plan carried in the model records what the recipe left in
+        # float by tensor name) unless another reader still quantizes the trained one
+        taken = graph.tensors()
+        for constant, name in renames:
+            if name not in taken:
+                constant.name = name
     return PassResult(activations + weights > 0, {"activation_quantizers_bypassed": activations,
                                                   "weights_made_float": weights})
 

@@ -132,8 +132,18 @@ def plan_quantizers(graph: gs.Graph, match: EncoderMatch, config: InsertConfig) 
     plan = _merge(graph, requests, settings, skipped, config, fallback, disabled)
     released = tuple(r.use for r in off if r.use is not None and r.use.node is not None
                      and _already_quantized(graph.tensors(), r) is not None)
-    disabled_tensors = tuple(dict.fromkeys((r.site, r.tensor) for r in everything if r.site in off_sites))
+    tensors = graph.tensors()
+    disabled_tensors = tuple(dict.fromkeys((r.site, _float_source(tensors, r.tensor)) for r in everything
+                                           if r.site in off_sites))
     return replace(plan, disabled_tensors=disabled_tensors, released=released)
+
+
+def _float_source(tensors: dict[str, gs.Tensor], name: str) -> str:
+    """The float tensor a site reads once its quantizer is gone: behind the model's own Q -> DQ pair (what
+    release-quantizers rewires the reader to), else the tensor itself."""
+    dq = ir.producer(tensors[name])
+    q = ir.producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+    return q.inputs[0].name if q is not None and q.op == "QuantizeLinear" else name
 
 
 def _already_quantized(tensors: dict[str, gs.Tensor], request: _Request) -> str | None:

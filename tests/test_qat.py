@@ -208,8 +208,10 @@ def test_excluding_a_site_the_qat_model_quantizes_takes_its_quantizer_out(export
     expected = np.clip(np.rint(values / scale[:, None]), -128, 127) * scale[:, None]
     np.testing.assert_allclose(ir.constant(weight_of(ffn1.node, 1)[0]), expected, rtol=1e-6)
     calibrated = api.calibrate(result, exports["data"], keep_scales=True, quiet=True)
-    lowered = api.lower(calibrated, target="onnxruntime")
+    lowered = api.lower(calibrated, target="onnxruntime", strict=True)   # deliberate: notes, not a --strict failure
     assert weight_gemms(lowered.model) == {"integer": LAYERS * LINEARS_PER_LAYER - LAYERS - 1, "float": LAYERS + 1}
+    record = next(r for r in lowered.records if r.name == "report-float-gemms")
+    assert record.stats["left_float_by_recipe"] == LAYERS + 1 and record.stats["quantized_gemms_left_float"] == 0
 
 
 def test_a_recipe_method_on_a_kept_qat_scale_says_it_does_not_apply(exports, tmp_path):
