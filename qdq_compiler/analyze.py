@@ -166,18 +166,21 @@ def choose_fallback(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig
     measured with those sites in float; and the whole ranking."""
     measure = _Measurement(graph, dataset, config, samples)
     ranking = measure.ranking()
-    limit = len(ranking) if budget is None else min(budget, len(ranking))
+    # only sites a recipe can name are candidates: a QAT model's own quantizer away from every site
+    # (e.g. before a LayerNorm) could not be left out again when the decision is replayed
+    candidates = [s for s in ranking if s.sites] if any(s.sites for s in ranking) else ranking
+    limit = len(candidates) if budget is None else min(budget, len(candidates))
 
     def cosine_without(chosen: list[Sensitivity]) -> float:
         return measure.error(measure.but([s.node for s in chosen]))[0]
 
     if target_cosine is None:
-        chosen = ranking[:limit]
+        chosen = candidates[:limit]
         return chosen, cosine_without(chosen), ranking
     chosen = []
     reached = cosine_without(chosen)
     while reached < target_cosine and len(chosen) < limit:
-        chosen.append(ranking[len(chosen)])
+        chosen.append(candidates[len(chosen)])
         reached = cosine_without(chosen)
     return chosen, reached, ranking
 

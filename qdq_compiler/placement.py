@@ -338,7 +338,8 @@ def _merge(graph: gs.Graph, requests: list[_Request], settings: list[SiteSetting
         tensor = tensors[request.tensor]
         why = _already_quantized(tensors, request)
         if why is not None:
-            existing.append(ExistingQuantizer(request.site, request.tensor, why))
+            # named by the float tensor its QuantizeLinear reads, as the sites insert quantizes are
+            existing.append(ExistingQuantizer(request.site, _float_source(tensors, request.tensor), why))
             rule = _calibration_rule(config.recipe, found)
             if rule is not None and request.kind is TensorKind.ACTIVATION:
                 not_applied.append((request.site, rule))

@@ -189,6 +189,14 @@ def test_compile_on_a_qat_export_keeps_its_scales_unless_told_not_to(exports, tm
     assert "kept as the model holds them (--keep-scales)" in proc.stdout
 
 
+def test_the_fallback_on_a_qat_export_names_the_models_own_quantizers_by_site_and_replays(exports):
+    decided = api.compile(exports["torch"], exports["data"], fallback_budget=1, samples=4, quiet=True)
+    off = [entry["match"] for entry in decided.recipe["sites"] if entry.get("enabled") is False]
+    assert len(off) == 1 and off[0].startswith("layer.")   # a site name, not the QAT model's tensor name
+    replayed = api.compile(exports["torch"], exports["data"], recipe=decided.recipe, quiet=True)
+    assert replayed.model.SerializeToString() == decided.model.SerializeToString()
+
+
 def test_excluding_a_site_the_qat_model_quantizes_takes_its_quantizer_out(exports, tmp_path):
     source = ir.load(exports["torch"])
     run_pipeline(source, ("qdq-constants",), PassContext())
