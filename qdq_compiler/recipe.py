@@ -7,8 +7,8 @@ its producer) and their op types, or by the exact name of the tensor a site quan
 exported tensor names carry their producer's path, so a node-path glob would reach the next layer's
 inputs), and sets some of:
 `enabled`, `method` and `percentile` (activations), `weights` (per-channel | per-tensor), `smooth`
-(off | an alpha). Later rules override earlier ones. `--include`/`--exclude` are rules too, appended
-after the file's. The same idea as pytorch-quantization's per-module `QuantDescriptor` and
+(off | an alpha). Later rules override earlier ones. `--include`/`--exclude` are rules too: the
+include rules before the file's, the exclude rules after them. The same idea as pytorch-quantization's per-module `QuantDescriptor` and
 `disable_quant()`, or onnxruntime's `nodes_to_exclude`, keyed by names that survive re-export.
 
     {"mode": "ft1",
@@ -231,13 +231,14 @@ class Recipe:
         return cls.from_dict(data, str(path))
 
     def with_filters(self, include: Iterable[str] = (), exclude: Iterable[str] = ()) -> "Recipe":
-        """`--include` keeps only the sites it names (everything else off), `--exclude` turns sites off;
-        both after the recipe's own rules."""
+        """`--include` keeps only the sites it names (everything else off), before the recipe's own rules
+        (so it never turns back on a site the recipe leaves in float); `--exclude` turns sites off, after them."""
         include, exclude = list(include or ()), list(exclude or ())
-        rules = list(self.rules)
+        rules = []
         if include:
             rules.append(SiteRule("*", enabled=False, origin="--include (what it does not name)"))
             rules += [SiteRule(p, enabled=True, origin="--include") for p in include]
+        rules += list(self.rules)
         rules += [SiteRule(p, enabled=False, origin="--exclude") for p in exclude]
         return replace(self, rules=tuple(rules))
 

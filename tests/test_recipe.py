@@ -293,3 +293,11 @@ def test_a_model_without_a_plan_is_named_by_matching_and_its_recipe_replays(mode
     assert "mode" not in recipe and recipe["sites"] == [{"match": rows[0]["sites"][0], "enabled": False}]
     replayed = qdq_compiler.insert(model, recipe=emitted)
     assert [site for site, _ in replayed.inserted.plan.disabled] == rows[0]["sites"]
+
+
+def test_include_never_turns_back_on_what_the_recipe_leaves_in_float():
+    recipe = {"sites": [{"match": "layer.0.ffn2.input", "enabled": False}]}
+    result = qdq_compiler.insert(build_bert(BertSpec(layers=2)), recipe=recipe, include=["layer.0.*"])
+    disabled = {entry["site"] for entry in result.report["sites"]["disabled_sites"]}
+    assert "layer.0.ffn2.input" in disabled and "layer.1.ffn1.input" in disabled
+    assert "layer.0.ffn1.input" in result.report["sites"]["site_names"]
