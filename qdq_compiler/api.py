@@ -193,22 +193,29 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, weights=None,
               tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
-              keep_scales: bool = False) -> Result:
+              keep_scales: bool | None = None) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
     tensor, every method's amax. `keep_scales` (a QAT model): only the quantizers insert added are
-    calibrated; every scale the model had, weights' included, and the weights themselves are kept."""
+    calibrated; every scale the model had, weights' included, and the weights themselves are kept.
+    None: kept when the model mixes insert's placeholder scales with calibrated ones (insert added
+    quantizers to a QAT export), as `compile` does."""
     from .calibrate import apply_scales, existing_scales, report_json
     from .calibration import load_states, save_states
 
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
+    if keep_scales is None:
+        from .calibrate import mixes_placeholder_and_calibrated_scales
+
+        keep_scales = mixes_placeholder_and_calibrated_scales(load(model)[0])
     if keep_scales:
         if smooth not in (None, "off") or weights == "gptq":
-            raise UsageError("--keep-scales keeps the model's weights and scales: it cannot take --smooth or "
-                             "--weights gptq")
+            raise UsageError("--keep-scales keeps the model's weights and scales (the default when insert added "
+                             "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
+                             "--no-keep-scales recalibrates them all")
         smooth, weights = "off", "nearest"
     smoothing = _smoothing(smooth, data is not None)
     rounding = parse_rounding(weights, data is not None)

@@ -432,6 +432,18 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
 
 
 
+def mixes_placeholder_and_calibrated_scales(graph: gs.Graph) -> bool:
+    """Some activation quantizers still hold insert's placeholder and others a real scale: insert added
+    quantizers to a calibrated (QAT) model, whose own scales are to be kept."""
+    found = set()
+    for node in graph.nodes:
+        if node.op == "QuantizeLinear" and len(node.inputs) > 1 and not ir.is_constant(node.inputs[0]):
+            value = ir.constant(node.inputs[1])
+            if value is not None and value.size == 1:
+                found.add(float(value.reshape(())) == quant.PLACEHOLDER_SCALE)
+    return found == {True, False}
+
+
 def existing_scales(graph: gs.Graph) -> dict[str, np.ndarray]:
     """Every Q/DQ scale the model already has (a QAT export's), by tensor name: all but insert's
     placeholders, so `calibrate --keep-scales` can calibrate only what insert added."""

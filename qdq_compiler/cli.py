@@ -214,9 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(calibrate, ".calib.onnx")
     _calibration_args(calibrate)
     calibrate.add_argument("--stats", type=Path, help="collector states: written after --data, read without it")
-    calibrate.add_argument("--keep-scales", action="store_true",
+    calibrate.add_argument("--keep-scales", action=argparse.BooleanOptionalAction, default=None,
                            help="a QAT model: calibrate only the quantizers insert added, keep every other scale "
-                                "and the weights (no smoothing, nearest rounding)")
+                                "and the weights (no smoothing, nearest rounding); default: yes when insert added "
+                                "quantizers to a model that already had calibrated ones")
     calibrate.add_argument("--report", type=Path, help="per-tensor samples, max and every method's amax (JSON)")
     calibrate.add_argument("--shard", help="K/N: collect every N-th batch from the K-th (merge the shards' --stats)")
     calibrate.add_argument("--quiet", action="store_true", help="no progress bar, no summary")

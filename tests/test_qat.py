@@ -158,6 +158,11 @@ def test_insert_refuses_to_lower_its_placeholders_and_keep_scales_keeps_the_qat_
     assert calibrated.report["scales_kept"] >= len(original)
     with pytest.raises(UsageError, match="--keep-scales"):
         api.calibrate(inserted, exports["data"], keep_scales=True, smooth="auto", quiet=True)
+    # the default, as compile's: insert added quantizers to a calibrated model, so its own scales stay
+    default = api.calibrate(inserted, exports["data"], quiet=True)
+    assert default.model.SerializeToString() == calibrated.model.SerializeToString()
+    fresh = api.calibrate(inserted, exports["data"], keep_scales=False, smooth="off", quiet=True)
+    assert fresh.report.get("scales_kept", 0) == 0
 
 
 def test_calibrate_keep_scales_reports_the_scales_the_model_holds(exports):
