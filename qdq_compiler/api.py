@@ -396,6 +396,11 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             raise UsageError("--keep-scales keeps the model's weights and scales (the default on a model that "
                              "already has Q/DQ): it cannot take --smooth or --weights gptq; --no-keep-scales "
                              "recalibrates every scale")
+        alpha_rule = next((r for r in insert_config.recipe.rules if r.smooth not in (None, "off")), None)
+        if alpha_rule is not None:
+            raise UsageError(f"{alpha_rule.label}: smooth {alpha_rule.smooth} cannot apply: the model's own scales "
+                             "and weights are kept (--keep-scales, the default on a model that already has Q/DQ); "
+                             "--no-keep-scales smooths and recalibrates every scale")
         smoothing, rounding = None, "nearest"
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)

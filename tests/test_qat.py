@@ -165,6 +165,12 @@ def test_insert_refuses_to_lower_its_placeholders_and_keep_scales_keeps_the_qat_
     assert fresh.report.get("scales_kept", 0) == 0
 
 
+def test_a_recipe_smoothing_alpha_on_kept_qat_scales_is_refused(exports):
+    recipe = {"sites": [{"match": "layer.*.ffn1.input", "smooth": 0.5}]}
+    with pytest.raises(UsageError, match=r"sites\[0\].*smooth 0.5 cannot apply.*--no-keep-scales"):
+        api.compile(exports["torch"], exports["data"], recipe=recipe, quiet=True)
+
+
 def test_calibrate_keep_scales_reports_the_scales_the_model_holds(exports):
     calibrated = api.calibrate(api.insert(exports["torch"]), exports["data"], keep_scales=True, quiet=True)
     scale_of = {n.inputs[0].name: ir.constant(n.inputs[1]) for n in calibrated.graph.nodes if n.op == "QuantizeLinear"}
