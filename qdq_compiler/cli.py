@@ -497,7 +497,8 @@ def _check_recipe(args) -> None:
     from .recipe import check_suffix
 
     if args.recipe is not None and not args.recipe.is_file():
-        raise UsageError(f"--recipe {args.recipe}: no such file")
+        raise UsageError(f"--recipe {args.recipe}: " + ("a folder, not a recipe file" if args.recipe.is_dir()
+                                                         else "no such file"))
     if args.recipe is not None:
         check_suffix(args.recipe, "--recipe")
 
