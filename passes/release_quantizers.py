@@ -32,20 +32,11 @@ def _parameter(dq: gs.Node, index: int, default) -> np.ndarray:
     return np.asarray(default if value is None else value)
 
 
-def _along(value: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """A per-channel parameter shaped to broadcast along `axis` of an `ndim`-D tensor."""
-    if value.ndim != 1 or value.size == 1:
-        return value.reshape(())
-    shape = [1] * ndim
-    shape[axis] = value.size
-    return value.reshape(shape)
-
-
 def dequantized_value(dq: gs.Node, stored: np.ndarray) -> np.ndarray:
     """DequantizeLinear(stored) in numpy, per-tensor or along the node's axis."""
     axis = int(dq.attrs.get("axis", quant.DEFAULT_AXIS))
-    scale = _along(_parameter(dq, 1, None).astype(np.float32), stored.ndim, axis)
-    zero = _along(_parameter(dq, 2, 0).astype(np.float32), stored.ndim, axis)
+    scale = quant.along(_parameter(dq, 1, None).astype(np.float32), stored.ndim, axis)
+    zero = quant.along(_parameter(dq, 2, 0).astype(np.float32), stored.ndim, axis)
     return ((stored.astype(np.float32) - zero) * scale).astype(np.float32)
 
 
@@ -61,8 +52,8 @@ def stored_integers(dq: gs.Node) -> np.ndarray | None:
     axis = int(q.attrs.get("axis", quant.DEFAULT_AXIS))
     zero = _parameter(q, 2, np.int8(0))
     low, high = (0, 255) if zero.dtype == np.uint8 else (-128, 127)
-    scale = _along(_parameter(q, 1, None).astype(np.float32), weight.ndim, axis)
-    return np.clip(np.rint(weight / scale) + _along(zero.astype(np.float32), weight.ndim, axis), low, high)
+    scale = quant.along(_parameter(q, 1, None).astype(np.float32), weight.ndim, axis)
+    return np.clip(np.rint(weight / scale) + quant.along(zero.astype(np.float32), weight.ndim, axis), low, high)
 
 
 @register("release-quantizers", requires=("plan",))

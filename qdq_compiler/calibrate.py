@@ -103,12 +103,18 @@ def require_fake_quant(graph: gs.Graph, command: str) -> None:
                          "from `qdqc insert`/`qdqc calibrate`")
 
 
+def _activation_scales(graph: gs.Graph) -> tuple[list[str], list[str]]:
+    """(tensors whose activation QuantizeLinear has a constant scale, those of them still at insert's
+    placeholder)."""
+    scales = [(q.inputs[0].name, ir.constant(q.inputs[1])) for q in graph.nodes
+              if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) and len(q.inputs) > 1]
+    known = [(tensor, s) for tensor, s in scales if s is not None]
+    return [tensor for tensor, _ in known], [tensor for tensor, s in known if quant.is_placeholder(s)]
+
+
 def require_calibrated(graph: gs.Graph, command: str) -> None:
     """Refuse a graph whose activation scales are all still insert's placeholders (never calibrated)."""
-    readers = [(q.inputs[0].name, ir.constant(q.inputs[1])) for q in graph.nodes
-               if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]) and len(q.inputs) > 1]
-    known = [(tensor, s) for tensor, s in readers if s is not None]
-    placeholders = [tensor for tensor, s in known if s.size == 1 and float(s.reshape(())) == quant.PLACEHOLDER_SCALE]
+    known, placeholders = _activation_scales(graph)
     if known and len(placeholders) == len(known):
         raise UsageError(f"the model is not calibrated: its {len(known)} activation quantizers still have insert's "
                          f"placeholder scale {quant.PLACEHOLDER_SCALE}; run `qdqc calibrate` before `{command}`")
@@ -435,13 +441,8 @@ def calibrate(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig):
 def mixes_placeholder_and_calibrated_scales(graph: gs.Graph) -> bool:
     """Some activation quantizers still hold insert's placeholder and others a real scale: insert added
     quantizers to a calibrated (QAT) model, whose own scales are to be kept."""
-    found = set()
-    for node in graph.nodes:
-        if node.op == "QuantizeLinear" and len(node.inputs) > 1 and not ir.is_constant(node.inputs[0]):
-            value = ir.constant(node.inputs[1])
-            if value is not None and value.size == 1:
-                found.add(float(value.reshape(())) == quant.PLACEHOLDER_SCALE)
-    return found == {True, False}
+    known, placeholders = _activation_scales(graph)
+    return 0 < len(placeholders) < len(known)
 
 
 def existing_scales(graph: gs.Graph) -> dict[str, np.ndarray]:
@@ -453,7 +454,7 @@ def existing_scales(graph: gs.Graph) -> dict[str, np.ndarray]:
         if node.op not in ir.QDQ_OPS or len(node.inputs) < 2:
             continue
         value = ir.constant(node.inputs[1])
-        placeholder = value is not None and value.size == 1 and float(value.reshape(())) == quant.PLACEHOLDER_SCALE \
+        placeholder = value is not None and quant.is_placeholder(value) \
             and not ir.is_constant(node.inputs[0])
         if value is not None and not placeholder:
             kept[node.inputs[1].name] = value.copy()

@@ -16,6 +16,22 @@ def channel_axis(attrs: dict, scale_size: int) -> int | None:
     return int(attrs.get("axis", DEFAULT_AXIS)) if scale_size > 1 else None
 
 
+def is_placeholder(scale: np.ndarray) -> bool:
+    """A scale still at insert's placeholder (the quantizer was never calibrated)."""
+    return scale.size == 1 and float(scale.reshape(())) == PLACEHOLDER_SCALE
+
+
+def along(parameter: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """A per-channel Q/DQ parameter (1-D) shaped to broadcast along `axis` of an `ndim`-D tensor; a
+    per-tensor one as it is."""
+    parameter = np.asarray(parameter)
+    if axis is None or parameter.ndim != 1:
+        return parameter
+    shape = [1] * ndim
+    shape[axis] = parameter.size
+    return parameter.reshape(shape)
+
+
 def amax(values: np.ndarray, axis: int | None = None) -> np.ndarray:
     """max |x| over everything (axis None) or over all axes but `axis` (per channel)."""
     magnitude = np.abs(np.asarray(values, dtype=np.float32))
@@ -33,11 +49,7 @@ def scale_from_amax(value: np.ndarray) -> np.ndarray:
 
 def quantize(values: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:
     """Round half to even and saturate to [-128, 127], as QuantizeLinear does."""
-    scale = np.asarray(scale, dtype=np.float32)
-    if axis is not None and scale.ndim == 1:
-        shape = [1] * values.ndim
-        shape[axis] = scale.size
-        scale = scale.reshape(shape)
+    scale = along(np.asarray(scale, dtype=np.float32), values.ndim, axis)
     return np.clip(np.rint(values / scale), -128, 127).astype(np.int8)
 
 
