@@ -207,10 +207,13 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
-    if keep_scales is None:
+    clock, loaded = _Clock(), None
+    if keep_scales is None:   # decided by the model: loaded once, here
         from .calibrate import mixes_placeholder_and_calibrated_scales
 
-        keep_scales = mixes_placeholder_and_calibrated_scales(load(model)[0])
+        with clock("load"):
+            loaded = load(model)
+        keep_scales = mixes_placeholder_and_calibrated_scales(loaded[0])
     if keep_scales:
         if smooth not in (None, "off") or weights == "gptq":
             raise UsageError("--keep-scales keeps the model's weights and scales (the default when insert added "
@@ -223,9 +226,10 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         raise UsageError("--method auto needs --data (it measures each layer's error)")
     if stats is not None and data is None and not Path(stats).exists():
         raise UsageError(f"{stats}: no such file")
-    clock = _Clock()
-    with clock("load"):
-        graph, source = load(model)
+    if loaded is None:
+        with clock("load"):
+            loaded = load(model)
+    graph, source = loaded
     kept = existing_scales(graph) if keep_scales else {}
     if data is not None:
         with clock("data"):
