@@ -90,14 +90,16 @@ def load(model) -> tuple[gs.Graph, Path | None]:
     raise UsageError(f"model: expected a path, an onnx.ModelProto or a qdq_compiler Result, got {type(model).__name__}")
 
 
-def _smoothing(smooth, data_given: bool) -> SmoothConfig | None:
-    """`smooth=None` is the default: auto when there is data to measure, off from saved statistics."""
+def _smoothing(smooth, data_given: bool, shift: bool | None = None) -> SmoothConfig | None:
+    """`smooth=None` is the default: auto when there is data to measure, off from saved statistics.
+    `shift` (None: the config's own, on by default) turns the OS+ channel shifts on or off."""
     if smooth is None:
-        return SmoothConfig.parse(DEFAULT_SMOOTH) if data_given else None
-    config = SmoothConfig.parse(smooth)
-    if config is not None and not data_given:
-        raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
-    return config
+        config = SmoothConfig.parse(DEFAULT_SMOOTH) if data_given else None
+    else:
+        config = SmoothConfig.parse(smooth)
+        if config is not None and not data_given:
+            raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
+    return config if config is None or shift is None else replace(config, shift=bool(shift))
 
 
 def _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet) -> CalibrationConfig:
@@ -180,6 +182,10 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     with clock("calibrate"):
         collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
     found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
+    if found["smoothing"].get("sites_shifted"):
+        from .smooth import align_shifts
+
+        found["smoothing"]["shifts_on_grid"] = align_shifts(graph)
     if weights == "gptq":
         from .weight_rounding import apply_gptq
 
@@ -191,7 +197,8 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
 
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
-              providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, weights=None,
+              providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, shift: bool | None = None,
+              weights=None,
               tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
               keep_scales: bool | None = None) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
@@ -220,7 +227,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                              "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
                              "--no-keep-scales recalibrates them all")
         smooth, weights = "off", "nearest"
-    smoothing = _smoothing(smooth, data is not None)
+    smoothing = _smoothing(smooth, data is not None, shift)
     rounding = parse_rounding(weights, data is not None)
     if config.method.value == "auto" and data is None:
         raise UsageError("--method auto needs --data (it measures each layer's error)")
@@ -346,7 +353,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             include=(), exclude=(),
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
-            weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
+            shift: bool | None = None, weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None) -> Result:
@@ -372,7 +379,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
 
     insert_config, lower_config = insert_config_of(mode, recipe, include, exclude), LowerConfig(target, keep_fp32, strict)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
-    smoothing = _smoothing(smooth, True)
+    smoothing = _smoothing(smooth, True, shift)
     rounding = parse_rounding(weights, True)
     fallback = FallbackConfig(fallback_budget, target_cosine, samples)
     if eval is not None and html is None:

@@ -187,28 +187,35 @@ def model_inputs(graph: gs.Graph) -> list[InputSpec]:
 
 
 def channel_ranges(graph: gs.Graph, dataset: Dataset, config: CalibrationConfig,
-                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray],
-                                                dict[str, np.ndarray]]:
-    """Running min, max and mean per channel (last axis) of `tensors` over the data (float network), and
-    the first batch's values of each, as [tokens, channels] rows."""
+                   tensors: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                dict[str, tuple[np.ndarray, np.ndarray]], dict[str, np.ndarray]]:
+    """Running min and max per channel (last axis) of `tensors` over the data (float network, every row
+    the calibration histograms see), the same over the tokens the attention mask keeps, and the first
+    batch's values of each, as [tokens, channels] rows."""
     runner = session(float_network(graph, tensors), config.providers)
     _, batches = model_batches(graph, dataset, config)
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}
-    total: dict[str, np.ndarray] = {}
-    rows_seen: dict[str, int] = {}
+    attended: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     first: dict[str, np.ndarray] = {}
     for index, feeds in enumerate(batches):
+        mask = feeds.get("attention_mask")
         for name, values in zip(tensors, run(runner, tensors, feeds, f"calibration batch {index}")):
             rows = values.reshape(-1, values.shape[-1])
             first.setdefault(name, rows)
-            found_low, found_high = rows.min(axis=0), rows.max(axis=0)
-            low[name] = found_low if name not in low else np.minimum(low[name], found_low)
-            high[name] = found_high if name not in high else np.maximum(high[name], found_high)
-            total[name] = total.get(name, 0.0) + rows.sum(axis=0, dtype=np.float64)
-            rows_seen[name] = rows_seen.get(name, 0) + len(rows)
-    mean = {name: (total[name] / rows_seen[name]).astype(np.float32) for name in total}
-    return low, high, mean, first
+            low[name] = _running(np.minimum, low.get(name), rows.min(axis=0))
+            high[name] = _running(np.maximum, high.get(name), rows.max(axis=0))
+            if mask is not None and rows.shape[0] == mask.size:   # token rows: padding left out
+                rows = rows[mask.reshape(-1).astype(bool)]
+            if len(rows):
+                found = attended.get(name, (None, None))
+                attended[name] = (_running(np.minimum, found[0], rows.min(axis=0)),
+                                  _running(np.maximum, found[1], rows.max(axis=0)))
+    return low, high, attended, first
+
+
+def _running(combine, so_far, found):
+    return found if so_far is None else combine(so_far, found)
 
 
 def collect(graph: gs.Graph, dataset: Dataset,

@@ -95,6 +95,9 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", help="SmoothQuant outlier migration before calibration: off, auto (alpha searched "
                                          "per site) or an alpha in [0, 1]; default auto with --data, off when "
                                          "recomputing from --stats (smoothing measures the data)")
+    parser.add_argument("--no-shift", action="store_true",
+                        help="no Outlier Suppression+ channel shifts (by default each smoothed GEMM input is "
+                             "centred per channel on its INT8 grid, the shift folded into the GEMMs' biases)")
     parser.add_argument("--weights", choices=["gptq", "nearest"],
                         help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
                              "default with --data) or nearest (the default when recomputing from --stats)")
@@ -104,7 +107,7 @@ def _calibration_options(args) -> dict:
     """The calibration options as the API's keyword arguments."""
     return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
                 num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
-                weights=args.weights, tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
+                shift=False if args.no_shift else None, weights=args.weights, tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
                 quiet=args.quiet)
 
 
@@ -365,6 +368,8 @@ def _calibration_line(result) -> str:
         smooth = "no smoothing" + (" (it needs --data)" if samples is None else "")
     else:
         smooth = f"smooth {smooth}: {smoothing.get('sites_smoothed', 0)} sites"
+        if smoothing.get("sites_shifted"):
+            smooth += f", {smoothing['sites_shifted']} shifted"
     method = calibration["method"]
     if method == "percentile":
         method += f" {calibration['percentile']:g}"

@@ -32,7 +32,7 @@ def float_source(tensor: gs.Tensor) -> gs.Tensor:
 
 def origin(tensor: gs.Tensor) -> gs.Tensor:
     """The tensor behind Q/DQ pairs, reshapes (Gemm exports flatten tokens around each GEMM) and
-    per-channel constant Muls (SmoothQuant's 1/s on a GEMM branch)."""
+    per-channel constant Muls and Subs (SmoothQuant's 1/s and OS+'s shift on a GEMM branch)."""
     while True:
         tensor = float_source(tensor)
         node = ir.producer(tensor)
@@ -45,8 +45,9 @@ def origin(tensor: gs.Tensor) -> gs.Tensor:
 
 
 def is_channel_scale(node: gs.Node, index: int) -> bool:
-    """Mul(x, constant vector) read at x: SmoothQuant's per-channel 1/s on a GEMM branch."""
-    return node.op == "Mul" and index == 0 and len(node.inputs) == 2 and ir.is_constant(node.inputs[1]) \
+    """Mul(x, constant vector) or Sub(x, constant vector) read at x: SmoothQuant's per-channel 1/s and
+    Outlier Suppression+'s per-channel shift on a GEMM branch."""
+    return node.op in ("Mul", "Sub") and index == 0 and len(node.inputs) == 2 and ir.is_constant(node.inputs[1]) \
         and ir.constant(node.inputs[1]).ndim == 1
 
 

@@ -100,11 +100,13 @@ PIPELINES: Mapping[str, tuple[str, ...]] = {
     "insert": ("canonicalize", "decompose-fused", "split-gemm-bias", "match-bert", "place-quantizers",
                "release-quantizers", "insert-qdq",
                "record-plan"),
-    "lower-onnxruntime": ("qdq-constants", "signed-zero-points", "fold-constant-gemms", "lower-onnxruntime", "fold-output-scale",
+    "lower-onnxruntime": ("qdq-constants", "signed-zero-points", "fold-constant-gemms", "shift-into-layernorm",
+                          "lower-onnxruntime", "fold-output-scale",
                           "mask-key-columns", "residual-sum", "clamp-attention-mask", "floor-softmax-input",
                           "fold-weight-quantizers", "report-float-gemms"),
-    "lower-openvino": ("qdq-constants", "signed-zero-points", "fold-constant-gemms", "unsigned-linear-inputs", "fold-weight-quantizers"),
-    "lower-tensorrt": ("qdq-constants", "signed-zero-points", "fold-constant-gemms", "report-mha", "drop-nan-guard", "fold-weight-quantizers",
+    "lower-openvino": ("qdq-constants", "signed-zero-points", "fold-constant-gemms", "shift-into-layernorm",
+                       "unsigned-linear-inputs", "fold-weight-quantizers"),
+    "lower-tensorrt": ("qdq-constants", "signed-zero-points", "fold-constant-gemms", "shift-into-layernorm", "report-mha", "drop-nan-guard", "fold-weight-quantizers",
                        "to-fp16", "check-types"),
 }
 

@@ -171,11 +171,13 @@ def reader_bias(reader: gs.Node) -> gs.Constant | None:
     return bias if bias is not None and len(bias.outputs) == 1 else None
 
 
-def channel_shift(low: np.ndarray, high: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """The per-channel shift z of Outlier Suppression+ (Wei et al. 2023), here each channel's mean:
-    OS+'s centre of the range, (min + max)/2, follows the rarest extreme and moved the bulk of MiniLM's
-    activations off zero (measured worse, README)."""
-    return np.asarray(mean, np.float32)
+def channel_shift(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The per-channel shift z of Outlier Suppression+ (Wei et al. 2023): the centre of each channel's
+    range, (min + max)/2, so a symmetric INT8 grid (TensorRT's only form) covers one-sided channels
+    such as GELU's outputs (>= -0.17) with half the step. After calibration each shift is moved onto
+    the quantizer's grid (`align_shifts`): an exact zero then stays exact, which most GELU outputs are
+    close to."""
+    return ((np.asarray(low, np.float64) + np.asarray(high, np.float64)) / 2).astype(np.float32)
 
 
 def smoothing_factors(activation_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
@@ -195,7 +197,7 @@ ALPHA_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 class SmoothConfig:
     alpha: float | None = 0.85   # None: search ALPHA_GRID per site ("--smooth auto")
     through_value: bool = False  # the attention-output GEMM input too, folded into V's projection
-    shift: bool = False          # OS+: centre each GEMM input per channel, the shift folded into the biases
+    shift: bool = True           # OS+: centre each GEMM input per channel on the grid, folded into the biases
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
@@ -275,11 +277,11 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *
              and (recipe[f.quantizer.inputs[0].name].smooth if f.quantizer.inputs[0].name in recipe else None) != "off"]
     sites = [(s.tensor, s.readers) for s in chosen] + [(f.tensor, (f.reader,)) for f in folds]
     ctx = PassContext(settings)
-    low, high, mean, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
-    shifts = {s.tensor: channel_shift(low[s.tensor], high[s.tensor], mean[s.tensor]) for s in chosen
+    low, high, attended, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
+    # smoothing factors and alphas from the ranges as they are: the shift only re-centres the grid
+    shifts = {s.tensor: channel_shift(*attended.get(s.tensor, (low[s.tensor], high[s.tensor]))) for s in chosen
               if settings.shift and all(reader_bias(r) is not None for r in s.readers)}
-    maxima = {tensor: np.maximum(np.abs(low[tensor] - shifts.get(tensor, 0.0)),
-                                 np.abs(high[tensor] - shifts.get(tensor, 0.0))) for tensor, _ in sites}
+    maxima = {tensor: np.maximum(np.abs(low[tensor]), np.abs(high[tensor])) for tensor, _ in sites}
     ctx.analyses["channel_max"] = maxima
     ctx.analyses["channel_shift"] = shifts
     ctx.analyses["alpha"] = dict(fixed)
@@ -288,7 +290,32 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *
             if tensor not in fixed:
                 weights = [(w.values if axis == 0 else w.values.T) for w, axis in
                            (reader_weight(reader) for reader in readers)]
-                ctx.analyses["alpha"][tensor] = best_alpha(first[tensor] - shifts.get(tensor, 0.0), weights,
-                                                           maxima[tensor])
+                ctx.analyses["alpha"][tensor] = best_alpha(first[tensor], weights, maxima[tensor])
     passes = ("smooth-gemm-inputs",) + (("smooth-attention-output",) if folds else ())
     return run_pipeline(graph, passes, ctx, verify=verify)
+
+
+def align_shifts(graph: gs.Graph) -> int:
+    """Move each OS+ shift onto its calibrated quantizer's grid (z = step·round(z/step)), the readers'
+    biases taking the difference through their float weights; returns how many were aligned. Runs after
+    calibration and before weight rounding (the biases need the float weights)."""
+    aligned = 0
+    for node in graph.nodes:
+        if node.op != "Sub" or "::shift" not in node.name or len(node.outputs[0].outputs) != 1:
+            continue
+        q = node.outputs[0].outputs[0]
+        if q.op != "QuantizeLinear" or ir.constant(q.inputs[1]).size != 1:
+            continue
+        step = float(ir.constant(q.inputs[1]).reshape(()))
+        offset = node.inputs[1]
+        if step <= 0 or not isinstance(offset, gs.Constant):
+            continue
+        on_grid = (step * np.round(offset.values.astype(np.float64) / step)).astype(np.float32)
+        moved = on_grid - offset.values
+        for reader in (r for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs):
+            weight, axis = reader_weight(reader)
+            bias = reader_bias(reader)
+            bias.values = (bias.values + np.tensordot(moved, weight.values, axes=([0], [axis]))).astype(bias.values.dtype)
+        offset.values = on_grid
+        aligned += 1
+    return aligned

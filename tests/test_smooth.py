@@ -231,3 +231,52 @@ def test_shifted_quantizers_keep_their_site_names(setup):
     shifted = [tensor for tensor in names if "::centred" in tensor]
     assert len(shifted) == 6 and all(names[tensor] for tensor in shifted)
     assert {site.split(".", 2)[2] for tensor in shifted for site in names[tensor]} >= {"ffn1.input", "ffn2.input"}
+
+
+def shifted_and_calibrated(setup):
+    spec, graph, data = setup
+    dataset = Dataset(data, model_inputs(graph))
+    smooth(graph, dataset, CalibrationConfig(progress=False), SmoothConfig(0.85, shift=True))
+    calibrate(graph, dataset, CalibrationConfig(progress=False))
+    return spec, graph
+
+
+def test_shifts_move_onto_the_quantizer_grid_keeping_the_float_network(setup):
+    from qdq_compiler.smooth import align_shifts
+
+    spec, graph = shifted_and_calibrated(setup)
+    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
+    before = run_model(float_network(graph, []), feeds)[0]
+    assert align_shifts(graph) == 6
+    np.testing.assert_allclose(run_model(float_network(graph, []), feeds)[0], before, rtol=1e-4, atol=1e-4)
+    for sub in (n for n in graph.nodes if n.op == "Sub" and "::shift" in n.name):
+        step = float(ir.constant(sub.outputs[0].outputs[0].inputs[1]))
+        steps = sub.inputs[1].values / step
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+
+
+def test_layernorm_shifts_fold_into_beta_and_the_residual_biases(setup):
+    from qdq_compiler.pipeline import PassContext, run_pipeline
+
+    spec, graph = shifted_and_calibrated(setup)
+    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
+    before = run_model(float_network(graph, []), feeds)[0]
+    shifts = lambda: [n for n in graph.nodes if n.op == "Sub" and "::shift" in n.name]  # noqa: E731
+    assert len(shifts()) == 6
+    record, = run_pipeline(graph, ("shift-into-layernorm",), PassContext(None), verify=True)
+    # two LayerNorm outputs per layer (Q/K/V and FFN1 inputs) fold; the GELU output (FFN2) keeps its Sub
+    assert record.stats == {"shifts_folded": 4, "shifts_kept": 0}
+    assert [ir.producer(ir.producer(s.inputs[0]).inputs[0]).op for s in shifts()] == ["Mul", "Mul"]
+    np.testing.assert_allclose(run_model(float_network(graph, []), feeds)[0], before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_layernorm_output_read_elsewhere_keeps_its_shift(setup):
+    from qdq_compiler.pipeline import PassContext, run_pipeline
+
+    _, graph = shifted_and_calibrated(setup)
+    first = next(n for n in graph.nodes if n.op == "Sub" and "::shift" in n.name
+                 and ir.producer(ir.producer(n.inputs[0]).inputs[0]).op == "LayerNormalization")
+    graph.outputs.append(ir.producer(first.inputs[0]).inputs[0])   # the LayerNorm output is a model output too
+    record, = run_pipeline(graph, ("shift-into-layernorm",), PassContext(None))
+    assert record.stats == {"shifts_folded": 3, "shifts_kept": 1}
+    assert first in graph.nodes

@@ -1,7 +1,7 @@
 """Task-level fidelity of every recipe against FP32, on the real all-MiniLM-L6-v2 and the shipped sentences.
 
     python tools/eval_fidelity.py [--folder artifacts] [--eval 1000] [--recipe R.toml ...] [--only default]
-                                  [--rows os-plus,value-fold,ft2,...] [--targets onnxruntime]
+                                  [--rows no-shift,value-fold,ft2,...] [--targets onnxruntime]
 
 For each qdqc recipe (compiled on the 256 calibration sentences) the model is lowered for onnxruntime
 (integer GEMMs) and for TensorRT (FP16 + INT8 Q/DQ, run by onnxruntime on CPU: the engine's numerics
@@ -28,7 +28,7 @@ from qdq_compiler.smooth import SmoothConfig  # noqa: E402
 
 # label -> compile options; every GEMM and both attention batched matmuls INT8 (no fallback) in each
 RECIPES = {
-    "qdqc default (smooth auto, p99.999, GPTQ)": {},
+    "qdqc default (smooth auto + OS+ shifts, p99.999, GPTQ)": {},
     "qdqc smooth auto, p99.999, nearest": {"weights": "nearest"},
     "qdqc mse, no smoothing, GPTQ": {"smooth": "off", "method": "mse"},
     "pytorch-quantization defaults": {"smooth": "off", "method": "percentile", "percentile": 99.99,
@@ -36,8 +36,8 @@ RECIPES = {
 }
 # rows measured for the last gap to FP32 (README, "Task-level fidelity"), on demand: --rows NAME,...
 EXTRA = {
-    "os-plus": ("qdqc smooth auto + OS+ shifts, p99.999, GPTQ", {"smooth": SmoothConfig(None, shift=True)}),
-    "value-fold": ("qdqc smooth auto + through V, p99.999, GPTQ", {"smooth": SmoothConfig(None, through_value=True)}),
+    "no-shift": ("qdqc default without OS+ shifts (--no-shift)", {"shift": False}),
+    "value-fold": ("qdqc default + smoothing through V", {"smooth": SmoothConfig(None, through_value=True)}),
     "smooth-mse": ("qdqc smooth auto, mse, GPTQ", {"method": "mse"}),
     "batch-1": ("qdqc default, statistics without padding (batch 1)", {"batch_size": 1}),
     **{mode: (f"qdqc default recipe, insert --mode {mode}", {"mode": mode}) for mode in ("ft2", "ft3", "trt")},

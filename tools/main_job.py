@@ -108,12 +108,14 @@ def main() -> None:
         result = qdq_compiler.calibrate(inserted, stats=stats, method=method, **extra)
         result.save(out / f"minilm.calib.{method}{extra.get('percentile', '')}.onnx")
         row(method + (f" {extra['percentile']}" if extra else ""), result)
-    row("smooth 0.85 + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, smooth=0.85,
+    row("smooth 0.85 + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, smooth=0.85, shift=False,
                                                                    weights="nearest"))
-    row("smooth auto + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, weights="nearest"))
-    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto, p99.999, GPTQ weights
+    row("smooth auto + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, shift=False,
+                                                                   weights="nearest"))
+    row("smooth auto + percentile 99.999 + GPTQ", qdq_compiler.calibrate(inserted, calibration, shift=False))
+    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto + shifts, p99.999, GPTQ
     smoothed.save(out / "minilm.smooth.calib.onnx")
-    row("smooth auto + percentile 99.999 + GPTQ (fake-quant)", smoothed)
+    row("default: + OS+ shifts (fake-quant)", smoothed)
     compiled = qdq_compiler.compile(model, calibration)         # text -> data -> compile with the defaults
     compiled.save(out / "minilm.int8.onnx")
     row("default compile (lowered for onnxruntime)", compiled)
