@@ -210,19 +210,15 @@ class _FakeQuantize(torch.autograd.Function):
         inside = ctx.saved_tensors[0]
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            grad_scale = grad * ctx.saved_tensors[1]
-            reduce = [i for i in range(grad.dim()) if i >= grad.dim() - len(ctx.scale_shape) and
-                      ctx.scale_shape[i - grad.dim() + len(ctx.scale_shape)] == 1 or
-                      i < grad.dim() - len(ctx.scale_shape)]
-            grad_scale = grad_scale.sum(dim=reduce, keepdim=True).reshape(ctx.scale_shape) if reduce \
-                else grad_scale.reshape(ctx.scale_shape)
+            # summed over what the scale was broadcast along: all of x (per tensor), all but its axis (per channel)
+            grad_scale = (grad * ctx.saved_tensors[1]).sum_to_size(ctx.scale_shape)
         return grad * inside, grad_scale, None, None, None
 
 
 class _Pair:
     """One Q -> DQ pair: its scale and zero point shaped to broadcast, and the integer range."""
 
-    def __init__(self, q: gs.Node, rank_of: Callable[[], int] | None = None):
+    def __init__(self, q: gs.Node):
         scale = ir.constant(q.inputs[1])
         zero = ir.constant(q.inputs[2]) if len(q.inputs) > 2 and q.inputs[2] is not None else None
         if scale is None:

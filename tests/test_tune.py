@@ -143,3 +143,20 @@ def test_cli_tunes_and_says_so(tmp_path, bert_file):
     assert "tuned end to end (1 epoch," in done.stdout
     bad = qdqc("compile", bert_file, "--data", data, "--tune", "soon", "--output", tmp_path / "bad.onnx")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--tune 'soon'" in bad.stderr
+
+
+def test_fake_quantizer_gradients_are_straight_through_and_lsq():
+    from qdq_compiler.torch_graph import _FakeQuantize
+
+    x = (torch.linspace(-3.0, 3.0, 41, dtype=torch.float32) + 0.003).requires_grad_()   # no ties at .5
+    scale = torch.tensor(0.02, requires_grad=True)
+    y = _FakeQuantize.apply(x, scale, torch.tensor(0.0), -128, 127)
+    y.backward(torch.ones_like(y))
+    for value, found, grad in zip(x.detach().tolist(), y.detach().tolist(), x.grad.tolist()):
+        level = round(value / 0.02)   # the same rounding as ONNX, restated one value at a time
+        inside = -128 <= level <= 127
+        assert found == pytest.approx(min(max(level, -128), 127) * 0.02, abs=1e-6)
+        assert grad == (1.0 if inside else 0.0)
+    expected = sum((round(v / 0.02) - v / 0.02) if -128 <= round(v / 0.02) <= 127 else min(max(round(v / 0.02), -128), 127)
+                   for v in x.detach().tolist())   # LSQ: d/ds of s·clamp(round(x/s))
+    assert scale.grad.item() == pytest.approx(expected, rel=1e-4, abs=1e-4)
