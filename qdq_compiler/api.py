@@ -182,6 +182,10 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
 
     found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights},
                              "tuning": {"tune": "off"}}
+    if tuning.active:   # said before any work: the torch executor runs only the ops it knows
+        from .torch_graph import check_supported
+
+        check_supported(graph)
     if smoothing is not None or wanted(graph):   # the recipe may smooth some sites even with --smooth off
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)

@@ -256,9 +256,12 @@ def _paired(dq: gs.Node) -> gs.Node | None:
         else None
 
 
-def unsupported_ops(graph: gs.Graph) -> list[str]:
-    """The ops of `graph` the executor cannot run, sorted."""
-    return sorted({node.op for node in graph.nodes if node.op not in OPS and node.op not in ir.QDQ_OPS})
+def check_supported(graph: gs.Graph) -> None:
+    """A one-line ModelError naming the ops of `graph` the executor cannot run, if any."""
+    missing = sorted({node.op for node in graph.nodes if node.op not in OPS and node.op not in ir.QDQ_OPS})
+    if missing:
+        raise ModelError(f"tuning runs the model in torch, which does not support op {missing[0]}"
+                         + (f" (nor {', '.join(missing[1:])})" if missing[1:] else "") + "; use --tune off")
 
 
 class TorchGraph(torch.nn.Module):
@@ -270,10 +273,7 @@ class TorchGraph(torch.nn.Module):
 
     def __init__(self, graph: gs.Graph):
         super().__init__()
-        missing = unsupported_ops(graph)
-        if missing:
-            raise ModelError(f"tuning runs the model in torch, which does not support op {missing[0]}"
-                             + (f" (nor {', '.join(missing[1:])})" if missing[1:] else ""))
+        check_supported(graph)
         self.quantize_activations = self.quantize_weights = True
         self.outputs = [t.name for t in graph.outputs]
         self.weights = torch.nn.ParameterDict()

@@ -107,7 +107,8 @@ def training_batches(graph: gs.Graph, dataset, config, tune: TuneConfig) -> list
     from .data import TRIMMABLE_MASK, trim
 
     untrimmed = replace(config, trim_padding=False, batch_size=tune.batch_size)
-    _, batches = model_batches(graph, dataset, untrimmed, limit=tune.samples, option=None)
+    limit = min(tune.samples, config.num_samples or tune.samples)
+    _, batches = model_batches(graph, dataset, untrimmed, limit=limit, option=None)
     batches = list(batches)
     if fixed_batch(graph) is not None or not batches or TRIMMABLE_MASK not in batches[0] \
             or len({b[TRIMMABLE_MASK].shape[1:] for b in batches}) != 1:
