@@ -1,7 +1,7 @@
 """What end-to-end tuning can train, measured on all-MiniLM-L6-v2: README "End-to-end tuning".
 
     python tools/tune_variants.py --folder artifacts [--calibrated minilm.calib.onnx] [--train scales,vectors]
-                                  [--epochs 3] [--seed 0] [--weight-lr 1e-5] [--scale-lr 1e-2] [--vector-lr 3e-4]
+                                  [--epochs 3] [--seed 0] [--batch 16] [--weight-lr 1e-5] [--scale-lr 1e-2] [--vector-lr 3e-4]
 
 The default compile's calibrated Q/DQ graph (smooth auto, percentile 99.999, GPTQ; built from
 <folder>/minilm.onnx and <folder>/calib.npz unless --calibrated gives it) runs in torch
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--train", default="scales,vectors", help=f"comma-separated, of {', '.join(KINDS)}; or none")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=16, help="sentences per step")
     parser.add_argument("--scale-lr", type=float, default=1e-2)
     parser.add_argument("--vector-lr", type=float, default=3e-4)
     parser.add_argument("--weight-lr", type=float, default=1e-5)
@@ -69,7 +70,7 @@ def main() -> None:
         graph = qdq_compiler.calibrate(qdq_compiler.insert(model), data, quiet=True).graph
     # the float targets: FP32 itself (the calibrated graph's weights are already rounded)
     plain = ir.load(model)
-    tune = TuneConfig(epochs=args.epochs)
+    tune = TuneConfig(epochs=args.epochs, batch_size=args.batch)
     config = CalibrationConfig(progress=False)
     batches = training_batches(plain, open_data(data, plain), config, tune)
     targets = float_outputs(plain, batches, config.providers)
