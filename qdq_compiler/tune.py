@@ -197,9 +197,9 @@ def _tune(graph: gs.Graph, batches, targets, config: TuneConfig) -> TuneOutcome:
     if kept:
         tensors = graph.tensors()
         for name, gain in gains.items():
-            values[name] = (tensors[name].values * np.exp(gain.item())).astype(np.float32)
+            values[name] = np.asarray(tensors[name].values * np.exp(gain.item()), np.float32)   # 0-d stays an array
         for vector in vectors:
-            values[vector.name] = net.constant(vector.name).detach().numpy().astype(np.float32)
+            values[vector.name] = np.array(net.constant(vector.name).detach().numpy(), np.float32)
     stats = {"epochs": config.epochs, "steps": steps, "samples": sum(_samples(f) for f in feeds),
              "loss_before": round(before, 8), "loss_after": round(after, 8), "kept": kept,
              "scales_tuned": len(gains) if kept else 0, "vectors_tuned": len(vectors) if kept else 0,

@@ -117,7 +117,7 @@ def main() -> None:
         new = np.where((np.abs(old) >= QMAX) & lost, old, new)
         tensors[name].values = (new * scale).astype(np.float32)
     for name, gain in gains.items():
-        tensors[name].values = (tensors[name].values * np.exp(gain.item())).astype(np.float32)
+        tensors[name].values = np.asarray(tensors[name].values * np.exp(gain.item()), np.float32)
     for name in vectors:
         tensors[name].values = net.constant(name).detach().numpy().astype(np.float32)
 
