@@ -52,7 +52,7 @@ def _slice(node, data, starts, ends, axes=None, steps=None):
     steps = _ints(steps) if steps is not None else [1] * len(axes)
     index = [slice(None)] * data.dim()
     for axis, start, end, step in zip(axes, _ints(starts), _ints(ends), steps):
-        if step < 0:   # torch slices forward only: flip, then slice the mirrored range
+        if step < 0:   # torch tensors slice forward only; encoder graphs do not reverse
             raise ModelError(f"{ir.describe(node)}: Slice with a negative step is not supported by the torch executor")
         size = data.shape[axis]
         start = max(0, min(size, start + size if start < 0 else start))

@@ -10,7 +10,6 @@ import torch
 
 import qdq_compiler
 from qdq_compiler import ir
-from qdq_compiler.calibrate import float_network
 from qdq_compiler.errors import ModelError, UsageError
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 from qdq_compiler.torch_graph import TorchGraph
@@ -28,7 +27,6 @@ def torch_outputs(graph, feeds, *, quantized=True):
 
 def onnxruntime_values(graph, feeds) -> dict:
     """Every named tensor the graph computes, as onnxruntime computes it (graph optimizations off)."""
-    import onnx_graphsurgeon as gs
     from qdq_compiler.evaluate import open_session
 
     names = [t.name for n in graph.nodes for t in n.outputs if isinstance(t, gs.Variable) and t.name]
