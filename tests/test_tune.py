@@ -90,7 +90,8 @@ def test_tuning_lowers_the_error_and_changes_only_values(tmp_path):
     assert [(n.op, ir.input_names(n)) for n in tuned.graph.nodes] == [(n.op, ir.input_names(n)) for n in plain.graph.nodes]
     changed = [name for name, t in tuned.graph.tensors().items()
                if hasattr(t, "values") and not np.array_equal(t.values, plain.graph.tensors()[name].values)]
-    assert len(changed) == record["scales_tuned"] + record["vectors_tuned"]
+    # and the OS+ shifts moved onto the tuned scales' grids
+    assert len([n for n in changed if "::shift_offset" not in n]) == record["scales_tuned"] + record["vectors_tuned"]
     assert plain.report["tuning"] == {"tune": "off"}
 
 
