@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,20 @@ def load(model) -> tuple[gs.Graph, Path | None]:
     raise UsageError(f"model: expected a path, an onnx.ModelProto or a qdq_compiler Result, got {type(model).__name__}")
 
 
-def _smoothing(smooth, data_given: bool, shift: bool | None = None) -> SmoothConfig | None:
+def _smoothing(smooth, data_given: bool, shift: bool | None, rounding: str) -> SmoothConfig | None:
     """`smooth=None` is the default: auto when there is data to measure, off from saved statistics.
-    `shift` (None: the config's own, on by default) turns the OS+ channel shifts on or off."""
+    `shift` turns the OS+ channel shifts on or off; None: on with GPTQ rounding (a SmoothConfig given
+    keeps its own). GPTQ rounds on the shifted inputs, so the weights' rounding error is compensated
+    along the shift too; rounded to nearest, that error would multiply the shift itself — on GELU
+    outputs, which are mostly ≈ 0, the whole of z for every token (MiniLM: 0.863 mean cosine)."""
+    if shift is None and not isinstance(smooth, SmoothConfig):
+        shift = rounding == "gptq"
+    elif shift is None:
+        shift = smooth.shift
+    if shift and rounding != "gptq" and smooth != "off":
+        warnings.warn("OS+ shifts with weights rounded to nearest: the weights' rounding error then multiplies "
+                      "each shift (on MiniLM 0.863 mean cosine instead of 0.998); keep --weights gptq, or "
+                      "--no-shift", stacklevel=3)
     if smooth is None:
         config = SmoothConfig.parse(DEFAULT_SMOOTH) if data_given else None
     else:
@@ -262,8 +274,8 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                              "quantizers to a calibrated model): it cannot take --smooth, --weights gptq or --tune; "
                              "--no-keep-scales recalibrates them all")
         smooth, weights = "off", "nearest"
-    smoothing = _smoothing(smooth, data is not None, shift)
     rounding = parse_rounding(weights, data is not None)
+    smoothing = _smoothing(smooth, data is not None, shift, rounding)
     if config.method.value == "auto" and data is None:
         raise UsageError("--method auto needs --data (it measures each layer's error)")
     if stats is not None and data is None and not Path(stats).exists():
@@ -415,8 +427,8 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
 
     insert_config, lower_config = insert_config_of(mode, recipe, include, exclude), LowerConfig(target, keep_fp32, strict)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
-    smoothing = _smoothing(smooth, True, shift)
     rounding = parse_rounding(weights, True)
+    smoothing = _smoothing(smooth, True, shift, rounding)
     tuning = _tuning(tune, True)
     fallback = FallbackConfig(fallback_budget, target_cosine, samples)
     if eval is not None and html is None:

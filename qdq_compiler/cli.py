@@ -96,8 +96,9 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
                                          "per site) or an alpha in [0, 1]; default auto with --data, off when "
                                          "recomputing from --stats (smoothing measures the data)")
     parser.add_argument("--no-shift", action="store_true",
-                        help="no Outlier Suppression+ channel shifts (by default each smoothed GEMM input is "
-                             "centred per channel on its INT8 grid, the shift folded into the GEMMs' biases)")
+                        help="no Outlier Suppression+ channel shifts (by default, with GPTQ weights, each smoothed "
+                             "GEMM input is centred per channel on its INT8 grid, the shift folded into the GEMMs' "
+                             "biases)")
     parser.add_argument("--weights", choices=["gptq", "nearest"],
                         help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
                              "default with --data) or nearest (the default when recomputing from --stats)")

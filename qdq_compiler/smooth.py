@@ -197,7 +197,8 @@ ALPHA_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 class SmoothConfig:
     alpha: float | None = 0.85   # None: search ALPHA_GRID per site ("--smooth auto")
     through_value: bool = False  # the attention-output GEMM input too, folded into V's projection
-    shift: bool = True           # OS+: centre each GEMM input per channel on the grid, folded into the biases
+    shift: bool = False          # OS+: centre each GEMM input per channel on the grid, folded into the biases
+                                 # (the API's default: on with GPTQ weights)
 
     def __post_init__(self):
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:

@@ -280,3 +280,18 @@ def test_a_layernorm_output_read_elsewhere_keeps_its_shift(setup):
     record, = run_pipeline(graph, ("shift-into-layernorm",), PassContext(None))
     assert record.stats == {"shifts_folded": 3, "shifts_kept": 1}
     assert first in graph.nodes
+
+
+def test_shifts_come_with_gptq_weights_by_default(tmp_path):
+    from qdq_compiler import api
+
+    spec = BertSpec(layers=2)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(spec, batch=16, seq=16, seed=3))
+    inserted = api.insert(build_bert(spec))
+    shifted = lambda result: result.report["smoothing"]["sites_shifted"]  # noqa: E731
+    assert shifted(api.calibrate(inserted, data, quiet=True)) == 6                       # GPTQ: on
+    assert shifted(api.calibrate(inserted, data, weights="nearest", quiet=True)) == 0    # nearest: off
+    assert shifted(api.calibrate(inserted, data, shift=False, quiet=True)) == 0
+    with pytest.warns(UserWarning, match="rounding error then multiplies each shift"):
+        assert shifted(api.calibrate(inserted, data, weights="nearest", shift=True, quiet=True)) == 6
