@@ -36,7 +36,6 @@ from .recipe import Recipe, SiteRule, decision, parse_recipe
 from .smooth import DEFAULT_SMOOTH, SmoothConfig
 from .weight_rounding import parse_rounding
 from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
-from .tune import TuneConfig, require_torch
 
 __all__ = ["Result", "analyze", "calibrate", "calibration_data", "compile", "insert", "lower", "recommend"]
 
@@ -115,16 +114,6 @@ def _smoothing(smooth, data_given: bool, shift: bool | None, rounding: str) -> S
     return config if config is None or shift is None else replace(config, shift=bool(shift))
 
 
-def _tuning(tune, data_given: bool) -> TuneConfig:
-    """`tune=None` is the default: off (it needs torch, and takes tens of seconds on a small BERT)."""
-    config = TuneConfig.parse(tune)
-    if config.active:
-        if not data_given:
-            raise UsageError("--tune needs --data (it trains on the calibration samples)")
-        require_torch()
-    return config
-
-
 def _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet) -> CalibrationConfig:
     return CalibrationConfig(method, percentile, batch_size, num_samples, providers, not no_trim, shard, not quiet)
 
@@ -187,19 +176,14 @@ def insert(model, *, mode: str | None = None, recipe=None, include=(), exclude=(
 
 
 def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, clock, verify=False,
-                          weights: str = "nearest", tuning: TuneConfig = TuneConfig(epochs=0)) -> dict:
-    """[smooth] -> calibrate -> [GPTQ weight rounding: it needs the activation scales] -> [end-to-end tuning]."""
+                          weights: str = "nearest") -> dict:
+    """[smooth] -> calibrate -> [GPTQ weight rounding: it needs the activation scales]."""
     from .calibrate import calibrate as run_calibrate, report_json
     from .smooth import smooth
 
     from .smooth import wanted
 
-    found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights},
-                             "tuning": {"tune": "off"}}
-    if tuning.active:   # said before any work: the torch executor runs only the ops it knows
-        from .torch_graph import check_supported
-
-        check_supported(graph)
+    found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights}}
     if smoothing is not None or wanted(graph):   # the recipe may smooth some sites even with --smooth off
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)
@@ -214,28 +198,12 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
         from .smooth import align_shifts
 
         found["smoothing"]["shifts_on_grid"] = align_shifts(graph)
-    if tuning.active:
-        from .tune import float_outputs, training_batches
-
-        with clock("tune"):   # the float model's outputs, taken before GPTQ rounds the weights
-            batches = training_batches(graph, dataset, config, tuning)
-            targets = float_outputs(graph, batches, config.providers)
     if weights == "gptq":
         from .weight_rounding import apply_gptq
 
         with clock("round weights"):
             records = apply_gptq(graph, dataset, config, verify=verify)
         found["weights"].update(records[0].stats)
-    if tuning.active:
-        from .tune import apply_tuning
-
-        with clock("tune"):
-            records = apply_tuning(graph, batches, targets, tuning, verify=verify)
-        found["tuning"] = dict(records[0].stats)
-        if found["smoothing"].get("sites_shifted"):   # tuned scales: the shifts onto their new grids
-            from .smooth import align_shifts
-
-            align_shifts(graph)
     return found
 
 
@@ -244,23 +212,20 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, shift: bool | None = None,
               weights=None,
               tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
-              keep_scales: bool | None = None, tune=None) -> Result:
+              keep_scales: bool | None = None) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
     tensor, every method's amax. `keep_scales` (a QAT model): only the quantizers insert added are
     calibrated; every scale the model had, weights' included, and the weights themselves are kept.
     None: kept when the model mixes insert's placeholder scales with calibrated ones (insert added
-    quantizers to a QAT export), as `compile` does. `tune` (off, or a number of epochs; needs torch and
-    `data`): end-to-end tuning of the activation scales, biases and LayerNorm affines (tune.py);
-    report["tuning"] records the error before and after."""
+    quantizers to a QAT export), as `compile` does."""
     from .calibrate import apply_scales, existing_scales, report_json
     from .calibration import load_states, save_states
 
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
-    tuning = _tuning(tune, data is not None)
     clock, loaded = _Clock(), None
     if keep_scales is None:   # decided by the model: loaded once, here
         from .calibrate import mixes_placeholder_and_calibrated_scales
@@ -269,9 +234,9 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
             loaded = load(model)
         keep_scales = mixes_placeholder_and_calibrated_scales(loaded[0])
     if keep_scales:
-        if smooth not in (None, "off") or weights == "gptq" or tuning.active:
+        if smooth not in (None, "off") or weights == "gptq":
             raise UsageError("--keep-scales keeps the model's weights and scales (the default when insert added "
-                             "quantizers to a calibrated model): it cannot take --smooth, --weights gptq or --tune; "
+                             "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
                              "--no-keep-scales recalibrates them all")
         smooth, weights = "off", "nearest"
     rounding = parse_rounding(weights, data is not None)
@@ -288,7 +253,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if data is not None:
         with clock("data"):
             dataset = _data(data, graph, tokenizer, max_length, field)
-        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock, weights=rounding, tuning=tuning)
+        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock, weights=rounding)
         if stats is not None:
             save_states(stats, found["collectors"])
     else:
@@ -299,11 +264,11 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         with clock("calibrate"):
             tensors = apply_scales(graph, collectors, config)
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
-                 "weights": {"rounding": "nearest"}, "tuning": {"tune": "off"},
+                 "weights": {"rounding": "nearest"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
     _restore(graph, kept, found, config)
-    report = {"smoothing": found["smoothing"], "weights": found["weights"], "tuning": found["tuning"],
-              "calibration": found["calibration"], "timings": clock.timings, "scales_kept": len(kept)}
+    report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
+              "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
 
 
@@ -403,8 +368,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             shift: bool | None = None, weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
-            eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None,
-            tune=None) -> Result:
+            eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
 
     `keep_scales` (None: yes when the model already has Q/DQ, a QAT export): the model's own scales
@@ -416,7 +380,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     percentile --percentile 99.99` is pytorch-quantization's own default. `html` also writes the
     HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution); `samples`: how many the fallback
     measures sensitivity on; `strict`: as `lower`'s. `recipe`/`include`/`exclude`:
-    per-site rules (recipe.py). `tune`: as `calibrate`'s (after GPTQ, before the fallback). With a fallback, the sites it chooses are excluded and the model is built
+    per-site rules (recipe.py). With a fallback, the sites it chooses are excluded and the model is built
     again from the float one, so it equals `exclude=` those sites; `Result.recipe` is the decision
     (rules in force, sites left in float, `--method auto`'s choices) as a recipe to replay."""
     from .analyze import choose_fallback, float_gemm_share
@@ -429,7 +393,6 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     rounding = parse_rounding(weights, True)
     smoothing = _smoothing(smooth, True, shift, rounding)
-    tuning = _tuning(tune, True)
     fallback = FallbackConfig(fallback_budget, target_cosine, samples)
     if eval is not None and html is None:
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
@@ -452,9 +415,9 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     if keep_scales is None:
         keep_scales = inserted.input_qdq.get("QuantizeLinear", 0) > 0
     if keep_scales:
-        if smooth not in (None, "off") or weights == "gptq" or tuning.active:
+        if smooth not in (None, "off") or weights == "gptq":
             raise UsageError("--keep-scales keeps the model's weights and scales (the default on a model that "
-                             "already has Q/DQ): it cannot take --smooth, --weights gptq or --tune; --no-keep-scales "
+                             "already has Q/DQ): it cannot take --smooth or --weights gptq; --no-keep-scales "
                              "recalibrates every scale")
         alpha_rule = next((r for r in insert_config.recipe.rules if r.smooth not in (None, "off")), None)
         if alpha_rule is not None:
@@ -463,7 +426,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
                              "--no-keep-scales smooths and recalibrates every scale")
         smoothing, rounding = None, "nearest"
     kept = existing_scales(graph) if keep_scales else {}
-    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, tuning)
+    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
     _restore(graph, kept, found, calibration)
     left_out, ranking, fallbacks = [], None, None
     if fallback.active:
@@ -483,14 +446,13 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             with clock("insert"):
                 inserted = run_insert(graph, insert_config, verify=verify)
             kept = existing_scales(graph) if keep_scales else {}
-            found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, tuning)
+            found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
             _restore(graph, kept, found, calibration)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
-                          "smooth": found["smoothing"]["smooth"], "weights": rounding,
-                          "tune": tuning.epochs or "off"},
+                          "smooth": found["smoothing"]["smooth"], "weights": rounding},
               "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
-              "weights": found["weights"], "tuning": found["tuning"],
+              "weights": found["weights"],
               "calibration": found["calibration"], "fallbacks": fallbacks, "scales_kept": len(kept)}
     methods = _auto_methods(graph, found["tensors"])
     decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)

@@ -102,18 +102,13 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["gptq", "nearest"],
                         help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
                              "default with --data) or nearest (the default when recomputing from --stats)")
-    parser.add_argument("--tune", metavar="EPOCHS|off",
-                        help="after calibration, train the activation scales, biases and LayerNorm affines end to "
-                             "end on the calibration data for EPOCHS passes (needs torch and --data; 3 is the "
-                             "setting measured, about 40 s on MiniLM); default off")
 
 
 def _calibration_options(args) -> dict:
     """The calibration options as the API's keyword arguments."""
     return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
                 num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
-                shift=False if args.no_shift else None, weights=args.weights, tune=args.tune, tokenizer=args.tokenizer,
-                max_length=args.max_length, field=args.field,
+                shift=False if args.no_shift else None, weights=args.weights, tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
                 quiet=args.quiet)
 
 
@@ -389,14 +384,8 @@ def _calibration_line(result) -> str:
     other = max(0, result.report.get("scales_kept", 0) - kept)
     kept_line = (f"; {kept} activation and {other} other scales (weights') kept as the model holds them "
                  "(--keep-scales)" if result.report.get("scales_kept") else "")
-    tuning = result.report.get("tuning", {})
-    tuned = ""
-    if "loss_before" in tuning:
-        tuned = (f"; tuned end to end ({tuning['epochs']} epoch{'s' if tuning['epochs'] != 1 else ''}, {tuning['seconds']:.1f} s): relative error "
-                 f"{tuning['loss_before']:.3g} -> {tuning['loss_after']:.3g}"
-                 + ("" if tuning["kept"] else ", not lower: the calibrated values kept"))
     return (f"calibrated {len(calibration['tensors']) - kept} activation tensors ({seen}, {smooth}, method {method}, "
-            f"{weights}){kept_line}{tuned}")
+            f"{weights}){kept_line}")
 
 
 def run_calibrate(args) -> int:

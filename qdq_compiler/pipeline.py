@@ -92,7 +92,6 @@ PROPERTIES: Mapping[str, tuple[Callable[[gs.Graph], bool], str]] = {
 EXTERNAL_ANALYSES: Mapping[str, str] = {
     "channel_max": "per-channel activation maxima (qdq_compiler.smooth.smooth computes them)",
     "hessians": "input Hessians (qdq_compiler.weight_rounding.apply_gptq computes them)",
-    "tuned": "end-to-end tuned values (qdq_compiler.tune.apply_tuning computes them)",
 }
 _REGISTRY: dict[str, PassSpec] = {}
 

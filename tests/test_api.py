@@ -34,11 +34,9 @@ def test_compile_round_trip(tmp_path):
     assert cosine(run_model(path, test)[0], run_model(model, test)[0]) > 0.99
     report = result.report
     assert report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
-                                 "percentile": 99.999, "smooth": "auto", "weights": "gptq",
-                                 "tune": "off"}
+                                 "percentile": 99.999, "smooth": "auto", "weights": "gptq"}
     assert len(report["sites"]["layers"]) == 2 and report["smoothing"]["sites_smoothed"] == 6
     assert report["weights"] == {"rounding": "gptq", "weights_rounded": 12, "linear_layers": 12, "skipped": 0}
-    assert report["tuning"] == {"tune": "off"}                       # end-to-end tuning is opt-in
     tensors = report["calibration"]["tensors"]
     assert len(tensors) == 2 * 8 and report["calibration"]["samples"] == 12   # ft1: 8 activation tensors a layer
     for entry in tensors:

@@ -40,7 +40,6 @@ EXTRA = {
     "value-fold": ("qdqc default + smoothing through V", {"smooth": SmoothConfig(None, through_value=True)}),
     "smooth-mse": ("qdqc smooth auto, mse, GPTQ", {"method": "mse"}),
     "batch-1": ("qdqc default, statistics without padding (batch 1)", {"batch_size": 1}),
-    "tune": ("qdqc default + --tune 3 (end-to-end tuned)", {"tune": 3}),
     **{mode: (f"qdqc default recipe, insert --mode {mode}", {"mode": mode}) for mode in ("ft2", "ft3", "trt")},
 }
 
