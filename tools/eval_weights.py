@@ -1,6 +1,7 @@
 """The weight side of MiniLM's INT8 error: weight roundings and scale choices, with activations float and all INT8.
 
-    python tools/eval_weights.py [--folder artifacts] [--smooth auto] [--variants nearest,gptq,...] [--eval 1000]
+    python tools/eval_weights.py --folder artifacts [--smooth auto] [--no-shift] [--variants nearest,gptq,...]
+                                 [--eval 1000] [--damp 0.01]
 
 One model is smoothed and calibrated on the 256 calibration sentences (the default recipe with nearest
 weights); each variant then rounds its weights (symmetric INT8, one scale per output column, the format
@@ -124,6 +125,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True, help="where minilm.onnx is (exported if missing)")
     parser.add_argument("--smooth", default="auto")
+    parser.add_argument("--no-shift", action="store_true", help="without the OS+ channel shifts")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--eval", type=int, default=1000)
     parser.add_argument("--damp", type=float, help="GPTQ's damping, a fraction of H's mean diagonal "
@@ -140,7 +142,7 @@ def main() -> None:
     model, calibration, evaluation = bench_cpu.minilm_inputs(args.folder, args.eval)
     reference = embeddings(open_session(model), evaluation)
     calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True, weights="nearest",
-                                        smooth=args.smooth).model
+                                        smooth=args.smooth, shift=False if args.no_shift else None).model
     graph = ir.from_model(calibrated)
     hessians = input_hessians(graph, open_data(calibration, graph), CalibrationConfig(progress=False),
                               gptq_targets(graph))
