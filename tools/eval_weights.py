@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,10 @@ def main() -> None:
         parser.error(f"--variants: unknown variant {unknown[0]!r} (known: {', '.join(VARIANTS)})")
     model, calibration, evaluation = bench_cpu.minilm_inputs(args.folder, args.eval)
     reference = embeddings(open_session(model), evaluation)
-    calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True, weights="nearest",
-                                        smooth=args.smooth, shift=False if args.no_shift else None).model
+    with warnings.catch_warnings():   # nearest here, the variants re-round: the shifts as the default compile has them
+        warnings.filterwarnings("ignore", message="OS\\+ shifts with weights rounded to nearest")
+        calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True, weights="nearest",
+                                            smooth=args.smooth, shift=not args.no_shift).model
     graph = ir.from_model(calibrated)
     hessians = input_hessians(graph, open_data(calibration, graph), CalibrationConfig(progress=False),
                               gptq_targets(graph))
