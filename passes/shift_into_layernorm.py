@@ -25,13 +25,23 @@ def _shift_on_layernorm(sub: gs.Node):
     norm = ir.producer(mul.inputs[0])
     inverse = ir.constant(mul.inputs[1])
     if norm is None or norm.op != "LayerNormalization" or len(norm.inputs) < 3 or inverse is None \
-            or not isinstance(norm.inputs[2], gs.Constant) or len(norm.inputs[2].outputs) != 1:
+            or not isinstance(norm.inputs[2], gs.Constant):
         return None
     return norm, mul, sub.inputs[1].values / inverse
 
 
-def _residual_bias(add: gs.Node, tensor: gs.Tensor) -> gs.Constant | None:
-    """For a residual Add(tensor, other): the bias vector of the Add producing `other`, owned alone."""
+def _own(node: gs.Node, constant: gs.Constant) -> gs.Constant:
+    """`constant` as `node` alone reads it: a copy when others share it (exporters deduplicate equal
+    constants, a random-weight model's zero biases and betas among them)."""
+    if len(constant.outputs) == 1:
+        return constant
+    own = gs.Constant(f"{constant.name}::{node.name}", constant.values.copy())
+    node.inputs[node.inputs.index(constant)] = own
+    return own
+
+
+def _residual_bias(add: gs.Node, tensor: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
+    """For a residual Add(tensor, other): the Add producing `other` and its bias vector."""
     if add.op != "Add" or len(add.inputs) != 2:
         return None
     other = add.inputs[1] if add.inputs[0] is tensor else add.inputs[0]
@@ -39,9 +49,9 @@ def _residual_bias(add: gs.Node, tensor: gs.Tensor) -> gs.Constant | None:
     if producer is None or producer.op != "Add" or len(other.outputs) != 1:
         return None
     bias = next((t for t in producer.inputs if isinstance(t, gs.Constant)), None)
-    if bias is None or bias.values.ndim != 1 or len(bias.outputs) != 1:
+    if bias is None or bias.values.ndim != 1:
         return None
-    return bias
+    return producer, bias
 
 
 @register("shift-into-layernorm", requires=("qdq",))
@@ -59,9 +69,10 @@ def shift_into_layernorm(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if id(normed) in outputs or any(b is None for b in biases):
             kept += 1
             continue
-        beta = norm.inputs[2]
+        beta = _own(norm, norm.inputs[2])
         beta.values = (beta.values - offset).astype(beta.values.dtype)
-        for bias in biases:
+        for producer, bias in biases:
+            bias = _own(producer, bias)
             bias.values = (bias.values + offset).astype(bias.values.dtype)
         for reader in list(sub.outputs[0].outputs):
             reader.inputs[reader.inputs.index(sub.outputs[0])] = mul.outputs[0]

@@ -33,7 +33,7 @@ from .insert import InsertResult  # also loads the submodule before __init__ bin
 from .lower import LowerConfig
 from .pipeline import PassRecord
 from .recipe import Recipe, SiteRule, decision, parse_recipe
-from .smooth import DEFAULT_SMOOTH, SmoothConfig
+from .smooth import DEFAULT_SMOOTH, SmoothConfig, align_shifts
 from .weight_rounding import parse_rounding
 from .text import MAX_LENGTH, TEXT_SUFFIXES, calibration_data
 
@@ -97,14 +97,16 @@ def _smoothing(smooth, data_given: bool, shift: bool | None, rounding: str) -> S
     keeps its own). GPTQ rounds on the shifted inputs, so the weights' rounding error is compensated
     along the shift too; rounded to nearest, that error would multiply the shift itself — on GELU
     outputs, which are mostly ≈ 0, the whole of z for every token (MiniLM: 0.863 mean cosine)."""
+    if shift is not None and not isinstance(shift, bool):
+        raise UsageError(f"shift={shift!r}: expected True, False or None (the default)")
     if shift is None and not isinstance(smooth, SmoothConfig):
         shift = rounding == "gptq"
     elif shift is None:
         shift = smooth.shift
     if shift and rounding != "gptq" and smooth != "off":
         warnings.warn("OS+ shifts with weights rounded to nearest: the weights' rounding error then multiplies "
-                      "each shift (on MiniLM 0.863 mean cosine instead of 0.998); keep --weights gptq, or "
-                      "--no-shift", stacklevel=3)
+                      "each shift (on MiniLM as low as 0.863 mean cosine, against 0.998); keep GPTQ weights "
+                      "(--weights gptq) or drop the shifts (--no-shift, shift=False)", stacklevel=3)
     if smooth is None:
         config = SmoothConfig.parse(DEFAULT_SMOOTH) if data_given else None
     else:
@@ -194,10 +196,9 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     with clock("calibrate"):
         collectors, tensors, samples, seconds = run_calibrate(graph, dataset, config)
     found.update(calibration=report_json(tensors, config, samples, seconds), collectors=collectors, tensors=tensors)
-    if found["smoothing"].get("sites_shifted"):
-        from .smooth import align_shifts
-
-        found["smoothing"]["shifts_on_grid"] = align_shifts(graph)
+    on_grid = align_shifts(graph)   # this run's shifts, or those of a model recalibrated with new scales
+    if on_grid:
+        found["smoothing"]["shifts_on_grid"] = on_grid
     if weights == "gptq":
         from .weight_rounding import apply_gptq
 
@@ -243,6 +244,9 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     smoothing = _smoothing(smooth, data is not None, shift, rounding)
     if config.method.value == "auto" and data is None:
         raise UsageError("--method auto needs --data (it measures each layer's error)")
+    if shift is not None and data is None:
+        raise UsageError("--no-shift (shift=) applies when smoothing measures the data (--data); recomputing "
+                         "scales from --stats keeps the model's shifts as they are")
     if stats is not None and data is None and not Path(stats).exists():
         raise UsageError(f"{stats}: no such file")
     if loaded is None:
@@ -263,6 +267,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
             raise QdqcError(f"{stats}: not a qdqc statistics file ({exc})") from None
         with clock("calibrate"):
             tensors = apply_scales(graph, collectors, config)
+            align_shifts(graph)   # a shifted model's shifts onto the new scales' grid
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
                  "weights": {"rounding": "nearest"},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}

@@ -171,6 +171,20 @@ def reader_bias(reader: gs.Node) -> gs.Constant | None:
     return bias if bias is not None and len(bias.outputs) == 1 else None
 
 
+def owned_bias(reader: gs.Node) -> gs.Constant | None:
+    """The bias constant of a linear layer, copied for it alone when other nodes read it too (exporters
+    deduplicate equal constants: a random-weight model's zero biases are one tensor), so a shift can
+    fold into it; None when the layer has no constant bias."""
+    linear = linear_at(reader)
+    bias = value_bias(linear) if linear is not None else None
+    if bias is None or len(bias.outputs) == 1:
+        return bias
+    node = linear.bias_add if linear.bias_add is not None else linear.node
+    own = gs.Constant(f"{bias.name}::{node.name}", bias.values.copy())
+    node.inputs[node.inputs.index(bias)] = own
+    return own
+
+
 def channel_shift(low: np.ndarray, high: np.ndarray) -> np.ndarray:
     """The per-channel shift z of Outlier Suppression+ (Wei et al. 2023): the centre of each channel's
     range, (min + max)/2, so a symmetric INT8 grid (TensorRT's only form) covers one-sided channels
@@ -281,7 +295,7 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *
     low, high, attended, first = channel_ranges(graph, dataset, calibration, [tensor for tensor, _ in sites])
     # smoothing factors and alphas from the ranges as they are: the shift only re-centres the grid
     shifts = {s.tensor: channel_shift(*attended.get(s.tensor, (low[s.tensor], high[s.tensor]))) for s in chosen
-              if settings.shift and all(reader_bias(r) is not None for r in s.readers)}
+              if settings.shift and all(owned_bias(r) is not None for r in s.readers)}
     maxima = {tensor: np.maximum(np.abs(low[tensor]), np.abs(high[tensor])) for tensor, _ in sites}
     ctx.analyses["channel_max"] = maxima
     ctx.analyses["channel_shift"] = shifts

@@ -293,5 +293,59 @@ def test_shifts_come_with_gptq_weights_by_default(tmp_path):
     assert shifted(api.calibrate(inserted, data, quiet=True)) == 6                       # GPTQ: on
     assert shifted(api.calibrate(inserted, data, weights="nearest", quiet=True)) == 0    # nearest: off
     assert shifted(api.calibrate(inserted, data, shift=False, quiet=True)) == 0
-    with pytest.warns(UserWarning, match="rounding error then multiplies each shift"):
+    with pytest.warns(UserWarning, match="rounding error then multiplies"):
         assert shifted(api.calibrate(inserted, data, weights="nearest", shift=True, quiet=True)) == 6
+
+
+def test_shift_option_is_validated(tmp_path):
+    from qdq_compiler import api
+    from qdq_compiler.errors import UsageError
+
+    spec = BertSpec(layers=1)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(spec, batch=4, seq=8, seed=3))
+    inserted = api.insert(build_bert(spec))
+    with pytest.raises(UsageError, match="shift='no': expected True, False or None"):
+        api.calibrate(inserted, data, shift="no", quiet=True)
+    stats = tmp_path / "stats.npz"
+    api.calibrate(inserted, data, stats=stats, quiet=True)
+    with pytest.raises(UsageError, match="keeps the model's shifts"):
+        api.calibrate(inserted, stats=stats, shift=False, quiet=True)
+
+
+def test_shared_zero_biases_are_shifted_through_copies(tmp_path):
+    """Exporters deduplicate equal constants: a random-weight model's zero biases and betas are one tensor."""
+    from qdq_compiler import api
+
+    spec = BertSpec(layers=2)
+    graph = gs.import_onnx(build_bert(spec))
+    zero = gs.Constant("shared_zeros", np.zeros(spec.hidden, np.float32))
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if isinstance(t, gs.Constant) and t.values.shape == (spec.hidden,) and node.op in ("Add", "LayerNormalization") \
+                    and (node.op == "Add" or i == 2):
+                node.inputs[i] = zero
+    model = ir.to_model(graph)
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(spec, batch=16, seq=16, seed=3))
+    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
+    result = api.compile(model, data, quiet=True)
+    assert result.report["smoothing"]["sites_shifted"] == 6
+    folded, = [r["stats"] for r in result.report["lowering"] if r["pass"] == "shift-into-layernorm"]
+    assert folded == {"shifts_folded": 4, "shifts_kept": 0}
+    assert cosine(run_model(result.model, feeds)[0], run_model(model, feeds)[0]) > 0.99
+
+
+def test_recalibrating_from_statistics_keeps_the_shifts_on_the_new_grid(tmp_path):
+    from qdq_compiler import api
+
+    spec = BertSpec(layers=1)
+    data, stats = tmp_path / "calib.npz", tmp_path / "stats.npz"
+    np.savez(data, **example_inputs(spec, batch=16, seq=16, seed=3))
+    calibrated = api.calibrate(api.insert(build_bert(spec)), data, stats=stats, quiet=True)
+    again = api.calibrate(calibrated, stats=stats, method="max", quiet=True)
+    subs = [n for n in again.graph.nodes if n.op == "Sub" and "::shift" in n.name]
+    assert len(subs) == 3
+    for sub in subs:
+        steps = sub.inputs[1].values / float(ir.constant(sub.outputs[0].outputs[0].inputs[1]))
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
