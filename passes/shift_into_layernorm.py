@@ -8,7 +8,6 @@ A LayerNorm whose output reaches anything else (the model's output, a pooler) ke
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
@@ -28,16 +27,6 @@ def _shift_on_layernorm(sub: gs.Node):
             or not isinstance(norm.inputs[2], gs.Constant):
         return None
     return norm, mul, sub.inputs[1].values / inverse
-
-
-def _own(node: gs.Node, constant: gs.Constant) -> gs.Constant:
-    """`constant` as `node` alone reads it: a copy when others share it (exporters deduplicate equal
-    constants, a random-weight model's zero biases and betas among them)."""
-    if len(constant.outputs) == 1:
-        return constant
-    own = gs.Constant(f"{constant.name}::{node.name}", constant.values.copy())
-    node.inputs[node.inputs.index(constant)] = own
-    return own
 
 
 def _residual_bias(add: gs.Node, tensor: gs.Tensor) -> tuple[gs.Node, gs.Constant] | None:
@@ -69,10 +58,10 @@ def shift_into_layernorm(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if id(normed) in outputs or any(b is None for b in biases):
             kept += 1
             continue
-        beta = _own(norm, norm.inputs[2])
+        beta = ir.own_constant(norm, norm.inputs[2])
         beta.values = (beta.values - offset).astype(beta.values.dtype)
         for producer, bias in biases:
-            bias = _own(producer, bias)
+            bias = ir.own_constant(producer, bias)
             bias.values = (bias.values + offset).astype(bias.values.dtype)
         for reader in list(sub.outputs[0].outputs):
             reader.inputs[reader.inputs.index(sub.outputs[0])] = mul.outputs[0]

@@ -99,21 +99,21 @@ def _smoothing(smooth, data_given: bool, shift: bool | None, rounding: str) -> S
     outputs, which are mostly ≈ 0, the whole of z for every token (MiniLM: 0.863 mean cosine)."""
     if shift is not None and not isinstance(shift, bool):
         raise UsageError(f"shift={shift!r}: expected True, False or None (the default)")
-    if shift is None and not isinstance(smooth, SmoothConfig):
-        shift = rounding == "gptq"
-    elif shift is None:
-        shift = smooth.shift
-    if shift and rounding != "gptq" and smooth != "off":
-        warnings.warn("OS+ shifts with weights rounded to nearest: the weights' rounding error then multiplies "
-                      "each shift (on MiniLM as low as 0.863 mean cosine, against 0.998); keep GPTQ weights "
-                      "(--weights gptq) or drop the shifts (--no-shift, shift=False)", stacklevel=3)
     if smooth is None:
         config = SmoothConfig.parse(DEFAULT_SMOOTH) if data_given else None
     else:
         config = SmoothConfig.parse(smooth)
         if config is not None and not data_given:
             raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
-    return config if config is None or shift is None else replace(config, shift=bool(shift))
+    if config is None:
+        return None
+    if shift is None:
+        shift = config.shift if isinstance(smooth, SmoothConfig) else rounding == "gptq"
+    if shift and rounding != "gptq":
+        warnings.warn("OS+ shifts with weights rounded to nearest: the weights' rounding error then multiplies "
+                      "each shift (on MiniLM as low as 0.863 mean cosine, against 0.998); keep GPTQ weights "
+                      "(--weights gptq) or drop the shifts (--no-shift, shift=False)", stacklevel=3)
+    return replace(config, shift=shift)
 
 
 def _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet) -> CalibrationConfig:

@@ -504,6 +504,17 @@ def inline_constant(graph: gs.Graph, tensor: gs.Variable, value: np.ndarray) -> 
     return initializer
 
 
+def own_constant(node: gs.Node, constant: gs.Constant) -> gs.Constant:
+    """`constant` as `node` alone reads it: a copy in its place when other nodes read it too (exporters
+    deduplicate equal constants: a random-weight model's zero biases and LayerNorm betas are one tensor),
+    so a value folded into it changes this node only."""
+    if len(constant.outputs) == 1:
+        return constant
+    own = gs.Constant(f"{constant.name}::{node.name}", constant.values.copy())
+    node.inputs[node.inputs.index(constant)] = own
+    return own
+
+
 def is_constant(tensor: gs.Tensor) -> bool:
     return constant(tensor) is not None
 

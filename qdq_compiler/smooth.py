@@ -172,17 +172,13 @@ def reader_bias(reader: gs.Node) -> gs.Constant | None:
 
 
 def owned_bias(reader: gs.Node) -> gs.Constant | None:
-    """The bias constant of a linear layer, copied for it alone when other nodes read it too (exporters
-    deduplicate equal constants: a random-weight model's zero biases are one tensor), so a shift can
-    fold into it; None when the layer has no constant bias."""
+    """The bias constant of a linear layer as that layer alone reads it (`ir.own_constant`), so a shift
+    can fold into it; None when the layer has no constant bias."""
     linear = linear_at(reader)
     bias = value_bias(linear) if linear is not None else None
-    if bias is None or len(bias.outputs) == 1:
-        return bias
-    node = linear.bias_add if linear.bias_add is not None else linear.node
-    own = gs.Constant(f"{bias.name}::{node.name}", bias.values.copy())
-    node.inputs[node.inputs.index(bias)] = own
-    return own
+    if bias is None:
+        return None
+    return ir.own_constant(linear.bias_add if linear.bias_add is not None else linear.node, bias)
 
 
 def channel_shift(low: np.ndarray, high: np.ndarray) -> np.ndarray:
