@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from qdq_compiler import ir
 from qdq_compiler.calibrate import refresh_weight_scales
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
-from qdq_compiler.smooth import SmoothConfig, reader_bias, reader_weight, smooth_sites, smoothing_factors
+from qdq_compiler.smooth import SmoothConfig, fold_into_bias, reader_weight, smooth_sites, smoothing_factors
 
 
 @register("smooth-gemm-inputs", requires=("channel_max", "qdq"), settings=SmoothConfig)
@@ -34,11 +34,9 @@ def smooth_gemm_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
         alpha = alphas.get(site.tensor, ctx.settings(SmoothConfig).alpha)
         factors = smoothing_factors(maxima[site.tensor], np.max(rows, axis=0), alpha)
         shift = shifts.get(site.tensor)
-        if shift is not None:   # readers' biases take z·W (float weights: GEMM input rows on axis `axis`)
-            for reader, (weight, axis) in zip(site.readers, weights):
-                bias = reader_bias(reader)
-                bias.values = (bias.values + np.tensordot(shift, weight.values, axes=([0], [axis]))
-                               ).astype(bias.values.dtype)
+        if shift is not None:   # readers' biases take z·W of the float weights, before smoothing scales them
+            for reader in site.readers:
+                fold_into_bias(reader, shift)
         for weight, axis in weights:
             shape = [1, 1]
             shape[axis] = len(factors)

@@ -306,10 +306,18 @@ def smooth(graph: gs.Graph, dataset, calibration, config: SmoothConfig | None, *
     return run_pipeline(graph, passes, ctx, verify=verify)
 
 
+def fold_into_bias(reader: gs.Node, shift: np.ndarray) -> None:
+    """The reader's bias takes shift·W (its weight as it stands, input rows on the weight's input axis):
+    what a GEMM loses when its input is moved by −shift."""
+    weight, axis = reader_weight(reader)
+    bias = reader_bias(reader)
+    bias.values = (bias.values + np.tensordot(shift, weight.values, axes=([0], [axis]))).astype(bias.values.dtype)
+
+
 def align_shifts(graph: gs.Graph) -> int:
     """Move each OS+ shift onto its calibrated quantizer's grid (z = step·round(z/step)), the readers'
-    biases taking the difference through their float weights; returns how many were aligned. Runs after
-    calibration and before weight rounding (the biases need the float weights)."""
+    biases taking the difference through their weights, exactly; returns how many were aligned. Runs
+    after every calibration: before weight rounding, or on a model recalibrated with new scales."""
     aligned = 0
     for node in graph.nodes:
         if node.op != "Sub" or "::shift" not in node.name or len(node.outputs[0].outputs) != 1:
@@ -324,9 +332,7 @@ def align_shifts(graph: gs.Graph) -> int:
         on_grid = (step * np.round(offset.values.astype(np.float64) / step)).astype(np.float32)
         moved = on_grid - offset.values
         for reader in (r for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs):
-            weight, axis = reader_weight(reader)
-            bias = reader_bias(reader)
-            bias.values = (bias.values + np.tensordot(moved, weight.values, axes=([0], [axis]))).astype(bias.values.dtype)
+            fold_into_bias(reader, moved)
         offset.values = on_grid
         aligned += 1
     return aligned
