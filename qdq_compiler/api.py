@@ -178,8 +178,9 @@ def insert(model, *, mode: str | None = None, recipe=None, include=(), exclude=(
 
 
 def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, clock, verify=False,
-                          weights: str = "nearest") -> dict:
-    """[smooth] -> calibrate -> [GPTQ weight rounding: it needs the activation scales]."""
+                          weights: str = "nearest", split: bool = True) -> dict:
+    """[smooth] -> calibrate -> [split outlier channels] -> [GPTQ weight rounding: it needs the activation
+    scales, and rounds the split weights]."""
     from .calibrate import calibrate as run_calibrate, report_json
     from .smooth import smooth
 
@@ -199,6 +200,8 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     on_grid = align_shifts(graph)   # this run's shifts, or those of a model recalibrated with new scales
     if on_grid:
         found["smoothing"]["shifts_on_grid"] = on_grid
+    if split:
+        found["weights"].update(_split_channels(graph, clock, verify))
     if weights == "gptq":
         from .weight_rounding import apply_gptq
 
@@ -208,17 +211,35 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     return found
 
 
+def _split_channels(graph, clock, verify: bool = False) -> dict:
+    """Outlier channel splitting (pass `split-outlier-channels`): data-free, after smoothing has moved the
+    activation outliers into the weights, before they are rounded."""
+    from .pipeline import PassContext, run_pipeline
+
+    with clock("split channels"):
+        records = run_pipeline(graph, ("split-outlier-channels",), PassContext(None), verify=verify)
+    return dict(records[0].stats)
+
+
+def _split_option(split) -> bool:
+    if not isinstance(split, bool):
+        raise UsageError(f"split={split!r}: expected True (the default) or False")
+    return split
+
+
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, shift: bool | None = None,
-              weights=None,
+              weights=None, split: bool = True,
               tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
               keep_scales: bool | None = None) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
-    tensor, every method's amax. `keep_scales` (a QAT model): only the quantizers insert added are
-    calibrated; every scale the model had, weights' included, and the weights themselves are kept.
+    tensor, every method's amax. `split` (default on): outlier channel splitting of the GEMMs fed through
+    pointwise ops by another (BERT's FFN2), data-free, so with `stats` too. `keep_scales` (a QAT model):
+    only the quantizers insert added are calibrated; every scale the model had, weights' included, and
+    the weights themselves are kept (nor split).
     None: kept when the model mixes insert's placeholder scales with calibrated ones (insert added
     quantizers to a QAT export), as `compile` does."""
     from .calibrate import apply_scales, existing_scales, report_json
@@ -227,6 +248,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
+    split = _split_option(split)
     clock, loaded = _Clock(), None
     if keep_scales is None:   # decided by the model: loaded once, here
         from .calibrate import mixes_placeholder_and_calibrated_scales
@@ -239,7 +261,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
             raise UsageError("--keep-scales keeps the model's weights and scales (the default when insert added "
                              "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
                              "--no-keep-scales recalibrates them all")
-        smooth, weights = "off", "nearest"
+        smooth, weights, split = "off", "nearest", False
     rounding = parse_rounding(weights, data is not None)
     smoothing = _smoothing(smooth, data is not None, shift, rounding)
     if config.method.value == "auto" and data is None:
@@ -257,7 +279,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if data is not None:
         with clock("data"):
             dataset = _data(data, graph, tokenizer, max_length, field)
-        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock, weights=rounding)
+        found = _smooth_and_calibrate(graph, dataset, config, smoothing, clock, weights=rounding, split=split)
         if stats is not None:
             save_states(stats, found["collectors"])
     else:
@@ -269,7 +291,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
             tensors = apply_scales(graph, collectors, config)
             align_shifts(graph)   # a shifted model's shifts onto the new scales' grid
         found = {"smoothing": {"smooth": "off", "why": "calibrating from saved statistics cannot smooth"},
-                 "weights": {"rounding": "nearest"},
+                 "weights": {"rounding": "nearest", **(_split_channels(graph, clock) if split else {})},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
     _restore(graph, kept, found, config)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
@@ -370,7 +392,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             include=(), exclude=(),
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
-            shift: bool | None = None, weights=None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
+            shift: bool | None = None, weights=None, split: bool = True, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None) -> Result:
@@ -398,6 +420,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     rounding = parse_rounding(weights, True)
     smoothing = _smoothing(smooth, True, shift, rounding)
+    split = _split_option(split)
     fallback = FallbackConfig(fallback_budget, target_cosine, samples)
     if eval is not None and html is None:
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
@@ -429,9 +452,9 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             raise UsageError(f"{alpha_rule.label}: smooth {alpha_rule.smooth} cannot apply: the model's own scales "
                              "and weights are kept (--keep-scales, the default on a model that already has Q/DQ); "
                              "--no-keep-scales smooths and recalibrates every scale")
-        smoothing, rounding = None, "nearest"
+        smoothing, rounding, split = None, "nearest", False
     kept = existing_scales(graph) if keep_scales else {}
-    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
+    found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
     _restore(graph, kept, found, calibration)
     left_out, ranking, fallbacks = [], None, None
     if fallback.active:
@@ -451,7 +474,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             with clock("insert"):
                 inserted = run_insert(graph, insert_config, verify=verify)
             kept = existing_scales(graph) if keep_scales else {}
-            found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding)
+            found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
             _restore(graph, kept, found, calibration)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,

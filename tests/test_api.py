@@ -36,7 +36,8 @@ def test_compile_round_trip(tmp_path):
     assert report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
                                  "percentile": 99.999, "smooth": "auto", "weights": "gptq"}
     assert len(report["sites"]["layers"]) == 2 and report["smoothing"]["sites_smoothed"] == 6
-    assert report["weights"] == {"rounding": "gptq", "weights_rounded": 12, "linear_layers": 12, "skipped": 0}
+    assert report["weights"] == {"rounding": "gptq", "sites_split": 2, "channels_added": 32,   # 16 copies per FFN2
+                                 "weights_rounded": 12, "linear_layers": 12, "skipped": 0}
     tensors = report["calibration"]["tensors"]
     assert len(tensors) == 2 * 8 and report["calibration"]["samples"] == 12   # ft1: 8 activation tensors a layer
     for entry in tensors:

@@ -28,7 +28,7 @@ from qdq_compiler.smooth import SmoothConfig  # noqa: E402
 
 # label -> compile options; every GEMM and both attention batched matmuls INT8 (no fallback) in each
 RECIPES = {
-    "qdqc default (smooth auto + OS+ shifts, p99.999, GPTQ)": {},
+    "qdqc default (smooth auto + OS+ shifts, p99.999, split, GPTQ)": {},
     "qdqc smooth auto, p99.999, nearest": {"weights": "nearest"},
     "qdqc mse, no smoothing, GPTQ": {"smooth": "off", "method": "mse"},
     "pytorch-quantization defaults": {"smooth": "off", "method": "percentile", "percentile": 99.99,
@@ -37,6 +37,7 @@ RECIPES = {
 # rows measured for the last gap to FP32 (README, "Task-level fidelity"), on demand: --rows NAME,...
 EXTRA = {
     "no-shift": ("qdqc default without OS+ shifts (--no-shift)", {"shift": False}),
+    "no-split": ("qdqc default without outlier channel splitting (--no-split)", {"split": False}),
     "value-fold": ("qdqc default + smoothing through V", {"smooth": SmoothConfig(None, through_value=True)}),
     "smooth-mse": ("qdqc smooth auto, mse, GPTQ", {"method": "mse"}),
     "batch-1": ("qdqc default, statistics without padding (batch 1)", {"batch_size": 1}),
