@@ -218,7 +218,7 @@ def _split_channels(graph, clock, verify: bool = False) -> dict:
 
     with clock("split channels"):
         records = run_pipeline(graph, ("split-outlier-channels",), PassContext(None), verify=verify)
-    return dict(records[0].stats)
+    return dict(records[0].stats) if records[0].stats["sites_split"] else {}
 
 
 def _split_option(split) -> bool:
