@@ -402,9 +402,10 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     and weights are kept as trained and only what insert added is calibrated (`calibrate --keep-scales`),
     so smoothing and GPTQ rounding are off; report["scales_kept"] counts them.
 
-    By default: FasterTransformer ft1 sites, SmoothQuant with alpha searched per site, percentile
-    99.999, lowered for onnxruntime (the best recipe measured, README). `--smooth off --method
-    percentile --percentile 99.99` is pytorch-quantization's own default. `html` also writes the
+    By default: FasterTransformer ft1 sites, SmoothQuant with alpha searched per site and OS+ shifts,
+    percentile 99.999, FFN2's outlier channels split, GPTQ weights, lowered for onnxruntime (the best
+    recipe measured, README). `--smooth off --method percentile --percentile 99.99 --weights nearest
+    --no-split` is pytorch-quantization's own default. `html` also writes the
     HTML report (with `eval` data: the FP32-vs-INT8 cosine distribution); `samples`: how many the fallback
     measures sensitivity on; `strict`: as `lower`'s. `recipe`/`include`/`exclude`:
     per-site rules (recipe.py). With a fallback, the sites it chooses are excluded and the model is built
@@ -478,7 +479,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             _restore(graph, kept, found, calibration)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
-                          "smooth": found["smoothing"]["smooth"], "weights": rounding},
+                          "smooth": found["smoothing"]["smooth"], "weights": rounding, "split": split},
               "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
               "weights": found["weights"],
               "calibration": found["calibration"], "fallbacks": fallbacks, "scales_kept": len(kept)}

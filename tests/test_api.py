@@ -34,7 +34,8 @@ def test_compile_round_trip(tmp_path):
     assert cosine(run_model(path, test)[0], run_model(model, test)[0]) > 0.99
     report = result.report
     assert report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
-                                 "percentile": 99.999, "smooth": "auto", "weights": "gptq"}
+                                 "percentile": 99.999, "smooth": "auto", "weights": "gptq",
+                                 "split": True}
     assert len(report["sites"]["layers"]) == 2 and report["smoothing"]["sites_smoothed"] == 6
     assert report["weights"] == {"rounding": "gptq", "sites_split": 2, "channels_added": 32,   # 16 copies per FFN2
                                  "weights_rounded": 12, "linear_layers": 12, "skipped": 0}

@@ -1,5 +1,6 @@
 """The default recipe on the real all-MiniLM-L6-v2: text -> calibration_data -> compile with no options
-reaches the best row of the README's calibration table, on the shipped evaluation sentences."""
+beats every other row of the README's calibration table and measures what its default compile row
+says, on the shipped evaluation sentences."""
 import re
 
 import pytest
@@ -40,15 +41,19 @@ def test_default_compile_reaches_the_best_row_of_the_readme(tmp_path, capsys):
 
     default = qdq_compiler.compile(model, data, quiet=True)
     assert default.report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
-                                         "percentile": 99.999, "smooth": "auto", "weights": "gptq"}
+                                         "percentile": 99.999, "smooth": "auto", "weights": "gptq",
+                                         "split": True}
     pytorch_quantization = qdq_compiler.compile(model, data, smooth="off", method="percentile", percentile=99.99,
-                                                weights="nearest", quiet=True)
+                                                weights="nearest", split=False, quiet=True)
     measured = {"default": fidelity(default), "pytorch-quantization": fidelity(pytorch_quantization)}
     with capsys.disabled():
         print(f"\nMiniLM, 1000 evaluation sentences (cos mean, cos min): {measured}")
     rows = readme_rows()
-    best = max(rows.values())   # the highest mean cosine
+    others = [row for label, row in rows.items() if not re.search(r"\bdefault\b", label)]
+    best = max(others)   # the highest mean cosine of a recipe other than the default
     assert measured["default"][0] >= best[0] and measured["default"][1] >= best[1], (measured, rows)
     assert measured["default"][0] > measured["pytorch-quantization"][0]
-    label = next(label for label, row in rows.items() if row == best)
+    label = next(label for label, row in rows.items() if row == max(rows.values()))
     assert re.search(r"\bdefault\b", label), f"the README's best row '{label}' is not marked as the default"
+    printed = next(row for label, row in rows.items() if label.startswith("default compile"))
+    assert measured["default"] == pytest.approx(printed, abs=3e-4), "the README's default compile row is stale"

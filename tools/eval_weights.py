@@ -1,6 +1,6 @@
 """The weight side of MiniLM's INT8 error: weight roundings and scale choices, with activations float and all INT8.
 
-    python tools/eval_weights.py --folder artifacts [--smooth auto] [--no-shift] [--variants nearest,gptq,...]
+    python tools/eval_weights.py --folder artifacts [--smooth auto] [--no-shift] [--no-split] [--variants nearest,gptq,...]
                                  [--eval 1000] [--damp 0.01]
 
 One model is smoothed and calibrated on the 256 calibration sentences (the default recipe with nearest
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, required=True, help="where minilm.onnx is (exported if missing)")
     parser.add_argument("--smooth", default="auto")
     parser.add_argument("--no-shift", action="store_true", help="without the OS+ channel shifts")
+    parser.add_argument("--no-split", action="store_true", help="without FFN2's outlier channel splitting")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--eval", type=int, default=1000)
     parser.add_argument("--damp", type=float, help="GPTQ's damping, a fraction of H's mean diagonal "
@@ -145,7 +146,8 @@ def main() -> None:
     with warnings.catch_warnings():   # nearest here, the variants re-round: the shifts as the default compile has them
         warnings.filterwarnings("ignore", message="OS\\+ shifts with weights rounded to nearest")
         calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True, weights="nearest",
-                                            smooth=args.smooth, shift=not args.no_shift).model
+                                            smooth=args.smooth, shift=not args.no_shift,
+                                            split=not args.no_split).model
     graph = ir.from_model(calibrated)
     hessians = input_hessians(graph, open_data(calibration, graph), CalibrationConfig(progress=False),
                               gptq_targets(graph))

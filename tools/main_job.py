@@ -105,20 +105,22 @@ def main() -> None:
           f"(256 calibration sentences, mode {args.mode}, onnxruntime):")
     print(f"{'calibration':46} {'cos mean':>9} {'cos min':>8}")
     for method, extra in METHODS:   # from the saved statistics: no new run, no smoothing
-        result = qdq_compiler.calibrate(inserted, stats=stats, method=method, **extra)
+        result = qdq_compiler.calibrate(inserted, stats=stats, method=method, split=False, **extra)
         result.save(out / f"minilm.calib.{method}{extra.get('percentile', '')}.onnx")
         row(method + (f" {extra['percentile']}" if extra else ""), result)
     row("smooth 0.85 + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, smooth=0.85, shift=False,
-                                                                   weights="nearest"))
+                                                                   weights="nearest", split=False))
     row("smooth auto + percentile 99.999", qdq_compiler.calibrate(inserted, calibration, shift=False,
-                                                                   weights="nearest"))
-    row("smooth auto + percentile 99.999 + GPTQ", qdq_compiler.calibrate(inserted, calibration, shift=False))
-    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto + shifts, p99.999, GPTQ
+                                                                   weights="nearest", split=False))
+    row("smooth auto + percentile 99.999 + GPTQ", qdq_compiler.calibrate(inserted, calibration, shift=False,
+                                                                          split=False))
+    row("  + OS+ shifts", qdq_compiler.calibrate(inserted, calibration, split=False))
+    smoothed = qdq_compiler.calibrate(inserted, calibration)   # the defaults: smooth auto + shifts, p99.999, split, GPTQ
     smoothed.save(out / "minilm.smooth.calib.onnx")
-    row("default: + OS+ shifts (fake-quant)", smoothed)
+    row("default: + FFN2 channels split (fake-quant)", smoothed)
     compiled = qdq_compiler.compile(model, calibration)         # text -> data -> compile with the defaults
     compiled.save(out / "minilm.int8.onnx")
-    row("default compile (lowered for onnxruntime)", compiled)
+    row("default compile (the same, lowered for onnxruntime)", compiled)
     print(f"compile: {compiled.report['smoothing']['sites_smoothed']} sites smoothed, timings "
           f"{compiled.report['timings']}\n", flush=True)
 
