@@ -89,6 +89,19 @@ def float_weight(linear: Linear) -> tuple[gs.Constant | None, int]:
     return tensor, 1 - linear.weight_axis
 
 
+def _only_reader(weight: gs.Constant, gemm: gs.Node) -> bool:
+    """Whether `gemm` is the one node reading `weight` (through its Q/DQ): a weight shared by several
+    layers (ALBERT) cannot change width for one of them."""
+    readers, frontier = [], [weight]
+    while frontier:
+        for node in frontier.pop().outputs:
+            if node.op in ("QuantizeLinear", "DequantizeLinear"):
+                frontier.extend(node.outputs)
+            else:
+                readers.append(node)
+    return len(readers) == 1 and readers[0] is gemm
+
+
 def _region(end: gs.Tensor, width: int) -> tuple[list[gs.Node], gs.Tensor, Linear] | None:
     """The pointwise nodes computing `end` from one linear layer's output, that output and the layer;
     None when anything else (another variable input, a constant neither scalar nor per channel) takes part."""
@@ -154,7 +167,7 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
                               for l in linears):
             continue
         weights = [float_weight(l) for l in linears]
-        if any(w is None or w.name in done or len(w.outputs) != 1 for w, _ in weights):
+        if any(w is None or w.name in done or not _only_reader(w, r) for (w, _), r in zip(weights, readers)):
             continue
         widths = {w.values.shape[axis] for w, axis in weights}
         if len(widths) != 1:
@@ -165,7 +178,7 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
             continue
         region, start, producer = found
         weight, axis = float_weight(producer)
-        if weight is None or len(weight.outputs) != 1 or weight.values.shape[1 - axis] != width \
+        if weight is None or not _only_reader(weight, producer.node) or weight.values.shape[1 - axis] != width \
                 or not _closed(region, start, q.inputs[0], q, graph):
             continue
         sites.append(SplitSite(q, tuple(readers), producer, tuple(region), width))

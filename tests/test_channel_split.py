@@ -149,3 +149,16 @@ def test_cli_reports_and_turns_off_the_split(bert_file, tmp_path):
     off = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "off.onnx", "--no-split")
     assert off.returncode == 0, off.stderr
     assert "split" not in (off.stdout + off.stderr).replace("--no-split", "")
+
+
+@pytest.mark.parametrize("shared", ["intermediate", "output"])
+def test_a_weight_shared_by_layers_is_not_split(tmp_path, shared):
+    """ALBERT shares each weight between layers: widening it for one layer would break the other."""
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(SPEC, batch=8, seq=16, seed=3))
+    graph = ffn_outlier_bert(SPEC)
+    gemms = [n for n in graph.nodes if n.op == "MatMul" and f"/{shared}" in n.name and "attention" not in n.name]
+    gemms[1].inputs[1] = gemms[0].inputs[1]
+    insert(graph, InsertConfig("ft1"))
+    calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
+    assert split_sites(graph) == []
