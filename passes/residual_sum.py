@@ -1,4 +1,5 @@
-"""Residual Adds that feed a LayerNorm become Sum, on the onnxruntime CPU target.
+"""Adds of two tensors that feed a LayerNorm (the residuals, and the embeddings' sum) become Sum, on the
+onnxruntime CPU target.
 
 onnxruntime fuses Add -> LayerNormalization into com.microsoft.SkipLayerNormalization when it
 knows both Add inputs have the same shape (the lowered graph carries its inferred shapes), and
@@ -24,4 +25,4 @@ def residual_sum(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 and match_layer_norm(node.outputs[0]) is not None):
             node.op = "Sum"
             rewritten += 1
-    return PassResult(rewritten > 0, {"residual_adds": rewritten})
+    return PassResult(rewritten > 0, {"adds_into_layernorm": rewritten})

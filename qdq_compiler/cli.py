@@ -51,12 +51,12 @@ def _site_options(args) -> dict:
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
-    from .lower import FP32_CHOICES, LowerConfig, Target
+    from .lower import DEFAULT_FP32, FP32_CHOICES, LowerConfig, Target
 
     parser.add_argument("--target", default=LowerConfig.target.value, choices=[t.value for t in Target])
-    parser.add_argument("--keep-fp32", default=",".join(sorted(LowerConfig.keep_fp32)),
+    parser.add_argument("--keep-fp32",
                         help=f"tensorrt: comma-separated {','.join(sorted(FP32_CHOICES))} kept in FP32 "
-                             f"(default {','.join(sorted(LowerConfig.keep_fp32))})")
+                             f"(default {','.join(sorted(DEFAULT_FP32))})")
 
 
 def _data_args(parser: argparse.ArgumentParser, required: bool = False) -> None:

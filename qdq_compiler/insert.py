@@ -141,9 +141,13 @@ def summary(result: InsertResult, config: InsertConfig) -> str:
                      f"LayerNorm {first.attention_norm.kind}, {first.activation.kind})")
     kinds = Counter(site_category(site) for q in plan.quantizers for site in q.sites)
     weights = sum(q.kind.value == "weight" for q in plan.quantizers)
-    lines.append(f"mode {config.mode.value}: {len(plan.quantizers)} quantizers "
-                 f"({weights} weights, {len(plan.quantizers) - weights} activations) over "
-                 f"{sum(kinds.values())} sites: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    if plan.quantizers:
+        lines.append(f"mode {config.mode.value}: {len(plan.quantizers)} quantizers "
+                     f"({weights} weights, {len(plan.quantizers) - weights} activations) over "
+                     f"{sum(kinds.values())} sites: " + ", ".join(f"{v} {k}" for k, v in kinds.items()))
+    else:
+        lines.append(f"mode {config.mode.value}: no quantizer added" +
+                     (" (the model quantizes every site already)" if plan.existing else ""))
     if any(result.input_qdq.values()):
         lines.append(f"input already had {result.input_qdq['QuantizeLinear']} Q / "
                      f"{result.input_qdq['DequantizeLinear']} DQ nodes; {len(plan.existing)} sites kept as found")

@@ -18,20 +18,27 @@ class Target(str, Enum):
 
 
 FP32_CHOICES = frozenset({"LayerNorm", "Softmax", "Gelu"})
+DEFAULT_FP32 = frozenset({"LayerNorm"})   # LayerNorm's variance overflows FP16 in BERT
 
 
 @dataclass(frozen=True)
 class LowerConfig:
     target: Target = Target.ONNXRUNTIME
-    keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # tensorrt: what stays FP32
+    keep_fp32: frozenset[str] | None = None   # tensorrt: what stays FP32 (None: LayerNorm)
     strict: bool = False   # a quantized GEMM the target cannot make integer is an error, not a warning
 
     def __post_init__(self):
         object.__setattr__(self, "target", choice(Target, self.target, "--target"))
-        keep = frozenset(names(self.keep_fp32, "--keep-fp32"))
-        if keep - FP32_CHOICES:
-            raise UsageError(f"--keep-fp32 {','.join(sorted(keep - FP32_CHOICES))}: expected any of "
-                             f"{','.join(sorted(FP32_CHOICES))}")
+        if self.keep_fp32 is None:
+            keep = DEFAULT_FP32 if self.target is Target.TENSORRT else frozenset()
+        else:
+            keep = frozenset(names(self.keep_fp32, "--keep-fp32"))
+            if keep - FP32_CHOICES:
+                raise UsageError(f"--keep-fp32 {','.join(sorted(keep - FP32_CHOICES))}: expected any of "
+                                 f"{','.join(sorted(FP32_CHOICES))}")
+            if self.target is not Target.TENSORRT:   # said, and silently ignored, would mislead
+                raise UsageError(f"--keep-fp32 applies to --target tensorrt (the FP16 graph); the "
+                                 f"{self.target.value} lowering casts nothing to FP16")
         object.__setattr__(self, "keep_fp32", keep)
 
 

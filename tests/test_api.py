@@ -115,7 +115,8 @@ def test_every_data_source_gives_the_same_scales(tmp_path):
     ({"fallback_budget": -1}, "--fallback-budget"), ({"batch_size": 0}, "--batch-size"),
     ({"keep_fp32": "Conv"}, "--keep-fp32 Conv"), ({"percentile": "high"}, "--percentile"),
     ({"batch_size": 2.5}, "--batch-size: expected an integer"), ({"fallback_budget": "3"}, "--fallback-budget"),
-    ({"providers": ""}, "--providers"),
+    ({"providers": ""}, "--providers"), ({"split": 1}, "split=1"),
+    ({"keep_fp32": "Softmax"}, "--keep-fp32 applies to --target tensorrt"),   # onnxruntime casts nothing to FP16
 ])
 def test_bad_options_raise_usage_errors_not_system_exit(options, message):
     with pytest.raises(UsageError, match=re.escape(message)):

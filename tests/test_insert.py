@@ -8,7 +8,7 @@ import pytest
 from qdq_compiler import ir
 from qdq_compiler.check import check_graph
 from qdq_compiler.config import InsertConfig
-from qdq_compiler.insert import insert, report
+from qdq_compiler.insert import insert, report, summary
 from qdq_compiler.pipeline import PassContext, run_pipeline
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 
@@ -156,6 +156,8 @@ def test_a_model_with_qdq_keeps_them_and_is_never_quantized_twice():
     assert Counter(n.op for n in graph.nodes) == before
     assert second.input_qdq == {"DequantizeLinear": 28, "QuantizeLinear": 28}
     assert len({e.site for e in second.plan.existing}) == sum(len(q.sites) for q in first.plan.quantizers)
+    assert summary(second, InsertConfig("ft1")).splitlines()[1] == \
+        "mode ft1: no quantizer added (the model quantizes every site already)"
     # a different mode adds only the sites that were not there
     third = insert(graph, InsertConfig("trt"), verify=True)
     assert Counter(n.op for n in graph.nodes)["QuantizeLinear"] == 28 + 2 * 2 + 1

@@ -238,7 +238,7 @@ def test_residual_adds_become_sum_so_onnxruntime_keeps_its_fast_layernorm(tmp_pa
     feeds = example_inputs(spec, batch=4, seq=16, seed=3)
     before, fused = outputs(graph, [], feeds)[0], run_model(graph, feeds)[0]
     record = run_pass(graph, "residual-sum")
-    assert record.stats["residual_adds"] == 2 * spec.layers + 1  # two per layer and the embeddings
+    assert record.stats["adds_into_layernorm"] == 2 * spec.layers + 1  # two per layer and the embeddings
     np.testing.assert_array_equal(outputs(graph, [], feeds)[0], before)  # Sum of two is Add, bit for bit
     np.testing.assert_allclose(run_model(graph, feeds)[0], fused, atol=1e-5)  # LayerNorm vs SkipLayerNorm
     import onnxruntime as ort

@@ -88,7 +88,7 @@ def test_bert_family_exports_match(exports, family, exporter, opset):
                                                             require_calibrated=False)}
     assert records["lower-onnxruntime"]["gemms_lowered"] == 2 * 8  # 6 weight GEMMs + 2 batched per layer
     assert records["fold-output-scale"]["scales_folded"] == 2  # the score scale of each layer
-    assert records["residual-sum"]["residual_adds"] == 2 * 2 + 1  # two residuals per layer, the embeddings
+    assert records["residual-sum"]["adds_into_layernorm"] == 2 * 2 + 1  # two residuals per layer, the embeddings
     (lowered,) = run_model(graph, feeds_for(graph))
     assert np.isfinite(lowered).all()
 
