@@ -267,7 +267,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if config.method.value == "auto" and data is None:
         raise UsageError("--method auto needs --data (it measures each layer's error)")
     if shift is not None and data is None:
-        raise UsageError("--no-shift (shift=) applies when smoothing measures the data (--data); recomputing "
+        raise UsageError("--shift / --no-shift (shift=) apply when smoothing measures the data (--data); recomputing "
                          "scales from --stats keeps the model's shifts as they are")
     if stats is not None and data is None and not Path(stats).exists():
         raise UsageError(f"{stats}: no such file")

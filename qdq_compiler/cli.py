@@ -95,10 +95,10 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smooth", help="SmoothQuant outlier migration before calibration: off, auto (alpha searched "
                                          "per site) or an alpha in [0, 1]; default auto with --data, off when "
                                          "recomputing from --stats (smoothing measures the data)")
-    parser.add_argument("--no-shift", action="store_true",
-                        help="no Outlier Suppression+ channel shifts (by default, with GPTQ weights, each smoothed "
-                             "GEMM input is centred per channel on its INT8 grid, the shift folded into the GEMMs' "
-                             "biases)")
+    parser.add_argument("--shift", action=argparse.BooleanOptionalAction, default=None,
+                        help="Outlier Suppression+ channel shifts: each smoothed GEMM input centred per channel on "
+                             "its INT8 grid, the shift folded into the GEMMs' biases (default: on with GPTQ weights, "
+                             "off with --weights nearest, whose rounding error would multiply each shift)")
     parser.add_argument("--no-split", action="store_true",
                         help="no outlier channel splitting (by default the input channels that set FFN2's INT8 "
                              "weight steps are computed twice or more by FFN1, each copy reading a share of the "
@@ -112,7 +112,7 @@ def _calibration_options(args) -> dict:
     """The calibration options as the API's keyword arguments."""
     return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
                 num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
-                shift=False if args.no_shift else None, weights=args.weights, split=not args.no_split,
+                shift=args.shift, weights=args.weights, split=not args.no_split,
                 tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
                 quiet=args.quiet)
 

@@ -349,3 +349,13 @@ def test_recalibrating_from_statistics_keeps_the_shifts_on_the_new_grid(tmp_path
     for sub in subs:
         steps = sub.inputs[1].values / float(ir.constant(sub.outputs[0].outputs[0].inputs[1]))
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
+
+
+def test_cli_shift_flag_forces_or_drops_the_shifts(bert_file, tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(BertSpec(), batch=8, seq=16, seed=3))
+    forced = qdqc("compile", bert_file, "--data", data, "--weights", "nearest", "--shift", "-o", tmp_path / "a.onnx")
+    assert forced.returncode == 0, forced.stderr
+    assert "shifted" in forced.stdout and "rounding error then multiplies" in forced.stderr
+    dropped = qdqc("compile", bert_file, "--data", data, "--no-shift", "-o", tmp_path / "b.onnx")
+    assert dropped.returncode == 0 and "shifted" not in dropped.stdout, dropped.stderr
