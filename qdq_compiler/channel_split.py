@@ -35,7 +35,8 @@ class SplitSite:
     quantizer: gs.Node              # the per-tensor activation QuantizeLinear of the readers' input
     readers: tuple[gs.Node, ...]    # the GEMMs whose input channels are split (FFN2)
     producer: Linear                # the linear layer computing those channels (FFN1)
-    region: tuple[gs.Node, ...]     # the pointwise nodes between them (GELU, smoothing Mul, shift Sub, Q/DQ)
+    region: tuple[gs.Node, ...]     # the pointwise nodes between them (GELU, smoothing Mul, shift Sub, Q/DQ),
+                                    # and a per-tensor Q/DQ between the producer's GEMM and its bias (ft2, ft3)
     width: int                      # the channel count before splitting
 
 
@@ -89,6 +90,18 @@ def float_weight(linear: Linear) -> tuple[gs.Constant | None, int]:
     return tensor, 1 - linear.weight_axis
 
 
+def _quantized(weight: gs.Constant) -> bool:
+    """Whether the weight is read through a QuantizeLinear (a weight left float gains nothing from a split)."""
+    return all(node.op == "QuantizeLinear" for node in weight.outputs)
+
+
+def _has_copies(weight: np.ndarray, axis: int) -> bool:
+    """Whether two output channels of the producer's weight are equal: split already (a model whose
+    metadata was stripped), or a pruned model's zero columns, which a split would not help either."""
+    columns = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    return len(np.unique(columns, axis=0)) < len(columns)
+
+
 def _only_reader(weight: gs.Constant, gemm: gs.Node) -> bool:
     """Whether `gemm` is the one node reading `weight` (through its Q/DQ): a weight shared by several
     layers (ALBERT) cannot change width for one of them."""
@@ -132,6 +145,20 @@ def _region(end: gs.Tensor, width: int) -> tuple[list[gs.Node], gs.Tensor, Linea
     return (region, start, producer) if start is not None else None
 
 
+def _output_quantizers(linear: Linear) -> list[gs.Node] | None:
+    """The Q/DQ nodes between a linear layer's GEMM and its bias Add (ft2/ft3 quantize GEMM outputs);
+    None when one is per channel (its scales would need widening too)."""
+    found, frontier = [], [linear.node.outputs[0]]
+    while frontier:
+        for node in frontier.pop().outputs:
+            if node.op in ("QuantizeLinear", "DequantizeLinear"):
+                if any(ir.constant(v) is None or ir.constant(v).size != 1 for v in node.inputs[1:]):
+                    return None
+                found.append(node)
+                frontier.extend(node.outputs)
+    return found
+
+
 def _closed(region: list[gs.Node], start: gs.Tensor, end: gs.Tensor, quantizer: gs.Node, graph: gs.Graph) -> bool:
     """Nothing outside reads the region's tensors (they change width): the start feeds the region only,
     the end only its quantizer, no graph output among them."""
@@ -167,7 +194,8 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
                               for l in linears):
             continue
         weights = [float_weight(l) for l in linears]
-        if any(w is None or w.name in done or not _only_reader(w, r) for (w, _), r in zip(weights, readers)):
+        if any(w is None or w.name in done or not _only_reader(w, r) or not _quantized(w)
+               for (w, _), r in zip(weights, readers)):
             continue
         widths = {w.values.shape[axis] for w, axis in weights}
         if len(widths) != 1:
@@ -178,8 +206,10 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
             continue
         region, start, producer = found
         weight, axis = float_weight(producer)
+        hidden = _output_quantizers(producer)
         if weight is None or not _only_reader(weight, producer.node) or weight.values.shape[1 - axis] != width \
-                or not _closed(region, start, q.inputs[0], q, graph):
+                or hidden is None or not _closed(region, start, q.inputs[0], q, graph) \
+                or _has_copies(weight.values, 1 - axis):
             continue
-        sites.append(SplitSite(q, tuple(readers), producer, tuple(region), width))
+        sites.append(SplitSite(q, tuple(readers), producer, tuple(region + hidden), width))
     return sites

@@ -162,3 +162,31 @@ def test_a_weight_shared_by_layers_is_not_split(tmp_path, shared):
     insert(graph, InsertConfig("ft1"))
     calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
     assert split_sites(graph) == []
+
+
+@pytest.mark.parametrize("mode", ["ft2", "ft3"])
+def test_split_through_gemm_output_quantizers(tmp_path, mode):
+    """ft2/ft3 quantize FFN1's output before its bias: that Q/DQ pair widens with the rest."""
+    data = example_inputs(SPEC, batch=16, seq=16, seed=3)
+    model = build_bert(SPEC)
+    result = api.compile(model, data, mode=mode, quiet=True)
+    assert result.report["weights"]["sites_split"] == 2
+    feeds = example_inputs(SPEC, batch=2, seq=16, seed=8)
+    assert cosine(run_model(result.model, feeds)[0], run_model(model, feeds)[0]) > 0.99
+
+
+def test_no_split_for_a_float_reader_weight(tmp_path):
+    data = example_inputs(SPEC, batch=8, seq=16, seed=3)
+    result = api.compile(build_bert(SPEC), data, exclude=["layer.*.ffn2.weight"], quiet=True)
+    assert "sites_split" not in result.report["weights"]
+
+
+def test_a_split_model_without_its_metadata_is_not_split_again(tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, **example_inputs(SPEC, batch=16, seq=16, seed=3))
+    first = api.calibrate(api.insert(ir.to_model(ffn_outlier_bert(SPEC))).model, data, quiet=True)
+    model = first.model
+    del model.metadata_props[:]                          # as some tools rewrite models
+    again = api.calibrate(model, data, quiet=True, keep_scales=False)
+    assert "sites_split" not in again.report["weights"]
+    assert ffn1_widths(ir.from_model(again.model)) == [SPEC.ffn + extra_channels(SPEC.ffn)] * 2
