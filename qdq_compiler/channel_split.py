@@ -23,7 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .graph import POINTWISE_OPS
+from .graph import POINTWISE_OPS, sole_reader
 from .patterns.blocks import linear_at, linear_producing
 from .patterns.records import Linear
 
@@ -100,19 +100,6 @@ def _has_copies(weight: np.ndarray, axis: int) -> bool:
     metadata was stripped), or a pruned model's zero columns, which a split would not help either."""
     columns = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
     return len(np.unique(columns, axis=0)) < len(columns)
-
-
-def _only_reader(weight: gs.Constant, gemm: gs.Node) -> bool:
-    """Whether `gemm` is the one node reading `weight` (through its Q/DQ): a weight shared by several
-    layers (ALBERT) cannot change width for one of them."""
-    readers, frontier = [], [weight]
-    while frontier:
-        for node in frontier.pop().outputs:
-            if node.op in ("QuantizeLinear", "DequantizeLinear"):
-                frontier.extend(node.outputs)
-            else:
-                readers.append(node)
-    return len(readers) == 1 and readers[0] is gemm
 
 
 def _region(end: gs.Tensor, width: int) -> tuple[list[gs.Node], gs.Tensor, Linear] | None:
@@ -194,7 +181,7 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
                               for l in linears):
             continue
         weights = [float_weight(l) for l in linears]
-        if any(w is None or w.name in done or not _only_reader(w, r) or not _quantized(w)
+        if any(w is None or w.name in done or not sole_reader(w, r) or not _quantized(w)
                for (w, _), r in zip(weights, readers)):
             continue
         widths = {w.values.shape[axis] for w, axis in weights}
@@ -207,7 +194,7 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
         region, start, producer = found
         weight, axis = float_weight(producer)
         hidden = _output_quantizers(producer)
-        if weight is None or not _only_reader(weight, producer.node) or weight.values.shape[1 - axis] != width \
+        if weight is None or not sole_reader(weight, producer.node) or weight.values.shape[1 - axis] != width \
                 or hidden is None or not _closed(region, start, q.inputs[0], q, graph) \
                 or _has_copies(weight.values, 1 - axis):
             continue

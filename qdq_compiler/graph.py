@@ -120,6 +120,19 @@ def weight_of(node: gs.Node, index: int):
     return tensor, transposed, user, quantized
 
 
+def sole_reader(constant: gs.Constant, node: gs.Node) -> bool:
+    """Whether `node` is the one node reading `constant` (through its Q/DQ): a weight shared by several
+    layers (ALBERT shares every layer's) cannot be rescaled or widened for one of them."""
+    readers, frontier = [], [constant]
+    while frontier:
+        for reader in frontier.pop().outputs:
+            if reader.op in ("QuantizeLinear", "DequantizeLinear"):
+                frontier.extend(reader.outputs)
+            else:
+                readers.append(reader)
+    return len(readers) == 1 and readers[0] is node
+
+
 def is_dequantized(tensor: gs.Tensor) -> bool:
     """Produced by a DequantizeLinear, possibly reshaped, transposed or cast on the way (data movement
     commutes with quantization; TensorRT moves Q/DQ across it)."""

@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 from . import carried, ir
 from .errors import UsageError
 from .quant import fake_quantize
-from .graph import LAYOUT_OPS, RESHAPE_OPS, float_source, is_bmm
+from .graph import LAYOUT_OPS, RESHAPE_OPS, float_source, is_bmm, sole_reader
 from .patterns.blocks import linear_at, linear_producing
 from .patterns.records import Linear
 
@@ -64,11 +64,12 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
 
 
 def _smoothable(reader: gs.Node) -> bool:
-    """A linear layer reading the DQ directly, whose float weight feeds only its own quantizer."""
+    """A linear layer reading the DQ directly, the only layer reading its float weight (a weight shared
+    by layers, as ALBERT's, would take one layer's factors for all of them)."""
     if linear_at(reader) is None or reader.inputs[0].inputs[0].op != "DequantizeLinear":
         return False
     weight = reader_weight(reader)[0]
-    return weight is not None and len(weight.outputs) == 1
+    return weight is not None and sole_reader(weight, reader)
 
 
 def reader_weight(reader: gs.Node) -> tuple[gs.Constant | None, int]:
@@ -153,7 +154,7 @@ def _foldable(graph: gs.Graph, value: Linear, bmm: gs.Node) -> bool:
     weight = graph.tensors()[value.weight]
     bias = value_bias(value)
     return reader is bmm and isinstance(weight, gs.Constant) and weight.values.dtype == np.float32 \
-        and len(weight.outputs) == 1 and (bias is None or len(bias.outputs) == 1)
+        and sole_reader(weight, value.node) and (bias is None or len(bias.outputs) == 1)
 
 
 def value_bias(value: Linear) -> gs.Constant | None:

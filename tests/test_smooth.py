@@ -359,3 +359,21 @@ def test_cli_shift_flag_forces_or_drops_the_shifts(bert_file, tmp_path):
     assert "shifted" in forced.stdout and "rounding error then multiplies" in forced.stderr
     dropped = qdqc("compile", bert_file, "--data", data, "--no-shift", "-o", tmp_path / "b.onnx")
     assert dropped.returncode == 0 and "shifted" not in dropped.stdout, dropped.stderr
+
+
+def test_weights_shared_by_layers_are_not_smoothed_for_one_of_them(tmp_path):
+    """ALBERT: every layer reads the same weights; smoothing one layer's input would rescale them for all."""
+    from qdq_compiler import api
+
+    spec = BertSpec(layers=2)
+    graph = outlier_bert(spec)
+    linears = [n for n in graph.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)]
+    first, second = linears[:len(linears) // 2], linears[len(linears) // 2:]
+    for a, b in zip(first, second):
+        b.inputs[1] = a.inputs[1]
+    model = ir.to_model(graph)
+    data = example_inputs(spec, batch=16, seq=16, seed=3)
+    result = api.compile(model, data, quiet=True)
+    assert result.report["smoothing"]["sites_smoothed"] == 0
+    feeds = example_inputs(spec, batch=4, seq=16, seed=8)
+    assert cosine(run_model(result.model, feeds)[0], run_model(model, feeds)[0]) > 0.99
