@@ -262,6 +262,13 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                              "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
                              "--no-keep-scales recalibrates them all")
         smooth, weights, split = "off", "nearest", False
+    if config.shard is not None and data is not None:
+        # a shard sees part of the data: the rewrites measured on the data would differ shard by shard,
+        # and the merged statistics would describe none of the shards' models
+        if smooth not in (None, "off") or weights == "gptq" or shift:
+            raise UsageError("--shard collects the statistics of the model as it is: smoothing, OS+ shifts and GPTQ "
+                             "measure all the data (run them in one calibration, or shard with --smooth off)")
+        smooth, weights = "off", "nearest"
     rounding = parse_rounding(weights, data is not None)
     smoothing = _smoothing(smooth, data is not None, shift, rounding)
     if config.method.value == "auto" and data is None:

@@ -116,8 +116,8 @@ def test_statistics_of_a_smoothed_run_describe_the_smoothed_model(files, tmp_pat
 def test_shards_merge_exactly(files, tmp_path):
     _, qdq, data = files
     whole, parts = tmp_path / "whole.npz", [tmp_path / f"s{i}.npz" for i in range(3)]
-    assert qdqc("calibrate", qdq, "--data", data, "--stats", whole, "--batch-size", "4", "-o",
-                tmp_path / "w.onnx").returncode == 0
+    assert qdqc("calibrate", qdq, "--data", data, "--stats", whole, "--batch-size", "4", "--smooth", "off",
+                "--weights", "nearest", "-o", tmp_path / "w.onnx").returncode == 0   # what a shard collects
     for i, part in enumerate(parts):
         assert qdqc("calibrate", qdq, "--data", data, "--stats", part, "--batch-size", "4", "--shard", f"{i}/3",
                     "-o", tmp_path / f"p{i}.onnx").returncode == 0
@@ -129,6 +129,20 @@ def test_shards_merge_exactly(files, tmp_path):
     for name in a:
         assert a[name].width == b[name].width and a[name].elements == b[name].elements
         np.testing.assert_array_equal(a[name].counts, b[name].counts)
+
+
+def test_shards_leave_the_model_as_it_is(files, tmp_path):
+    """Smoothing and GPTQ measured on one shard's data would give each shard its own model."""
+    _, qdq, data = files
+    outputs = [tmp_path / f"p{i}.onnx" for i in range(2)]
+    for i, out in enumerate(outputs):
+        proc = qdqc("calibrate", qdq, "--data", data, "--batch-size", "4", "--shard", f"{i}/2", "-o", out)
+        assert proc.returncode == 0 and "no smoothing" in proc.stdout, proc.stderr
+    weights = [{t.name: t.values for t in ir.load(out).tensors().values() if isinstance(t, gs.Constant)
+                and t.values.ndim == 2} for out in outputs]
+    assert all(np.array_equal(weights[0][name], weights[1][name]) for name in weights[0])
+    proc = qdqc("calibrate", qdq, "--data", data, "--shard", "0/2", "--smooth", "auto", "-o", tmp_path / "x.onnx")
+    assert proc.returncode == 2 and "--shard collects" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_shards_without_a_shared_grid_refuse_to_merge(files, tmp_path):
