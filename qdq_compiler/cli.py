@@ -99,10 +99,10 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
                         help="Outlier Suppression+ channel shifts: each smoothed GEMM input centred per channel on "
                              "its INT8 grid, the shift folded into the GEMMs' biases (default: on with GPTQ weights, "
                              "off with --weights nearest, whose rounding error would multiply each shift)")
-    parser.add_argument("--no-split", action="store_true",
-                        help="no outlier channel splitting (by default the input channels that set FFN2's INT8 "
+    parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
+                        help="outlier channel splitting, on by default: the input channels that set FFN2's INT8 "
                              "weight steps are computed twice or more by FFN1, each copy reading a share of the "
-                             "weight row: about 2 %% wider FFNs, exact in float)")
+                             "weight row (16 copies per 768 channels, exact in float)")
     parser.add_argument("--weights", choices=["gptq", "nearest"],
                         help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
                              "default with --data) or nearest (the default when recomputing from --stats)")
@@ -112,7 +112,7 @@ def _calibration_options(args) -> dict:
     """The calibration options as the API's keyword arguments."""
     return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
                 num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
-                shift=args.shift, weights=args.weights, split=not args.no_split,
+                shift=args.shift, weights=args.weights, split=args.split,
                 tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
                 quiet=args.quiet)
 
@@ -386,7 +386,7 @@ def _calibration_line(result) -> str:
         if rounding.get("skipped"):
             weights += f", {rounding['skipped']} kept nearest rounding"
     if rounding.get("sites_split"):
-        weights += f", {rounding['channels_added']} channels split into {rounding['sites_split']} GEMMs"
+        weights += f", outlier channels split: {rounding['channels_added']} copies over {rounding['sites_split']} GEMM inputs"
     kept = sum(bool(t.get("kept")) for t in calibration["tensors"])
     other = max(0, result.report.get("scales_kept", 0) - kept)
     kept_line = (f"; {kept} activation and {other} other scales (weights') kept as the model holds them "

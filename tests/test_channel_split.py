@@ -145,7 +145,7 @@ def test_cli_reports_and_turns_off_the_split(bert_file, tmp_path):
     np.savez(data, **example_inputs(SPEC, batch=8, seq=16, seed=3))
     on = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "on.onnx")
     assert on.returncode == 0, on.stderr
-    assert "channels split into 2 GEMMs" in on.stdout + on.stderr
+    assert "outlier channels split: 32 copies over 2 GEMM inputs" in on.stdout + on.stderr
     off = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "off.onnx", "--no-split")
     assert off.returncode == 0, off.stderr
     assert "split" not in (off.stdout + off.stderr).replace("--no-split", "")

@@ -51,8 +51,8 @@ def gemm_weight_bytes(path: Path) -> int:
 
 
 DYNAMIC_ROW = "ORT quantize_dynamic"
-OURS = {"qdqc ft1 mse, lowered": {"smooth": "off", "method": "mse"},
-        "qdqc ft1 defaults (smooth auto p99.999)": {}}
+OURS = {"qdqc ft1 mse, lowered": {"smooth": "off", "method": "mse", "split": False},
+        "qdqc defaults (smooth auto + shifts, p99.999, split, GPTQ)": {}}
 
 
 def build_ours(model: Path, calibration: Path, folder: Path, options: dict) -> Path:
