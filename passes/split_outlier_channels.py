@@ -44,7 +44,8 @@ def split_outlier_channels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         for weight, axis in weights:   # the readers: each copy's row takes 1/m of the original's
             shape = [1, 1]
             shape[axis] = len(index)
-            weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=axis) * share.reshape(shape))
+            weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=axis) * share.reshape(shape),
+                                                 dtype=weight.values.dtype)
             _clear_shapes(t for q in weight.outputs for t in q.outputs)
             _clear_shapes(dq.outputs[0] for q in weight.outputs for t in q.outputs for dq in t.outputs)
             done.append(weight.name)
