@@ -29,6 +29,47 @@ def _clear_shapes(tensors) -> None:
             tensor.shape = None
 
 
+def _share_readers(weights, index: np.ndarray, counts: np.ndarray) -> None:
+    """Each reader's input rows taken at `index`, each copy with 1/m of its original row."""
+    share = (1.0 / counts)[index].astype(np.float32)
+    for weight, axis in weights:
+        shape = [1, 1]
+        shape[axis] = len(index)
+        weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=axis) * share.reshape(shape),
+                                             dtype=weight.values.dtype)
+        _clear_shapes(t for q in weight.outputs for t in q.outputs)
+        _clear_shapes(dq.outputs[0] for q in weight.outputs for t in q.outputs for dq in t.outputs)
+
+
+def _widen_producer(producer, index: np.ndarray, width: int) -> None:
+    """The producer's output columns, their quantizer's per-channel scales and its bias taken at `index`."""
+    weight, axis = float_weight(producer)
+    for q in list(weight.outputs):
+        for node in [q] + [dq for t in q.outputs for dq in t.outputs]:
+            for value in node.inputs[1:]:
+                if isinstance(value, gs.Constant) and value.values.size == width:
+                    _widen(node, value, index, 0)
+        _clear_shapes(t for t in q.outputs)
+        _clear_shapes(dq.outputs[0] for t in q.outputs for dq in t.outputs)
+    weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=1 - axis))
+    bias = value_bias(producer)
+    if bias is not None:
+        _widen(producer.bias_add if producer.bias_add is not None else producer.node, bias, index, -1)
+
+
+def _widen_region(site, index: np.ndarray) -> None:
+    """The per-channel constants between the GEMMs (smoothing, shifts) taken at `index`; every tensor
+    from the producer's GEMM to the readers' input forgets its shape."""
+    for node in site.region:
+        for value in node.inputs:
+            if isinstance(value, gs.Constant) and value.values.size == site.width:
+                _widen(node, value, index, -1)
+    producer = site.producer
+    _clear_shapes([t for dq in site.quantizer.outputs[0].outputs for t in dq.outputs] + site.quantizer.outputs +
+                  [producer.node.outputs[0]] + [t for n in site.region for t in n.outputs] +
+                  ([producer.bias_add.outputs[0]] if producer.bias_add is not None else []))
+
+
 @register("split-outlier-channels", requires=("qdq",))
 def split_outlier_channels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     done = json.loads(ir.metadata(graph).get(SPLIT_KEY, "[]"))
@@ -39,37 +80,12 @@ def split_outlier_channels(graph: gs.Graph, ctx: PassContext) -> PassResult:
         counts = split_counts(stacked, extra_channels(site.width))
         if counts.max() == 1:
             continue
+        # channel j, then its m_j - 1 copies at the end (GPTQ, in act order, rounds them after it)
         index = np.concatenate([np.arange(site.width), np.repeat(np.arange(site.width), counts - 1)])
-        share = (1.0 / counts)[index].astype(np.float32)
-        for weight, axis in weights:   # the readers: each copy's row takes 1/m of the original's
-            shape = [1, 1]
-            shape[axis] = len(index)
-            weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=axis) * share.reshape(shape),
-                                                 dtype=weight.values.dtype)
-            _clear_shapes(t for q in weight.outputs for t in q.outputs)
-            _clear_shapes(dq.outputs[0] for q in weight.outputs for t in q.outputs for dq in t.outputs)
-            done.append(weight.name)
-        producer = site.producer
-        weight, axis = float_weight(producer)
-        out_axis = 1 - axis
-        for q in list(weight.outputs):   # the producer: its output columns and their quantizer's scales
-            for node in [q] + [dq for t in q.outputs for dq in t.outputs]:
-                for value in node.inputs[1:]:
-                    if isinstance(value, gs.Constant) and value.values.size == site.width:
-                        _widen(node, value, index, 0)
-            _clear_shapes(t for t in q.outputs)
-            _clear_shapes(dq.outputs[0] for t in q.outputs for dq in t.outputs)
-        weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=out_axis))
-        bias = value_bias(producer)
-        if bias is not None:
-            _widen(producer.bias_add if producer.bias_add is not None else producer.node, bias, index, -1)
-        for node in site.region:       # per-channel constants between the GEMMs (smoothing, shifts)
-            for value in node.inputs:
-                if isinstance(value, gs.Constant) and value.values.size == site.width:
-                    _widen(node, value, index, -1)
-        _clear_shapes([t for dq in site.quantizer.outputs[0].outputs for t in dq.outputs] + site.quantizer.outputs +
-                      [producer.node.outputs[0]] + [t for n in site.region for t in n.outputs] +
-                      ([producer.bias_add.outputs[0]] if producer.bias_add is not None else []))
+        _share_readers(weights, index, counts)
+        _widen_producer(site.producer, index, site.width)
+        _widen_region(site, index)
+        done.extend(weight.name for weight, _ in weights)
         sites += 1
         added += len(index) - site.width
     if sites:
