@@ -106,6 +106,9 @@ def _smoothing(smooth, data_given: bool, shift: bool | None, rounding: str) -> S
         if config is not None and not data_given:
             raise UsageError("--smooth needs --data (it measures per-channel activation maxima)")
     if config is None:
+        if shift:
+            raise UsageError("--shift (shift=True) centres smoothed GEMM inputs: it needs smoothing "
+                             "(--smooth auto or an alpha), not --smooth off")
         return None
     if shift is None:
         shift = config.shift if isinstance(smooth, SmoothConfig) else rounding == "gptq"
@@ -267,7 +270,8 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         # and the merged statistics would describe none of the shards' models
         if smooth not in (None, "off") or weights == "gptq" or shift:
             raise UsageError("--shard collects the statistics of the model as it is: smoothing, OS+ shifts and GPTQ "
-                             "measure all the data (run them in one calibration, or shard with --smooth off)")
+                             "measure all the data (run them in one calibration without --shard; a shard smooths "
+                             "nothing and rounds weights to nearest by itself)")
         smooth, weights = "off", "nearest"
     rounding = parse_rounding(weights, data is not None)
     smoothing = _smoothing(smooth, data is not None, shift, rounding)

@@ -386,7 +386,9 @@ def _calibration_line(result) -> str:
         if rounding.get("skipped"):
             weights += f", {rounding['skipped']} kept nearest rounding"
     if rounding.get("sites_split"):
-        weights += f", outlier channels split: {rounding['channels_added']} copies over {rounding['sites_split']} GEMM inputs"
+        sites = rounding["sites_split"]
+        weights += (f", outlier channels split: {rounding['channels_added']} copies over {sites} "
+                    f"GEMM input{'s' if sites > 1 else ''}")
     kept = sum(bool(t.get("kept")) for t in calibration["tensors"])
     other = max(0, result.report.get("scales_kept", 0) - kept)
     kept_line = (f"; {kept} activation and {other} other scales (weights') kept as the model holds them "

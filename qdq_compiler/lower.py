@@ -36,7 +36,7 @@ class LowerConfig:
             if keep - FP32_CHOICES:
                 raise UsageError(f"--keep-fp32 {','.join(sorted(keep - FP32_CHOICES))}: expected any of "
                                  f"{','.join(sorted(FP32_CHOICES))}")
-            if self.target is not Target.TENSORRT:   # said, and silently ignored, would mislead
+            if keep and self.target is not Target.TENSORRT:   # said, and silently ignored, would mislead
                 raise UsageError(f"--keep-fp32 applies to --target tensorrt (the FP16 graph); the "
                                  f"{self.target.value} lowering casts nothing to FP16")
         object.__setattr__(self, "keep_fp32", keep)

@@ -110,6 +110,7 @@ def test_settings_belong_to_the_pass():
     assert PassContext(InsertConfig("ft2")).settings(SplitGemmBiasSettings).split
     assert not PassContext(InsertConfig("ft1")).settings(SplitGemmBiasSettings).split
     assert PassContext(LowerConfig("tensorrt", keep_fp32="Softmax")).settings(Fp16Settings).keep_fp32 == {"Softmax"}
+    assert LowerConfig("onnxruntime", keep_fp32=[]).keep_fp32 == frozenset()   # nothing asked: nothing refused
     assert PassContext(Fp16Settings(frozenset())).settings(Fp16Settings).keep_fp32 == frozenset()
     assert PassContext(None).settings(Fp16Settings) == Fp16Settings()
 

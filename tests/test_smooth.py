@@ -307,6 +307,8 @@ def test_shift_option_is_validated(tmp_path):
     inserted = api.insert(build_bert(spec))
     with pytest.raises(UsageError, match="shift='no': expected True, False or None"):
         api.calibrate(inserted, data, shift="no", quiet=True)
+    with pytest.raises(UsageError, match="it needs smoothing"):     # nothing to centre: said, not ignored
+        api.calibrate(inserted, data, smooth="off", shift=True, quiet=True)
     stats = tmp_path / "stats.npz"
     api.calibrate(inserted, data, stats=stats, quiet=True)
     with pytest.raises(UsageError, match="keeps the model's shifts"):
