@@ -6,9 +6,9 @@ Per-output-channel INT8 weights take each output channel's step from its largest
 SmoothQuant migrates the activation outliers of FFN2's input into its weight rows, a few input channels
 hold weights hundreds of times the rest's, and those few set every output channel's step. Splitting
 input channel j into m copies, each with weight row W_j / m, computes the same product and divides
-that row's magnitude by m. The copies cost nothing at run time: FFN1 computes channel j m times (its
+that row's magnitude by m. The copies add no op at run time: FFN1 computes channel j m times (its
 weight column, bias and every per-channel constant between the two GEMMs duplicated), so the wider
-tensor is produced, not gathered. The GEMMs grow by the copies only (~2 %).
+tensor is produced, not gathered. The two GEMMs grow by the copies only (16 per 768 channels, ~2 %).
 
 Data-free: the counts come from the weights alone (`split_counts`). Weight rounding (GPTQ) afterwards
 sees the copies as perfectly correlated inputs and spreads each row's rounding error over them.
