@@ -10,10 +10,9 @@ import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
 from qdq_compiler.calibrate import refresh_weight_scales
-from qdq_compiler.channel_split import SPLIT_KEY, extra_channels, float_weight, split_counts, split_sites
-from qdq_compiler.patterns.blocks import linear_at
+from qdq_compiler.channel_split import SPLIT_KEY, extra_channels, producer_weight, split_counts, split_sites
 from qdq_compiler.pipeline import PassContext, PassResult, register
-from qdq_compiler.smooth import value_bias
+from qdq_compiler.smooth import reader_weight, value_bias
 
 
 def _widen(node: gs.Node, constant: gs.Constant, index: np.ndarray, axis: int) -> None:
@@ -29,6 +28,12 @@ def _clear_shapes(tensors) -> None:
             tensor.shape = None
 
 
+def _quantized_forms(weight: gs.Constant) -> list[gs.Tensor]:
+    """What the weight's Q and DQ nodes produce from it."""
+    quantized = [t for q in weight.outputs for t in q.outputs]
+    return quantized + [dq.outputs[0] for t in quantized for dq in t.outputs]
+
+
 def _share_readers(weights, index: np.ndarray, counts: np.ndarray) -> None:
     """Each reader's input rows taken at `index`, each copy with 1/m of its original row."""
     share = (1.0 / counts)[index].astype(np.float32)
@@ -37,20 +42,18 @@ def _share_readers(weights, index: np.ndarray, counts: np.ndarray) -> None:
         shape[axis] = len(index)
         weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=axis) * share.reshape(shape),
                                              dtype=weight.values.dtype)
-        _clear_shapes(t for q in weight.outputs for t in q.outputs)
-        _clear_shapes(dq.outputs[0] for q in weight.outputs for t in q.outputs for dq in t.outputs)
+        _clear_shapes(_quantized_forms(weight))
 
 
 def _widen_producer(producer, index: np.ndarray, width: int) -> None:
     """The producer's output columns, their quantizer's per-channel scales and its bias taken at `index`."""
-    weight, axis = float_weight(producer)
+    weight, axis = producer_weight(producer)
     for q in list(weight.outputs):
         for node in [q] + [dq for t in q.outputs for dq in t.outputs]:
             for value in node.inputs[1:]:
                 if isinstance(value, gs.Constant) and value.values.size == width:
                     _widen(node, value, index, 0)
-        _clear_shapes(t for t in q.outputs)
-        _clear_shapes(dq.outputs[0] for t in q.outputs for dq in t.outputs)
+    _clear_shapes(_quantized_forms(weight))
     weight.values = np.ascontiguousarray(np.take(weight.values, index, axis=1 - axis))
     bias = value_bias(producer)
     if bias is not None:
@@ -75,7 +78,7 @@ def split_outlier_channels(graph: gs.Graph, ctx: PassContext) -> PassResult:
     done = json.loads(ir.metadata(graph).get(SPLIT_KEY, "[]"))
     sites, added = 0, 0
     for site in split_sites(graph):
-        weights = [float_weight(linear) for linear in map(linear_at, site.readers)]
+        weights = [reader_weight(reader) for reader in site.readers]
         stacked = np.concatenate([w.values if axis == 0 else w.values.T for w, axis in weights], axis=1)
         counts = split_counts(stacked, extra_channels(site.width))
         if counts.max() == 1:

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 from qdq_compiler import ir
 from qdq_compiler.patterns.blocks import match_layer_norm
 from qdq_compiler.carried import encoder_layers
+from qdq_compiler.lower import DEFAULT_FP32
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 FP16_MAX = 65504.0
@@ -76,7 +77,7 @@ class Retyper:
 
 @dataclass(frozen=True)
 class Fp16Settings:
-    keep_fp32: frozenset[str] = frozenset({"LayerNorm"})   # of LayerNorm, Softmax, Gelu
+    keep_fp32: frozenset[str] = DEFAULT_FP32   # of LayerNorm, Softmax, Gelu
 
     @classmethod
     def from_config(cls, config) -> "Fp16Settings":

@@ -26,6 +26,7 @@ from . import ir
 from .graph import POINTWISE_OPS, sole_reader
 from .patterns.blocks import linear_at, linear_producing
 from .patterns.records import Linear
+from .smooth import reader_weight
 
 SPLIT_KEY = "qdqc.channels_split"   # metadata: the weights whose input channels were split (never twice)
 
@@ -76,23 +77,17 @@ def _channel_constant(value: np.ndarray, width: int) -> bool:
     return value.size == 1 or (value.ndim >= 1 and value.shape[-1] == width and value.size == width)
 
 
-def float_weight(linear: Linear) -> tuple[gs.Constant | None, int]:
-    """The float weight constant behind `linear` (under its weight QuantizeLinear, or bare) and its
-    input-channel axis; None for a weight stored quantized."""
+def producer_weight(linear: Linear) -> tuple[gs.Constant | None, int]:
+    """The float weight constant behind the producing layer and its input-channel axis: under its weight
+    quantizer (`reader_weight`), or bare when the layer was left float; None for one stored quantized."""
+    weight, axis = reader_weight(linear.node)
+    if weight is not None:
+        return weight, axis
     user, index = linear.weight_user
-    tensor = user.inputs[index]
-    node = ir.producer(tensor)
-    if node is not None and node.op == "DequantizeLinear":
-        q = ir.producer(node.inputs[0])
-        tensor = q.inputs[0] if q is not None and q.op == "QuantizeLinear" else None
-    if not isinstance(tensor, gs.Constant) or tensor.name != linear.weight or tensor.values.dtype.kind != "f":
-        return None, 0
-    return tensor, 1 - linear.weight_axis
-
-
-def _quantized(weight: gs.Constant) -> bool:
-    """Whether the weight is read through a QuantizeLinear (a weight left float gains nothing from a split)."""
-    return all(node.op == "QuantizeLinear" for node in weight.outputs)
+    bare = user.inputs[index]
+    if isinstance(bare, gs.Constant) and bare.name == linear.weight and bare.values.dtype.kind == "f":
+        return bare, 1 - linear.weight_axis
+    return None, 0
 
 
 def _has_copies(weight: np.ndarray, axis: int) -> bool:
@@ -180,9 +175,9 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
         if not readers or any(l is None or l.input not in {dq.outputs[0].name for dq in dequantizers}
                               for l in linears):
             continue
-        weights = [float_weight(l) for l in linears]
-        if any(w is None or w.name in done or not sole_reader(w, r) or not _quantized(w)
-               for (w, _), r in zip(weights, readers)):
+        # readers' weights under their quantizers (a weight left float gains nothing from a split)
+        weights = [reader_weight(r) for r in readers]
+        if any(w is None or w.name in done or not sole_reader(w, r) for (w, _), r in zip(weights, readers)):
             continue
         widths = {w.values.shape[axis] for w, axis in weights}
         if len(widths) != 1:
@@ -192,7 +187,7 @@ def split_sites(graph: gs.Graph) -> list[SplitSite]:
         if found is None:
             continue
         region, start, producer = found
-        weight, axis = float_weight(producer)
+        weight, axis = producer_weight(producer)
         hidden = _output_quantizers(producer)
         if weight is None or not sole_reader(weight, producer.node) or weight.values.shape[1 - axis] != width \
                 or hidden is None or not _closed(region, start, q.inputs[0], q, graph) \
