@@ -187,14 +187,15 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     from .calibrate import calibrate as run_calibrate, report_json
     from .smooth import smooth
 
-    from .smooth import wanted
+    from .smooth import shared_weight_sites, wanted
 
     found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights}}
     if smoothing is not None or wanted(graph):   # the recipe may smooth some sites even with --smooth off
+        shared = shared_weight_sites(graph)
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)
         label = "off (recipe sites only)" if smoothing is None else "auto" if smoothing.alpha is None else smoothing.alpha
-        found["smoothing"] = {"smooth": label}
+        found["smoothing"] = {"smooth": label, **({"shared_weight_sites": len(shared)} if shared else {})}
         for record in records:
             found["smoothing"].update(record.stats)
     with clock("calibrate"):

@@ -42,9 +42,21 @@ class SmoothSite:
 def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
     """The activation quantizers that feed only linear layers; with the plan insert stored in the model,
     only those it placed at GEMM inputs (a model without one: every such quantizer)."""
+    return [SmoothSite(q, q.inputs[0].name, readers) for q, readers in _candidates(graph)
+            if all(_smoothable(reader) for reader in readers)]
+
+
+def shared_weight_sites(graph: gs.Graph) -> list[str]:
+    """The activations smoothing would take but for a weight other layers read too (ALBERT's)."""
+    return [q.inputs[0].name for q, readers in _candidates(graph)
+            if all(_linear_reader(reader) for reader in readers) and not all(_smoothable(r) for r in readers)]
+
+
+def _candidates(graph: gs.Graph):
+    """(activation quantizer, the nodes reading its DequantizeLinears) for each GEMM-input quantizer not
+    yet smoothed."""
     plan = carried.read(graph)
     planned = None if plan is None else {tensor for site, tensor in plan.sites.items() if GEMM_INPUT_SITE.search(site)}
-    sites = []
     for q in graph.nodes:
         if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]).size != 1:
             continue
@@ -57,19 +69,21 @@ def smooth_sites(graph: gs.Graph) -> list[SmoothSite]:
         dequantizers = q.outputs[0].outputs
         if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
             continue
-        readers = [reader for dq in dequantizers for reader in dq.outputs[0].outputs]
-        if readers and all(_smoothable(reader) for reader in readers):
-            sites.append(SmoothSite(q, q.inputs[0].name, tuple(readers)))
-    return sites
+        readers = tuple(reader for dq in dequantizers for reader in dq.outputs[0].outputs)
+        if readers:
+            yield q, readers
+
+
+def _linear_reader(reader: gs.Node) -> bool:
+    """A linear layer reading the DQ directly, with a float weight behind its own Q/DQ."""
+    return (linear_at(reader) is not None and reader.inputs[0].inputs[0].op == "DequantizeLinear"
+            and reader_weight(reader)[0] is not None)
 
 
 def _smoothable(reader: gs.Node) -> bool:
-    """A linear layer reading the DQ directly, the only layer reading its float weight (a weight shared
-    by layers, as ALBERT's, would take one layer's factors for all of them)."""
-    if linear_at(reader) is None or reader.inputs[0].inputs[0].op != "DequantizeLinear":
-        return False
-    weight = reader_weight(reader)[0]
-    return weight is not None and sole_reader(weight, reader)
+    """A linear layer that is the only one reading its float weight (a weight shared by layers, as
+    ALBERT's, would take one layer's factors for all of them)."""
+    return _linear_reader(reader) and sole_reader(reader_weight(reader)[0], reader)
 
 
 def reader_weight(reader: gs.Node) -> tuple[gs.Constant | None, int]:

@@ -377,5 +377,6 @@ def test_weights_shared_by_layers_are_not_smoothed_for_one_of_them(tmp_path):
     data = example_inputs(spec, batch=16, seq=16, seed=3)
     result = api.compile(model, data, quiet=True)
     assert result.report["smoothing"]["sites_smoothed"] == 0
+    assert result.report["smoothing"]["shared_weight_sites"] == 6   # QKV, FFN1 and FFN2 inputs of both layers
     feeds = example_inputs(spec, batch=4, seq=16, seed=8)
     assert cosine(run_model(result.model, feeds)[0], run_model(model, feeds)[0]) > 0.99
