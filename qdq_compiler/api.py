@@ -225,22 +225,26 @@ def _split_channels(graph, clock, verify: bool = False) -> dict:
     return dict(records[0].stats) if records[0].stats["sites_split"] else {}
 
 
-def _split_option(split) -> bool:
-    if not isinstance(split, bool):
-        raise UsageError(f"split={split!r}: expected True (the default) or False")
-    return split
+def _split_option(split, keep_scales: bool) -> bool:
+    """None: on, unless the model's own weights are kept (`keep_scales`), which asking for it refuses."""
+    if split is not None and not isinstance(split, bool):
+        raise UsageError(f"split={split!r}: expected True, False or None (the default: on, off with kept scales)")
+    if keep_scales and split:
+        raise UsageError("--split widens the model's weights, which --keep-scales keeps as they are (the default "
+                         "on a model that already has Q/DQ); --no-keep-scales recalibrates and splits")
+    return not keep_scales if split is None else split
 
 
 def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, method: str = _CAL.method.value,
               percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size, num_samples: int | None = None,
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, shift: bool | None = None,
-              weights=None, split: bool = True,
+              weights=None, split: bool | None = None,
               tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
               keep_scales: bool | None = None) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
-    tensor, every method's amax. `split` (default on): outlier channel splitting of the GEMMs fed through
+    tensor, every method's amax. `split` (None: on, unless `keep_scales`): outlier channel splitting of the GEMMs fed through
     pointwise ops by another (BERT's FFN2), data-free, so with `stats` too. `keep_scales` (a QAT model):
     only the quantizers insert added are calibrated; every scale the model had, weights' included, and
     the weights themselves are kept (nor split).
@@ -252,7 +256,6 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     if data is None and stats is None:
         raise UsageError("calibrate needs --data (to collect) or --stats (to recompute from saved statistics)")
     config = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, shard, quiet)
-    split = _split_option(split)
     clock, loaded = _Clock(), None
     if keep_scales is None:   # decided by the model: loaded once, here
         from .calibrate import mixes_placeholder_and_calibrated_scales
@@ -265,7 +268,8 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
             raise UsageError("--keep-scales keeps the model's weights and scales (the default when insert added "
                              "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
                              "--no-keep-scales recalibrates them all")
-        smooth, weights, split = "off", "nearest", False
+        smooth, weights = "off", "nearest"
+    split = _split_option(split, keep_scales)
     if config.shard is not None and data is not None:
         # a shard sees part of the data: the rewrites measured on the data would differ shard by shard,
         # and the merged statistics would describe none of the shards' models
@@ -404,7 +408,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             include=(), exclude=(),
             method: str = _CAL.method.value, percentile: float = _CAL.percentile, batch_size: int = _CAL.batch_size,
             num_samples: int | None = None, providers=_CAL.providers, no_trim: bool = False, smooth=None,
-            shift: bool | None = None, weights=None, split: bool = True, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
+            shift: bool | None = None, weights=None, split: bool | None = None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None) -> Result:
@@ -433,7 +437,6 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     rounding = parse_rounding(weights, True)
     smoothing = _smoothing(smooth, True, shift, rounding)
-    split = _split_option(split)
     fallback = FallbackConfig(fallback_budget, target_cosine, samples)
     if eval is not None and html is None:
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
@@ -465,7 +468,8 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             raise UsageError(f"{alpha_rule.label}: smooth {alpha_rule.smooth} cannot apply: the model's own scales "
                              "and weights are kept (--keep-scales, the default on a model that already has Q/DQ); "
                              "--no-keep-scales smooths and recalibrates every scale")
-        smoothing, rounding, split = None, "nearest", False
+        smoothing, rounding = None, "nearest"
+    split = _split_option(split, keep_scales)
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
     _restore(graph, kept, found, calibration)

@@ -99,10 +99,11 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
                         help="Outlier Suppression+ channel shifts: each smoothed GEMM input centred per channel on "
                              "its INT8 grid, the shift folded into the GEMMs' biases (default: on with GPTQ weights, "
                              "off with --weights nearest, whose rounding error would multiply each shift)")
-    parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
-                        help="outlier channel splitting, on by default: the input channels that set FFN2's INT8 "
-                             "weight steps are computed twice or more by FFN1, each copy reading a share of the "
-                             "weight row (16 copies per 768 channels, exact in float)")
+    parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=None,
+                        help="outlier channel splitting, on by default (off with --keep-scales, which keeps the "
+                             "weights): the input channels that set FFN2's INT8 weight steps are computed twice or "
+                             "more by FFN1, each copy reading a share of the weight row (16 copies per 768 "
+                             "channels, exact in float)")
     parser.add_argument("--weights", choices=["gptq", "nearest"],
                         help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
                              "default with --data) or nearest (the default when recomputing from --stats)")

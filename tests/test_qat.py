@@ -158,6 +158,8 @@ def test_insert_refuses_to_lower_its_placeholders_and_keep_scales_keeps_the_qat_
     assert calibrated.report["scales_kept"] >= len(original)
     with pytest.raises(UsageError, match="--keep-scales"):
         api.calibrate(inserted, exports["data"], keep_scales=True, smooth="auto", quiet=True)
+    with pytest.raises(UsageError, match="--split widens the model's weights, which --keep-scales keeps"):
+        api.calibrate(inserted, exports["data"], keep_scales=True, split=True, quiet=True)
     # the default, as compile's: insert added quantizers to a calibrated model, so its own scales stay
     default = api.calibrate(inserted, exports["data"], quiet=True)
     assert default.model.SerializeToString() == calibrated.model.SerializeToString()
@@ -190,6 +192,7 @@ def test_compile_on_a_qat_export_keeps_its_scales_unless_told_not_to(exports, tm
     scales = {float(ir.constant(n.inputs[1])) for n in compiled.graph.nodes if n.op == "QuantizeLinear"
               and ir.constant(n.inputs[1]).size == 1}
     assert compiled.report["scales_kept"] > 0 and compiled.report["smoothing"]["smooth"] == "off"
+    assert compiled.report["options"]["split"] is False   # the kept weights are not widened
     assert all(any(abs(s - o) <= 1e-3 * o for s in scales) for o in original)   # FP16 in the TensorRT graph
     fresh = api.compile(exports["torch"], exports["data"], target="tensorrt", keep_scales=False, quiet=True)
     assert fresh.report["scales_kept"] == 0
