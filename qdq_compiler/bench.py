@@ -3,7 +3,8 @@ engines, trtexec-style.
 
 Several models are run interleaved round by round in one process (the fair way to compare on a
 noisy machine) and each is reported with its ratio to the first. onnxruntime sessions run with
-thread spinning off; OpenVINO with the same number of inference threads, one stream, latency
+thread spinning off (or, with `spin`, spinning between the ops of a run only: onnxruntime's default spins,
+and many small ops then wait less for a sleeping thread to wake); OpenVINO with the same number of inference threads, one stream, latency
 mode; the thread count is printed.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class BenchConfig:
     shapes: dict = field(default_factory=dict)   # input name -> shape, overrides batch/sequence
     runtime: Runtime = Runtime.ONNXRUNTIME
     precision: Enum | str = "default"   # OpenVINO's float precision: default (bf16 where the CPU has it), f32, bf16
+    spin: bool = False   # onnxruntime's threads spin between the ops of a run (its own default), stopping after it
 
     def __post_init__(self):
         from .config import choice
@@ -151,7 +153,9 @@ class OrtRunner:
         options = ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: failures come back as one line
         options.intra_op_num_threads = config.threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.spin else "0")
+        if config.spin:   # spinning stops when a run ends, so it takes no core from the next model's run
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         provider = PROVIDERS[config.provider]
         if provider not in ort.get_available_providers():
             raise QdqcError(f"--provider {config.provider}: onnxruntime here has {ort.get_available_providers()}")
@@ -258,7 +262,8 @@ def _batch_of(feeds: dict[str, np.ndarray]) -> int:
 def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
     """trtexec's summary layout, one block per model, plus ratios to the first."""
     openvino = config.runtime is Runtime.OPENVINO or any(s.name.lower().endswith(".xml") for s in summaries)
-    where = (f"{config.provider}, intra-op threads {config.threads}, spinning off"
+    spinning = "spinning within each run" if config.spin else "spinning off"
+    where = (f"{config.provider}, intra-op threads {config.threads}, {spinning}"
              + (f"; OpenVINO threads {config.threads}, 1 stream, precision {config.precision.value}" if openvino else ""))
     lines = [f"=== Performance summary ({where}, {len(summaries[0].latencies_ms)} interleaved iterations) ==="]
     base = summaries[0].stat("median")

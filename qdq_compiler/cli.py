@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare", type=Path, nargs="+", default=[], help="more models, run interleaved with them")
     bench.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"])
     bench.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op / OpenVINO threads (default 2)")
+    bench.add_argument("--spin", action="store_true",
+                       help="onnxruntime: threads spin between the ops of a run, as onnxruntime does by default, "
+                            "and stop when it ends (default: spinning off)")
     bench.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
                        help="what runs the .onnx models (an .xml always runs in OpenVINO)")
     bench.add_argument("--ov-precision", default="default", choices=["default", "f32", "bf16"],
@@ -576,7 +579,7 @@ def run_bench(args) -> int:
     from .bench import BenchConfig, bench, format_summary, parse_shapes, plot
 
     base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, args.seq,
-                       parse_shapes(args.shapes), args.runtime, args.ov_precision)
+                       parse_shapes(args.shapes), args.runtime, args.ov_precision, args.spin)
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")

@@ -53,6 +53,27 @@ def test_cli_compares_models_interleaved(tmp_path):
     assert qdqc("bench", small, "--data", data, "--iterations", "3", "--batch", "2").returncode == 0
     proc = qdqc("bench", "--compare", small, big, "--iterations", "2", "--seq", "8")
     assert proc.returncode == 0 and proc.stdout.count("Throughput:") == 2
+    assert "spinning off" in proc.stdout
+
+
+def test_spin_lets_onnxruntime_threads_spin_within_a_run_only(bert_file):
+    from qdq_compiler.bench import OrtRunner
+
+    def entries(config):
+        options = OrtRunner(bert_file, config).session.get_session_options()
+
+        def entry(key):
+            try:
+                return options.get_session_config_entry(key)
+            except Exception:   # onnxruntime raises for a key never set
+                return None
+        return {key: entry(key) for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop")}
+
+    assert entries(BenchConfig()) == {"session.intra_op.allow_spinning": "0", "session.force_spinning_stop": None}
+    assert entries(BenchConfig(spin=True)) == {"session.intra_op.allow_spinning": "1",
+                                               "session.force_spinning_stop": "1"}
+    proc = qdqc("bench", bert_file, "--spin", "--iterations", "2", "--seq", "8")
+    assert proc.returncode == 0 and "spinning within each run" in proc.stdout, proc.stderr
 
 
 def test_cli_errors(tmp_path, bert_file):
