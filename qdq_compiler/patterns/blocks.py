@@ -107,13 +107,18 @@ class Walk:
             tensor = movers[0].outputs[0]
         self.fail(f"'{tensor.name}' does not lead to the expected consumer")
 
+    def score_producer(self, tensor: gs.Tensor) -> gs.Node:
+        """One step up the softmax's input towards the Q·K^T matmul."""
+        node = up(tensor)
+        self.touch(node)
+        if node is None:
+            self.fail("softmax input has no producer")
+        return node
+
     def attention(self, softmax: gs.Node) -> tuple[Attention, list[Linear]]:
         tensor, mask, after = softmax.inputs[0], None, []
         while True:
-            node = up(tensor)
-            self.touch(node)
-            if node is None:
-                self.fail("softmax input has no producer")
+            node = self.score_producer(tensor)
             if is_bmm(node):
                 bmm1 = node
                 break
@@ -128,6 +133,12 @@ class Walk:
                 tensor = data[0]
             else:
                 self.fail(f"softmax input comes from {ir.describe(node)}, not from a Q·K^T matmul")
+        return self.attention_around(bmm1, softmax, mask, after)
+
+    def attention_around(self, bmm1: gs.Node, softmax: gs.Node, mask: gs.Node | None,
+                         after: list[gs.Node]) -> tuple[Attention, list[Linear]]:
+        """The attention record once the scores' matmul is found: its Q/K projections, softmax·V and
+        V's projection; the scores' scale is `after` (Mul/Div past the matmul) or Q's and K's own."""
         query_linear, q_scales = self.projection(bmm1.inputs[0], "query")
         key_linear, k_scales = self.projection(bmm1.inputs[1], "key")
         bmm2, _ = self.down_to(softmax.outputs[0], lambda n, i: is_bmm(n) and i == 0)

@@ -68,10 +68,7 @@ class DisentangledWalk(Walk):
     def attention(self, softmax: gs.Node) -> tuple[Attention, list[Linear]]:
         tensor, mask, bmm1 = softmax.inputs[0], None, None
         for _ in range(8):
-            node = up(tensor)
-            self.touch(node)
-            if node is None:
-                self.fail("softmax input has no producer")
+            node = self.score_producer(tensor)
             if is_bmm(node):
                 bmm1 = node
                 break
@@ -89,15 +86,7 @@ class DisentangledWalk(Walk):
                 self.fail(f"softmax input comes from {ir.describe(node)}, not from Q·K^T plus relative terms")
         if bmm1 is None or len(self.relative) != 2:
             self.fail("no content matmul with two relative-position matmuls (c2p, p2c) added to it")
-        query_linear, q_scales = self.projection(bmm1.inputs[0], "query")
-        key_linear, k_scales = self.projection(bmm1.inputs[1], "key")
-        bmm2, _ = self.down_to(softmax.outputs[0], lambda n, i: is_bmm(n) and i == 0)
-        value_linear, _ = self.projection(bmm2.inputs[1], "value")
-        scale = q_scales + k_scales
-        record = Attention(bmm1, bmm1.inputs[0].name, bmm1.inputs[1].name, bmm1.outputs[0].name, tuple(scale),
-                           "before_bmm" if scale else "folded", mask, softmax, bmm2.inputs[0].name, bmm2,
-                           bmm2.inputs[1].name, bmm2.outputs[0].name)
-        return record, [query_linear, key_linear, value_linear]
+        return self.attention_around(bmm1, softmax, mask, [])
 
 
 def relative_gemms(tensor: gs.Tensor) -> list[gs.Node]:
