@@ -28,7 +28,7 @@ from .analyze import FallbackConfig, Sensitivity
 from .calibrate import CalibrationConfig, TensorReport
 from .config import InsertConfig, Mode, choice, names
 from .data import Dataset, open_data
-from .errors import QdqcError, UsageError
+from .errors import QdqcError, QdqcNote, UsageError
 from .insert import InsertResult  # also loads the submodule before __init__ binds `insert`
 from .lower import LowerConfig
 from .pipeline import PassRecord
@@ -173,7 +173,7 @@ def insert(model, *, mode: str | None = None, recipe=None, include=(), exclude=(
 
     config, clock = insert_config(mode, recipe, include, exclude), _Clock()
     with clock("load"):
-        graph, source = load(model)
+        graph, source = _load_unlowered(model, "qdqc insert")
     with clock("insert"):
         inserted = run_insert(graph, config, verify=verify)
     return Result(graph, {"sites": report(inserted, config), "timings": clock.timings}, source, inserted,
@@ -225,6 +225,29 @@ def _split_channels(graph, clock, verify: bool = False) -> dict:
     return dict(records[0].stats) if records[0].stats["sites_split"] else {}
 
 
+def _note_unsplit(graph, asked: bool, found: dict) -> None:
+    """Say so when --split was asked for and no GEMM input could take it."""
+    from .channel_split import SPLIT_KEY
+
+    if asked and not found["weights"].get("sites_split"):
+        why = ("its channels were split before" if SPLIT_KEY in ir.metadata(graph) else
+               "no GEMM reads another's output through pointwise ops alone with a weight of its own (a weight "
+               "shared by layers, as ALBERT's, and a gated FFN's halves are left as they are)")
+        warnings.warn(f"--split: nothing split in this model: {why}", QdqcNote, stacklevel=3)
+
+
+QDQ_MODEL = "the Q/DQ model from `qdqc insert`/`qdqc calibrate`"
+
+
+def _load_unlowered(model, command: str, wanted: str = "the float model (or a QAT export with Q/DQ)"):
+    """`load`, refusing a model already lowered for a runtime: there is no float network left to quantize."""
+    from .calibrate import require_fake_quant
+
+    graph, source = load(model)
+    require_fake_quant(graph, command, wanted)
+    return graph, source
+
+
 def _split_option(split, keep_scales: bool) -> bool:
     """None: on, unless the model's own weights are kept (`keep_scales`), which asking for it refuses."""
     if split is not None and not isinstance(split, bool):
@@ -261,7 +284,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         from .calibrate import mixes_placeholder_and_calibrated_scales
 
         with clock("load"):
-            loaded = load(model)
+            loaded = _load_unlowered(model, "qdqc calibrate", QDQ_MODEL)
         keep_scales = mixes_placeholder_and_calibrated_scales(loaded[0])
     if keep_scales:
         if smooth not in (None, "off") or weights == "gptq":
@@ -269,7 +292,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                              "quantizers to a calibrated model): it cannot take --smooth or --weights gptq; "
                              "--no-keep-scales recalibrates them all")
         smooth, weights = "off", "nearest"
-    split = _split_option(split, keep_scales)
+    asked_split, split = split is True, _split_option(split, keep_scales)
     if config.shard is not None and data is not None:
         # a shard sees part of the data: the rewrites measured on the data would differ shard by shard,
         # and the merged statistics would describe none of the shards' models
@@ -289,7 +312,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         raise UsageError(f"{stats}: no such file")
     if loaded is None:
         with clock("load"):
-            loaded = load(model)
+            loaded = _load_unlowered(model, "qdqc calibrate", QDQ_MODEL)
     graph, source = loaded
     kept = existing_scales(graph) if keep_scales else {}
     if data is not None:
@@ -310,6 +333,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                  "weights": {"rounding": "nearest", **(_split_channels(graph, clock) if split else {})},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
     _restore(graph, kept, found, config)
+    _note_unsplit(graph, asked_split, found)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
               "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
@@ -442,7 +466,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
         raise UsageError("--eval only feeds the HTML report: add --html FILE")
     clock = _Clock()
     with clock("load"):
-        graph, source = load(model)
+        graph, source = _load_unlowered(model, "qdqc compile")
     with clock("data"):
         dataset = _data(data, graph, tokenizer, max_length, field)   # validated before any work
         evaluation = None
@@ -469,7 +493,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
                              "and weights are kept (--keep-scales, the default on a model that already has Q/DQ); "
                              "--no-keep-scales smooths and recalibrates every scale")
         smoothing, rounding = None, "nearest"
-    split = _split_option(split, keep_scales)
+    asked_split, split = split is True, _split_option(split, keep_scales)
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
     _restore(graph, kept, found, calibration)
@@ -493,6 +517,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             kept = existing_scales(graph) if keep_scales else {}
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
             _restore(graph, kept, found, calibration)
+    _note_unsplit(graph, asked_split, found)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
                           "smooth": found["smoothing"]["smooth"], "weights": rounding, "split": split},

@@ -158,7 +158,8 @@ class OrtRunner:
             options.add_session_config_entry("session.force_spinning_stop", "1")
         provider = PROVIDERS[config.provider]
         if provider not in ort.get_available_providers():
-            raise QdqcError(f"--provider {config.provider}: onnxruntime here has {ort.get_available_providers()}")
+            raise UsageError(f"--provider {config.provider}: onnxruntime here has only "
+                             f"{', '.join(ort.get_available_providers())}")
         self.path = path
         try:
             self.session = ort.InferenceSession(str(path), options, providers=[provider])
@@ -261,10 +262,14 @@ def _batch_of(feeds: dict[str, np.ndarray]) -> int:
 
 def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
     """trtexec's summary layout, one block per model, plus ratios to the first."""
-    openvino = config.runtime is Runtime.OPENVINO or any(s.name.lower().endswith(".xml") for s in summaries)
+    names = [s.name.lower() for s in summaries]
+    openvino = config.runtime is Runtime.OPENVINO or any(n.endswith(".xml") for n in names)
+    onnxruntime = config.runtime is Runtime.ONNXRUNTIME and any(n.endswith(".onnx") for n in names)
     spinning = "spinning within each run" if config.spin else "spinning off"
-    where = (f"{config.provider}, intra-op threads {config.threads}, {spinning}"
-             + (f"; OpenVINO threads {config.threads}, 1 stream, precision {config.precision.value}" if openvino else ""))
+    parts = ([f"{config.provider}, intra-op threads {config.threads}, {spinning}"] if onnxruntime else []) + \
+        ([f"OpenVINO threads {config.threads}, 1 stream, precision {config.precision.value}"] if openvino else []) + \
+        (["TensorRT engines"] if any(n.endswith((".plan", ".engine")) for n in names) else [])
+    where = "; ".join(parts)
     lines = [f"=== Performance summary ({where}, {len(summaries[0].latencies_ms)} interleaved iterations) ==="]
     base = summaries[0].stat("median")
     for summary in summaries:

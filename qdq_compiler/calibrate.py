@@ -89,18 +89,21 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
-def require_fake_quant(graph: gs.Graph, command: str) -> None:
-    """Refuse a lowered graph (activation quantizers feeding integer kernels, not DequantizeLinear):
-    its float network cannot be recovered by bypassing Q/DQ pairs."""
+def require_fake_quant(graph: gs.Graph, command: str,
+                       wanted: str = "the Q/DQ model from `qdqc insert`/`qdqc calibrate`") -> None:
+    """Refuse a lowered graph (one `lower` wrote, or activation quantizers feeding integer kernels, not
+    DequantizeLinear): its float network cannot be recovered by bypassing Q/DQ pairs."""
     from .insert import LOWERED_OPS
+    from .lower import LOWERED_KEY
 
-    lowered = next((n for n in graph.nodes if n.op in LOWERED_OPS), None)
-    if lowered is None:
+    target = ir.metadata(graph).get(LOWERED_KEY)
+    lowered = None if target is not None else next((n for n in graph.nodes if n.op in LOWERED_OPS), None)
+    if target is None and lowered is None:
         lowered = next((n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
                         and any(r.op != "DequantizeLinear" for r in n.outputs[0].outputs)), None)
-    if lowered is not None:
-        raise UsageError(f"the model is already lowered ({ir.describe(lowered)}): `{command}` needs the Q/DQ model "
-                         "from `qdqc insert`/`qdqc calibrate`")
+    if target is not None or lowered is not None:
+        what = f"for {target}" if target is not None else f"({ir.describe(lowered)})"
+        raise UsageError(f"the model is already lowered {what}: `{command}` needs {wanted}")
 
 
 def _activation_scales(graph: gs.Graph) -> tuple[list[str], list[str]]:

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ov-precision", default="default", choices=["default", "f32", "bf16"],
                        help="OpenVINO float precision (default: OpenVINO's own choice, bf16 on CPUs that have it)")
     bench.add_argument("--batch", type=int, default=1)
-    bench.add_argument("--seq", type=int, default=128)
+    bench.add_argument("--seq", type=int, help="sequence length of random inputs (default 128)")
     bench.add_argument("--shapes", help="name:AxB,... for every input (overrides --batch/--seq)")
     bench.add_argument("--sweep", nargs="*", default=[], help="batch=1,8,32 seq=128,384: every combination")
     bench.add_argument("--data", type=Path, help="real inputs from an npz (first --batch samples)")
@@ -569,6 +569,8 @@ def _sweep(items: list[str]) -> list[tuple[int, int]]:
             axes[key] = [int(v) for v in values.split(",")]
         except ValueError:
             raise UsageError(f"--sweep {item!r}: expected comma-separated integers") from None
+        if min(axes[key]) < 1:
+            raise UsageError(f"--sweep {item!r}: each {key} must be at least 1")
     return [(b, s) for b in axes["batch"] for s in axes["seq"]]
 
 
@@ -578,8 +580,12 @@ def run_bench(args) -> int:
     from . import ir
     from .bench import BenchConfig, bench, format_summary, parse_shapes, plot
 
-    base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, args.seq,
-                       parse_shapes(args.shapes), args.runtime, args.ov_precision, args.spin)
+    if args.data is not None and (args.seq is not None or any(i.startswith("seq=") for i in args.sweep)):
+        raise UsageError(f"--seq / --sweep seq=: with --data {args.data} the data's own width is the sequence "
+                         "(pad or cut the data instead)")
+    base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch,
+                       args.seq if args.seq is not None else BenchConfig.sequence, parse_shapes(args.shapes), args.runtime, args.ov_precision,
+                       args.spin)
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")
@@ -592,8 +598,8 @@ def run_bench(args) -> int:
         if len(_sweep(args.sweep)) > 1:   # with --data, the data's own width is the sequence
             print(f"\n--- batch {config.batch}" + (f", seq {config.sequence}" if data is None else ""))
         print(format_summary(summaries, config))
-        results += [dict(s.to_json(), sequence=config.sequence if data is None else None, inputs=s.inputs)
-                    for s in summaries]
+        results += [dict(s.to_json(), sequence=config.sequence if data is None else None, inputs=s.inputs,
+                         threads=config.threads, spin=config.spin) for s in summaries]
         if args.plot:
             plot(summaries, args.plot)
     if args.json:

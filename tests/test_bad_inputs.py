@@ -60,6 +60,9 @@ def files(tmp_path_factory):
     f["calib"] = ir.save(graph, root / "bert.calib.onnx")
     from qdq_compiler.lower import LowerConfig, lower
 
+    trt = ir.load(f["calib"])
+    lower(trt, LowerConfig("tensorrt"))
+    f["trt"] = ir.save(trt, root / "bert.trt.onnx")   # Q/DQ still, but FP16 and its weights folded to INT8
     lower(graph, LowerConfig("onnxruntime"))
     f["int8"] = ir.save(graph, root / "bert.int8.onnx")
     f["stats"] = root / "stats.npz"
@@ -320,7 +323,12 @@ ROWS = (
         ("analyze {qdq} --data {data}", 2, "not calibrated"),
         ("calibrate {model} --data {data} -o {out}", 1, "qdqc insert"),
         ("insert {relu} -o {out}", 1, "nothing to quantize"),
-        ("insert {int8} -o {out}", 1, "already lowered"),
+        ("insert {int8} -o {out}", 2, "already lowered for onnxruntime: `qdqc insert` needs the float model"),
+        ("compile {int8} --data {data} -o {out}", 2, "already lowered for onnxruntime: `qdqc compile` needs"),
+        ("insert {trt} -o {out}", 2, "already lowered for tensorrt"),
+        ("compile {trt} --data {data} -o {out}", 2, "already lowered for tensorrt"),
+        ("calibrate {trt} --data {data} -o {out}", 2, "already lowered for tensorrt: `qdqc calibrate` needs the Q/DQ"),
+        ("lower {trt} -o {out}", 2, "already lowered for tensorrt"),
         ("calibrate {int8} --data {data} -o {out}", 2, "already lowered"),
         ("calibrate {int8} --stats {stats} -o {out}", 2, "already lowered"),
         ("lower {int8} -o {out}", 2, "already lowered"),
@@ -334,6 +342,9 @@ ROWS = (
         ("analyze {calib} --data {data} --samples 0", 2, "--samples"),
         ("bench {model} --shapes input_ids:1000000x1000000,attention_mask:1x1,token_type_ids:1x1", 2, "elements"),
         ("bench {model} --batch 0", 2, "--batch"),
+        ("bench {model} --iterations 1 --sweep batch=0,1", 2, "each batch must be at least 1"),
+        ("bench {model} --iterations 1 --data {data} --seq 64", 2, "the data's own width is the sequence"),
+        ("bench {model} --iterations 1 --data {data} --sweep seq=64,128", 2, "the data's own width"),
         ("bench {model} --iterations 1 --shapes input_ids:1x8", 2, "missing"),
         ("calibrate {qdq} --data {data} -o {out} --shard 3/4", 1, "none of them"),
         ("build-engine {model} -o {no_dir}", 1, "does not exist"),
@@ -415,7 +426,7 @@ def test_unusual_but_valid_input_succeeds(files, tmp_path, capfd, template, word
 
 def test_row_counts():
     """The README's Errors section quotes these counts."""
-    assert len(ROWS) == 217 and len(GOOD_ROWS) == 15
+    assert len(ROWS) == 225 and len(GOOD_ROWS) == 15
 
 
 def test_debug_shows_the_traceback(files, capfd, monkeypatch):

@@ -86,7 +86,7 @@ def test_cli_errors(tmp_path, bert_file):
     proc = qdqc("bench", bert_file, "--sweep", "threads=1")
     assert proc.returncode == 2 and "--sweep" in proc.stderr
     proc = qdqc("bench", bert_file, "--provider", "cuda", "--iterations", "1")
-    assert proc.returncode == 1 and "onnxruntime here has" in proc.stderr
+    assert proc.returncode == 2 and "onnxruntime here has only" in proc.stderr and "CPUExecutionProvider" in proc.stderr
 
 
 def test_data_with_fewer_samples_than_the_batch_reports_the_batch_that_ran(tmp_path, bert_file):

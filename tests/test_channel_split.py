@@ -7,7 +7,7 @@ from qdq_compiler.calibrate import CalibrationConfig, calibrate, float_network, 
 from qdq_compiler.channel_split import extra_channels, split_counts, split_sites
 from qdq_compiler.config import InsertConfig
 from qdq_compiler.data import Dataset
-from qdq_compiler.errors import UsageError
+from qdq_compiler.errors import QdqcNote, UsageError
 from qdq_compiler.insert import insert
 from qdq_compiler.patterns.blocks import linear_at
 from qdq_compiler.pipeline import PassContext, run_pipeline
@@ -179,6 +179,17 @@ def test_no_split_for_a_float_reader_weight(tmp_path):
     data = example_inputs(SPEC, batch=8, seq=16, seed=3)
     result = api.compile(build_bert(SPEC), data, exclude=["layer.*.ffn2.weight"], quiet=True)
     assert "sites_split" not in result.report["weights"]
+    with pytest.warns(QdqcNote, match="--split: nothing split in this model: no GEMM reads"):   # asked for: said
+        api.compile(build_bert(SPEC), data, exclude=["layer.*.ffn2.weight"], split=True, quiet=True)
+
+
+def test_split_asked_of_a_split_model_says_it_was_split_before():
+    data = example_inputs(SPEC, batch=8, seq=16, seed=3)
+    first = api.calibrate(api.insert(build_bert(SPEC)), data, quiet=True)
+    assert first.report["weights"]["sites_split"] == 2
+    calibrated = first.model
+    with pytest.warns(QdqcNote, match="its channels were split before"):
+        api.calibrate(calibrated, data, keep_scales=False, split=True, quiet=True)
 
 
 def test_a_split_model_without_its_metadata_is_not_split_again(tmp_path):

@@ -1,5 +1,7 @@
-"""How much activation precision the task needs: the default compile's fake-quant MiniLM with its
-activation quantizers made finer, against FP32 on the held-out sentences.
+"""How much activation precision the task needs, on MiniLM against FP32 (finer activation quantizers).
+
+The default compile's fake-quant MiniLM with its activation quantizers made finer, against FP32 on the
+held-out sentences.
 
     python tools/eval_bits.py --folder artifacts [--bits 9,10] [--kinds softmax.output,v] [--eval 1000]
 
@@ -68,17 +70,26 @@ def main() -> None:
     from eval_weights import weights_only
     from qdq_compiler import ir
     from qdq_compiler.evaluate import embeddings, open_session
+    from qdq_compiler.patterns.records import SITE_NAMES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True, help="where minilm.onnx is (exported if missing)")
     parser.add_argument("--bits", default="9,10", help="activation bits to try besides 8 (comma-separated)")
     parser.add_argument("--kinds", help="only these site kinds finer, e.g. softmax.output,v,ffn2.input")
-    parser.add_argument("--eval", type=int, default=1000)
+    parser.add_argument("--eval", type=int, default=1000, help="evaluation sentences (1 to 1000)")
     args = parser.parse_args()
-    extra = [int(b) - 8 for b in args.bits.split(",") if b]
-    if any(e < 1 or e > 7 for e in extra):
+    try:
+        extra = [int(b) - 8 for b in args.bits.split(",") if b]
+    except ValueError:
+        parser.error(f"--bits {args.bits!r}: expected comma-separated integers")
+    if not extra or any(e < 1 or e > 7 for e in extra):
         parser.error("--bits: each between 9 and 15")
     kinds = set(args.kinds.split(",")) if args.kinds else None
+    if kinds is not None and kinds - set(SITE_NAMES):
+        parser.error(f"--kinds {','.join(sorted(kinds - set(SITE_NAMES)))}: expected site kinds among "
+                     f"{', '.join(SITE_NAMES)}")
+    if not 1 <= args.eval <= 1000:
+        parser.error(f"--eval {args.eval}: the shipped evaluation set has 1000 sentences")
     model, calibration, evaluation = bench_cpu.minilm_inputs(args.folder, args.eval)
     reference = embeddings(open_session(model), evaluation)
     calibrated = qdq_compiler.calibrate(qdq_compiler.insert(model), calibration, quiet=True).model
