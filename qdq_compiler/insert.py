@@ -160,5 +160,7 @@ def summary(result: InsertResult, config: InsertConfig) -> str:
         lines.append(f"warning: {rule}: its method/percentile does not apply to {len(plan.not_applied)} site(s) the "
                      f"model already quantizes ({site}, ...): {KEPT_SCALE}")
     if match.unmatched_gemms:
-        lines.append(f"{len(match.unmatched_gemms)} GEMMs outside matched layers (--explain says why)")
+        count = len(match.unmatched_gemms)
+        lines.append(f"{count} GEMM{'s' if count > 1 else ''} outside matched layers (`qdqc insert --explain` "
+                     "says why)")
     return "\n".join(lines)

@@ -17,6 +17,8 @@ real sentences not used for calibration, and recall@10 of the neighbours they re
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import statistics
 import tempfile
@@ -63,11 +65,23 @@ def build_ours(model: Path, calibration: Path, folder: Path, options: dict) -> P
     return lowered
 
 
+@contextlib.contextmanager
+def without_root_warnings():
+    """onnxruntime's quantizers log "Please consider to run pre-processing" on the root logger: advice
+    for their users, noise in this table (the peers run as a user would run them, without it)."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def build_dynamic(model: Path, folder: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     out = folder / "ort_dynamic.onnx"
-    quantize_dynamic(str(model), str(out), per_channel=True, weight_type=QuantType.QInt8)
+    with without_root_warnings():
+        quantize_dynamic(str(model), str(out), per_channel=True, weight_type=QuantType.QInt8)
     return out
 
 
@@ -85,11 +99,12 @@ def build_static(model: Path, calibration: Path, folder: Path, samples: int, met
             return next(self.batches, None)
 
     out = folder / "ort_static.onnx"
-    quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=getattr(CalibrationMethod, method),
-                    extra_options={"ActivationSymmetric": True, "OpTypesToExcludeOutputQuantization": ["MatMul"],
-                                   "CalibPercentile": 99.999})
+    with without_root_warnings():
+        quantize_static(str(model), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                        extra_options={"ActivationSymmetric": True, "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                                       "CalibPercentile": 99.999})
     return out
 
 
@@ -125,7 +140,8 @@ def sessions(paths: dict[str, Path]) -> dict:
 def report(title: str, paths: dict, timings: dict, fidelity: dict | None,
            fidelity_only: dict[str, Path] | None = None) -> None:
     print(f"\n{title}")
-    header = f"{'variant':40}"
+    width = max(40, *(len(name) for name in [*paths, *(fidelity_only or {})]))
+    header = f"{'variant':{width}}"
     if fidelity:
         header += f" {'cos mean':>9} {'cos min':>8} {'R@10':>6}"
     for batch, seq in timings:
@@ -133,18 +149,18 @@ def report(title: str, paths: dict, timings: dict, fidelity: dict | None,
     header += f" {'GEMM weights MiB':>17}"
     print(header)
     for name, path in paths.items():
-        line = f"{name:40}"
+        line = f"{name:{width}}"
         if fidelity:
             line += " ".join(["", *(f"{v:{w}.{d}f}" for v, (w, d) in zip(fidelity[name], ((9, 5), (8, 5), (6, 3))))])
         for times in timings.values():
             median = statistics.median(times[name])
             line += f" {median:14.1f} {p90(times[name]):7.1f} {statistics.median(times['FP32']) / median:7.2f}x"
-        print(line + f" {weight_mib(path):17.1f}", flush=True)
+        print(line + f" {weight_mib(path):>17}", flush=True)
     for name, path in (fidelity_only or {}).items():  # no CPU latency: its target is a GPU
-        line = f"{name:40}" + " ".join(["", *(f"{v:{w}.{d}f}" for v, (w, d) in zip(fidelity[name], ((9, 5), (8, 5),
-                                                                                                   (6, 3))))])
+        line = f"{name:{width}}" + " ".join(["", *(f"{v:{w}.{d}f}" for v, (w, d) in zip(fidelity[name], ((9, 5), (8, 5),
+                                                                                                      (6, 3))))])
         line += "".join(f" {'-':>14} {'-':>7} {'-':>8}" for _ in timings)
-        print(line + f" {weight_mib(path):17.1f}", flush=True)
+        print(line + f" {weight_mib(path):>17}", flush=True)
     if DYNAMIC_ROW in paths:
         for name in (n for n in OURS if n in paths):
             ratios = ", ".join(f"b{b}s{s} {statistics.median(t[DYNAMIC_ROW]) / statistics.median(t[name]):.2f}x"
@@ -156,10 +172,10 @@ def report(title: str, paths: dict, timings: dict, fidelity: dict | None,
         print(f"{OURS_OPENVINO} vs {NNCF_ROW} (NNCF median / ours): {ratios}")
 
 
-def weight_mib(path) -> float:
-    """GEMM weight bytes of an ONNX variant in MiB; NaN for OpenVINO IR (its .bin is not ONNX)."""
+def weight_mib(path) -> str:
+    """GEMM weight MiB of an ONNX variant; '-' for OpenVINO IR (its .bin is not ONNX)."""
     path = path[0] if isinstance(path, tuple) else path
-    return float("nan") if path.suffix == ".xml" else gemm_weight_bytes(path) / 2**20
+    return "-" if path.suffix == ".xml" else f"{gemm_weight_bytes(path) / 2**20:.1f}"
 
 
 def build_nncf(model: Path, calibration: Path, folder: Path) -> Path:
