@@ -187,15 +187,16 @@ def _smooth_and_calibrate(graph, dataset, config: CalibrationConfig, smoothing, 
     from .calibrate import calibrate as run_calibrate, report_json
     from .smooth import smooth
 
-    from .smooth import shared_weight_sites, wanted
+    from .smooth import shared_weight_sites, smoothed_before, wanted
 
     found: dict[str, Any] = {"smoothing": {"smooth": "off"}, "weights": {"rounding": weights}}
     if smoothing is not None or wanted(graph):   # the recipe may smooth some sites even with --smooth off
-        shared = shared_weight_sites(graph)
+        shared, before = shared_weight_sites(graph), smoothed_before(graph)
         with clock("smooth"):
             records = smooth(graph, dataset, config, smoothing, verify=verify)
         label = "off (recipe sites only)" if smoothing is None else "auto" if smoothing.alpha is None else smoothing.alpha
-        found["smoothing"] = {"smooth": label, **({"shared_weight_sites": len(shared)} if shared else {})}
+        found["smoothing"] = {"smooth": label, **({"shared_weight_sites": len(shared)} if shared else {}),
+                              **({"smoothed_before": before} if before else {})}
         for record in records:
             found["smoothing"].update(record.stats)
     with clock("calibrate"):

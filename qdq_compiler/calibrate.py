@@ -101,6 +101,11 @@ def require_fake_quant(graph: gs.Graph, command: str,
     if target is None and lowered is None:
         lowered = next((n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
                         and any(r.op != "DequantizeLinear" for r in n.outputs[0].outputs)), None)
+    half = None if target is not None or lowered is not None else next(   # the TensorRT lowering, before the tag
+        (n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
+         and ir.constant(n.inputs[1]) is not None and ir.constant(n.inputs[1]).dtype == np.float16), None)
+    if half is not None:
+        target, lowered = "tensorrt (its activation scales are FP16)", half
     if target is not None or lowered is not None:
         what = f"for {target}" if target is not None else f"({ir.describe(lowered)})"
         raise UsageError(f"the model is already lowered {what}: `{command}` needs {wanted}")

@@ -380,6 +380,8 @@ def _calibration_line(result) -> str:
         smooth = f"smooth {smooth}: {smoothing.get('sites_smoothed', 0)} sites"
         if smoothing.get("sites_shifted"):
             smooth += f", {smoothing['sites_shifted']} shifted"
+        if smoothing.get("smoothed_before"):
+            smooth += f", {smoothing['smoothed_before']} smoothed by an earlier run"
         if smoothing.get("shared_weight_sites"):
             smooth += f", {smoothing['shared_weight_sites']} skipped as their weights are shared across layers"
     method = calibration["method"]

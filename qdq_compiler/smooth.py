@@ -52,6 +52,17 @@ def shared_weight_sites(graph: gs.Graph) -> list[str]:
             if all(_linear_reader(reader) for reader in readers) and not all(_smoothable(r) for r in readers)]
 
 
+def smoothed_before(graph: gs.Graph) -> int:
+    """How many activation quantizers read a smoothing or shift an earlier run inserted."""
+    return sum(_smoothed_already(q) for q in graph.nodes if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]))
+
+
+def _smoothed_already(q: gs.Node) -> bool:
+    source = ir.producer(q.inputs[0])
+    return source is not None and source.op in ("Mul", "Sub") and \
+        ("::smooth" in source.name or "::shift" in source.name)
+
+
 def _candidates(graph: gs.Graph):
     """(activation quantizer, the nodes reading its DequantizeLinears) for each GEMM-input quantizer not
     yet smoothed."""
@@ -62,9 +73,7 @@ def _candidates(graph: gs.Graph):
             continue
         if planned is not None and q.inputs[0].name not in planned and "::smooth" not in q.inputs[0].name:
             continue
-        source = ir.producer(q.inputs[0])
-        if source is not None and source.op in ("Mul", "Sub") and \
-                ("::smooth" in source.name or "::shift" in source.name):
+        if _smoothed_already(q):
             continue   # smoothed by an earlier run: recalibrating a calibrated model never smooths twice
         dequantizers = q.outputs[0].outputs
         if not dequantizers or any(dq.op != "DequantizeLinear" for dq in dequantizers):
@@ -342,11 +351,13 @@ def align_shifts(graph: gs.Graph) -> int:
             continue
         step = float(ir.constant(q.inputs[1]).reshape(()))
         offset = node.inputs[1]
-        if step <= 0 or not isinstance(offset, gs.Constant):
-            continue
+        readers = [r for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs]
+        if step <= 0 or not isinstance(offset, gs.Constant) or \
+                any(reader_weight(r)[0] is None or reader_bias(r) is None for r in readers):
+            continue   # a reader whose weight is already integer (a lowered model) cannot take the difference
         on_grid = (step * np.round(offset.values.astype(np.float64) / step)).astype(np.float32)
         moved = on_grid - offset.values
-        for reader in (r for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs):
+        for reader in readers:
             fold_into_bias(reader, moved)
         offset.values = on_grid
         aligned += 1

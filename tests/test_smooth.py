@@ -7,7 +7,7 @@ from qdq_compiler.calibrate import CalibrationConfig, calibrate, float_network, 
 from qdq_compiler.config import InsertConfig
 from qdq_compiler.data import Dataset
 from qdq_compiler.insert import insert
-from qdq_compiler.smooth import SmoothConfig, smooth, smooth_sites, smoothing_factors
+from qdq_compiler.smooth import SmoothConfig, smooth, smooth_sites, smoothed_before, smoothing_factors
 from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
 
 from conftest import cosine, qdqc, run_model
@@ -144,6 +144,7 @@ def test_attention_output_input_is_smoothed_through_the_value_projection(setup):
     again = smooth(graph, Dataset(data, model_inputs(graph)), CalibrationConfig(progress=False),
                    SmoothConfig(0.85, through_value=True))
     assert [r.name for r in again] == ["smooth-gemm-inputs"] and not again[0].modified
+    assert smoothed_before(graph) == 6   # what calibrate's line gives as the reason
 
 
 def planted_context_outliers(graph: gs.Graph) -> None:

@@ -74,7 +74,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--folder", type=Path, required=True, help="where minilm.onnx is (exported if missing)")
-    parser.add_argument("--bits", default="9,10", help="activation bits to try besides 8 (comma-separated)")
+    parser.add_argument("--bits", default="9,10", help="activation bits to try besides 8, 9 to 15 (comma-separated)")
     parser.add_argument("--kinds", help="only these site kinds finer, e.g. softmax.output,v,ffn2.input")
     parser.add_argument("--eval", type=int, default=1000, help="evaluation sentences (1 to 1000)")
     args = parser.parse_args()
@@ -83,7 +83,7 @@ def main() -> None:
     except ValueError:
         parser.error(f"--bits {args.bits!r}: expected comma-separated integers")
     if not extra or any(e < 1 or e > 7 for e in extra):
-        parser.error("--bits: each between 9 and 15")
+        parser.error(f"--bits {args.bits}: each between 9 and 15")
     kinds = set(args.kinds.split(",")) if args.kinds else None
     if kinds is not None and kinds - set(SITE_NAMES):
         parser.error(f"--kinds {','.join(sorted(kinds - set(SITE_NAMES)))}: expected site kinds among "
