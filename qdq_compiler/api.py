@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 
 from . import ir
 from .analyze import FallbackConfig, Sensitivity
-from .calibrate import CalibrationConfig, TensorReport
+from .calibrate import QDQ_MODEL, CalibrationConfig, TensorReport
 from .config import InsertConfig, Mode, choice, names
 from .data import Dataset, open_data
 from .errors import QdqcError, QdqcNote, UsageError
@@ -235,9 +235,6 @@ def _note_unsplit(graph, asked: bool, found: dict) -> None:
                "no GEMM reads another's output through pointwise ops alone with a weight of its own (a weight "
                "shared by layers, as ALBERT's, and a gated FFN's halves are left as they are)")
         warnings.warn(f"--split: nothing split in this model: {why}", QdqcNote, stacklevel=3)
-
-
-QDQ_MODEL = "the Q/DQ model from `qdqc insert`/`qdqc calibrate`"
 
 
 def _load_unlowered(model, command: str, wanted: str = "the float model (or a QAT export with Q/DQ)"):

@@ -89,26 +89,35 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     return found
 
 
-def require_fake_quant(graph: gs.Graph, command: str,
-                       wanted: str = "the Q/DQ model from `qdqc insert`/`qdqc calibrate`") -> None:
-    """Refuse a lowered graph (one `lower` wrote, or activation quantizers feeding integer kernels, not
-    DequantizeLinear): its float network cannot be recovered by bypassing Q/DQ pairs."""
+QDQ_MODEL = "the Q/DQ model from `qdqc insert`/`qdqc calibrate`"
+
+
+def require_fake_quant(graph: gs.Graph, command: str, wanted: str = QDQ_MODEL) -> None:
+    """Refuse a lowered graph: its float network cannot be recovered by bypassing Q/DQ pairs."""
+    lowered = _lowered(graph)
+    if lowered is not None:
+        raise UsageError(f"the model is already lowered {lowered}: `{command}` needs {wanted}")
+
+
+def _lowered(graph: gs.Graph) -> str | None:
+    """What shows `graph` was lowered for a runtime: the target `lower` recorded, an integer kernel, an
+    activation quantizer feeding something other than DequantizeLinear, or FP16 activation scales (the
+    TensorRT lowering written before the record existed); None for a float or Q/DQ graph."""
     from .insert import LOWERED_OPS
     from .lower import LOWERED_KEY
 
     target = ir.metadata(graph).get(LOWERED_KEY)
-    lowered = None if target is not None else next((n for n in graph.nodes if n.op in LOWERED_OPS), None)
-    if target is None and lowered is None:
-        lowered = next((n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
-                        and any(r.op != "DequantizeLinear" for r in n.outputs[0].outputs)), None)
-    half = None if target is not None or lowered is not None else next(   # the TensorRT lowering, before the tag
-        (n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])
-         and ir.constant(n.inputs[1]) is not None and ir.constant(n.inputs[1]).dtype == np.float16), None)
-    if half is not None:
-        target, lowered = "tensorrt (its activation scales are FP16)", half
-    if target is not None or lowered is not None:
-        what = f"for {target}" if target is not None else f"({ir.describe(lowered)})"
-        raise UsageError(f"the model is already lowered {what}: `{command}` needs {wanted}")
+    if target is not None:
+        return f"for {target}"
+    node = next((n for n in graph.nodes if n.op in LOWERED_OPS), None)
+    activations = [n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])]
+    node = node or next((q for q in activations if any(r.op != "DequantizeLinear" for r in q.outputs[0].outputs)),
+                        None)
+    if node is not None:
+        return f"({ir.describe(node)})"
+    half = next((q for q in activations if ir.constant(q.inputs[1]) is not None
+                 and ir.constant(q.inputs[1]).dtype == np.float16), None)
+    return None if half is None else "for tensorrt (its activation scales are FP16)"
 
 
 def _activation_scales(graph: gs.Graph) -> tuple[list[str], list[str]]:

@@ -585,9 +585,9 @@ def run_bench(args) -> int:
     if args.data is not None and (args.seq is not None or any(i.startswith("seq=") for i in args.sweep)):
         raise UsageError(f"--seq / --sweep seq=: with --data {args.data} the data's own width is the sequence "
                          "(pad or cut the data instead)")
-    base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch,
-                       args.seq if args.seq is not None else BenchConfig.sequence, parse_shapes(args.shapes), args.runtime, args.ov_precision,
-                       args.spin)
+    sequence = args.seq if args.seq is not None else BenchConfig.sequence
+    base = BenchConfig(args.provider, args.threads, args.warmup, args.iterations, args.duration, args.batch, sequence,
+                       parse_shapes(args.shapes), args.runtime, args.ov_precision, args.spin)
     models = list(args.models) + list(args.compare)
     if not models:
         raise UsageError("bench needs at least one model")

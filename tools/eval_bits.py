@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-MS_DOMAIN = "com.microsoft"   # onnxruntime's QuantizeLinear / DequantizeLinear take int16 there at any opset
+from qdq_compiler.passes.lower_onnxruntime import MS_DOMAIN  # noqa: E402  (int16 Q/DQ there at any opset)
 
 
 def finer(model: onnx.ModelProto, extra_bits: int, kinds: set[str] | None) -> tuple[onnx.ModelProto, int]:
