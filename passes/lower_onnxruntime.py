@@ -2,11 +2,16 @@
 com.microsoft.MatMulIntegerToFloat over uint8 activations and int8 weights.
 
 The activation's symmetric int8 grid is shifted to uint8 with zero point 128 (the
-same values: q + 128), the form onnxruntime's VNNI kernels are fast for (measured on an AVX512-VNNI CPU:
-int8 activations run 4-11x slower); the weight stays int8 per channel; the int32 accumulator is scaled by s_x·s_w
-per output channel and the bias added inside the op. The attention batched matmuls
-lower the same way with an int8 activation as B. One uint8 QuantizeLinear serves all
-GEMMs that read the same tensor.
+same values: q + 128), the form onnxruntime's x86 kernels are fast for (int8 activations run 4-11x
+slower: `tools/bench_kernels.py --sections forms`); the weight stays int8 per channel; the int32
+accumulator is scaled by s_x·s_w per output channel and the bias added inside the op. One uint8
+QuantizeLinear serves all GEMMs that read the same tensor.
+
+Exact on every CPU by default (`qdq_compiler.cpu`): the weights' int8 pairs fit x86's int16 pair
+sums (`fit-int16-pairs`; a weight that does not is stored as uint8 with zero point 128, the U8U8
+kernel, which widens to int16 before multiplying), and the attention batched matmuls, whose B is a
+full-range int8 activation, take B as uint8 too. With `--isa vnni` B stays int8 (the faster U8S8
+kernel, exact only where products are summed in int32).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
+from qdq_compiler.cpu import Isa, KernelSettings, overflowing_pairs
 from qdq_compiler.graph import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
@@ -61,8 +67,8 @@ class Operand:
 
 
 class Lowering:
-    def __init__(self, graph: gs.Graph):
-        self.graph = graph
+    def __init__(self, graph: gs.Graph, isa: Isa = Isa.PORTABLE):
+        self.graph, self.isa = graph, isa
         self.names = ir.Names(graph)
         self.quantized: dict[tuple[str, str, str], gs.Variable] = {}
         self.zero_of: dict[str, gs.Constant] = {}
@@ -117,16 +123,22 @@ class Lowering:
                 values, axis = values.T, (None if axis is None else 1 - axis)
             if values.ndim != 2 or (axis is not None and axis != 1):
                 return False
-            b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_int8"), np.ascontiguousarray(values))
-            b_scale = b.scale
-        else:
-            b_in, b_scale = self.replay(b.moves, self.requantize(b, unsigned=False)), b.scale
-        inputs = [a_in, b_in, a.scale, b_scale, a_zero]
+            b_scale, b_zero = b.scale, None
+            if self.isa is Isa.PORTABLE and overflowing_pairs(values, 0).any():   # not fitted: U8U8, exact
+                b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_uint8"),
+                                   np.ascontiguousarray((values.astype(np.int16) + 128).astype(np.uint8)))
+                b_zero = gs.Constant(self.names.fresh(f"{gemm.name}::weight_zero_point"), np.array(128, np.uint8))
+            else:
+                b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_int8"), np.ascontiguousarray(values))
+        else:   # an activation: full-range int8 pairs, exact as uint8 (U8U8) on every CPU
+            b_in = self.replay(b.moves, self.requantize(b, unsigned=self.isa is Isa.PORTABLE))
+            b_scale, b_zero = b.scale, (self.quantized_zero(b_in) if self.isa is Isa.PORTABLE else None)
+        inputs = [a_in, b_in, a.scale, b_scale, a_zero] + ([b_zero] if b_zero is not None else [])
         output = gemm.outputs[0]
         bias = self.bias_of(gemm, output)
         if bias is not None:
             add, constant = bias
-            inputs += [gs.Variable.empty(), constant]
+            inputs += ([] if b_zero is not None else [gs.Variable.empty()]) + [constant]
             if add is not None:  # MatMul + Add(b): the Add's output is the result now
                 output = add.outputs[0]
                 add.outputs.clear()
@@ -163,9 +175,9 @@ class Lowering:
         return add, other
 
 
-@register("lower-onnxruntime", requires=("qdq",), provides=("integer-gemms",))
+@register("lower-onnxruntime", requires=("qdq",), provides=("integer-gemms",), settings=KernelSettings)
 def lower_onnxruntime(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    lowering = Lowering(graph)
+    lowering = Lowering(graph, ctx.settings(KernelSettings).isa)
     lowered = weights = batched = 0
     for node in list(graph.nodes):
         if node.op in ("MatMul", "Gemm") and lowering.lower(node):

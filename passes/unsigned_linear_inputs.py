@@ -5,8 +5,11 @@ give the same values: round(x/s) saturated to [-128, 127], stored shifted by 128
 type differs, and that is what OpenVINO's low-precision transformations read: an int8 input to a
 FullyConnected runs the CPU plugin's older `FullyConnectedQuantizedLegacy` kernel, a uint8 one its
 `FullyConnected` brgemm INT8 kernel (measured on MiniLM with the performance counters, README).
-Only quantizers read by linear layers alone are changed (through Reshape/Transpose): the attention
-batched-matmul inputs stay int8, the form the plugin's fused INT8 attention takes.
+With `--isa vnni`, only quantizers read by linear layers alone are changed (through
+Reshape/Transpose): the attention batched-matmul inputs stay int8, the form the plugin's fused INT8
+attention takes, which on x86 without VNNI sums int8·int8 pairs into a saturating int16 (wrong
+there). By default (portable) they become uint8 too, which OpenVINO computes exactly on every CPU
+(checked under `qemu-x86_64 -cpu Haswell`, tests/test_cpu.py).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
+from qdq_compiler.cpu import Isa, KernelSettings
 from qdq_compiler.graph import LAYOUT_OPS
 from qdq_compiler.patterns.blocks import linear_at
 from qdq_compiler.pipeline import PassContext, PassResult, register
@@ -39,8 +43,9 @@ def _int8_activation_quantizer(q: gs.Node) -> bool:
     return scale is not None and scale.size == 1 and zero is not None and zero.dtype == np.int8 and not zero.any()
 
 
-@register("unsigned-linear-inputs", requires=("qdq",))
+@register("unsigned-linear-inputs", requires=("qdq",), settings=KernelSettings)
 def unsigned_linear_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    portable = ctx.settings(KernelSettings).isa is Isa.PORTABLE
     names = ir.Names(graph)
     changed = kept = 0
     for q in list(graph.nodes):
@@ -52,7 +57,7 @@ def unsigned_linear_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                        ir.constant(dq.inputs[1]), ir.constant(q.inputs[1]))
                                    for dq in dequantizers):
             continue
-        if not all(_linear_readers_only(dq.outputs[0]) for dq in dequantizers):
+        if not portable and not all(_linear_readers_only(dq.outputs[0]) for dq in dequantizers):
             kept += 1
             continue
         zero = gs.Constant(names.fresh(f"{q.inputs[0].name}::u8_zero_point"), np.array(128, np.uint8))

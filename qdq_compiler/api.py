@@ -331,10 +331,20 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                  "weights": {"rounding": "nearest", **(_split_channels(graph, clock) if split else {})},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
     _restore(graph, kept, found, config)
+    _fit_pairs(graph, found)
     _note_unsplit(graph, asked_split, found)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
               "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
+
+
+def _fit_pairs(graph: gs.Graph, found: dict) -> None:
+    """The weights' int8 pairs fitted to x86's int16 pair sums (pass `fit-int16-pairs`), last, once every
+    weight and its scale are final: the fake-quant model then computes what every CPU lowering computes."""
+    from .pipeline import PassContext, run_pipeline
+
+    record, = run_pipeline(graph, ("fit-int16-pairs",), PassContext(None))
+    found["weights"]["int16_pairs"] = dict(record.stats)
 
 
 def _restore(graph: gs.Graph, kept: dict, found: dict, config: CalibrationConfig) -> None:
@@ -349,19 +359,47 @@ def _restore(graph: gs.Graph, kept: dict, found: dict, config: CalibrationConfig
 
 
 def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfig.keep_fp32,
-          verify: bool = False, strict: bool = False) -> Result:
+          verify: bool = False, strict: bool = False, isa: str = LowerConfig.isa.value, check: bool = True,
+          data=None, tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text") -> Result:
     """A calibrated Q/DQ model lowered for a backend (`qdqc lower`): integer GEMMs for onnxruntime,
     FP16 + INT8 for TensorRT. report["lowering"] has each pass's stats and diagnostics (a quantized GEMM
-    left in float is a warning; with `strict` an error)."""
+    left in float is a warning; with `strict` an error). `isa`: "portable" (exact on every CPU) or
+    "vnni" (faster U8S8 kernels, exact only on CPUs with VNNI/AMX or ARM64). `check`: run the lowered
+    model against the Q/DQ model on this CPU (on `data`'s last samples, or synthetic padded inputs)
+    and raise ModelError where they diverge; report["check"] has the figures."""
     from .lower import lower as run_lower
 
-    config, clock = LowerConfig(target, keep_fp32, strict), _Clock()
+    config, clock = LowerConfig(target, keep_fp32, strict, isa), _Clock()
     with clock("load"):
         graph, source = load(model)
+        fake_quant = ir.to_model(graph.copy()) if check else None
+        dataset = _data(data, graph, tokenizer, max_length, field) if check and data is not None else None
     with clock("lower"):
         records = run_lower(graph, config, verify=verify)
-    return Result(graph, {"lowering": [r.to_json() for r in records], "timings": clock.timings}, source,
-                  records=records, target=config.target.value)
+    report = {"lowering": [r.to_json() for r in records], "timings": clock.timings}
+    result = Result(graph, report, source, records=records, target=config.target.value)
+    if check:
+        with clock("check"):
+            report["check"] = _check(fake_quant, result.model, config, dataset)
+    return result
+
+
+def _check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, config: LowerConfig, dataset) -> dict:
+    """The lowered model against the fake-quant one on this CPU (lowered_check); a divergence raises."""
+    from .lowered_check import check, enforce, sample_feeds, synthetic_feeds
+    from .lower import Target
+
+    if config.target is Target.TENSORRT:
+        return {"skipped": "the TensorRT graph runs in TensorRT (a GPU); `qdqc build-engine` builds it"}
+    if config.target is Target.OPENVINO:
+        try:
+            import openvino  # noqa: F401
+        except ImportError:
+            return {"skipped": "openvino is not installed (pip install qdqc[openvino])"}
+    feeds = sample_feeds(dataset) if dataset is not None else synthetic_feeds(fake_quant)
+    found = check(fake_quant, lowered, config.target.value, feeds)
+    enforce(found)
+    return {**found.to_json(), "line": found.line()}
 
 
 def analyze(model, data, *, samples: int = FallbackConfig.samples, providers=_CAL.providers, tokenizer=None,
@@ -433,7 +471,8 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             shift: bool | None = None, weights=None, split: bool | None = None, keep_fp32=LowerConfig.keep_fp32, fallback_budget: int | None = None, target_cosine: float | None = None,
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
-            eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None) -> Result:
+            eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None,
+            isa: str = LowerConfig.isa.value, check: bool = True) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
 
     `keep_scales` (None: yes when the model already has Q/DQ, a QAT export): the model's own scales
@@ -455,7 +494,8 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     from .insert import insert as run_insert, report as sites_report
     from .lower import lower as run_lower
 
-    insert_config, lower_config = insert_config_of(mode, recipe, include, exclude), LowerConfig(target, keep_fp32, strict)
+    insert_config = insert_config_of(mode, recipe, include, exclude)
+    lower_config = LowerConfig(target, keep_fp32, strict, isa)
     calibration = _calibration(method, percentile, batch_size, num_samples, providers, no_trim, None, quiet)
     rounding = parse_rounding(weights, True)
     smoothing = _smoothing(smooth, True, shift, rounding)
@@ -495,6 +535,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
     _restore(graph, kept, found, calibration)
+    _fit_pairs(graph, found)
     left_out, ranking, fallbacks = [], None, None
     if fallback.active:
         with clock("fallback"):
@@ -515,6 +556,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             kept = existing_scales(graph) if keep_scales else {}
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
             _restore(graph, kept, found, calibration)
+            _fit_pairs(graph, found)
     _note_unsplit(graph, asked_split, found)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
@@ -526,12 +568,16 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)
     record_decision(graph, decided, methods)   # the recipe in force, as its replay records it
     report["recipe"] = decided
+    fake_quant = ir.to_model(graph.copy()) if check else None
     with clock("lower"):
         records = run_lower(graph, lower_config, verify=verify)
     report["lowering"] = [r.to_json() for r in records]
     report["timings"] = clock.timings
     result = Result(graph, report, source, inserted, found["tensors"], found["collectors"], left_out, ranking,
                     list(inserted.records) + records, decided, lower_config.target.value)
+    if check:
+        with clock("check"):
+            report["check"] = _check(fake_quant, result.model, lower_config, dataset)
     if html is not None:
         with clock("html"):
             label = str(data) if isinstance(data, (str, os.PathLike)) else f"{dataset.samples} samples given in memory"

@@ -51,12 +51,20 @@ def _site_options(args) -> dict:
 
 
 def _target_args(parser: argparse.ArgumentParser) -> None:
+    from .cpu import Isa
     from .lower import DEFAULT_FP32, FP32_CHOICES, LowerConfig, Target
 
     parser.add_argument("--target", default=LowerConfig.target.value, choices=[t.value for t in Target])
     parser.add_argument("--keep-fp32",
                         help=f"tensorrt: comma-separated {','.join(sorted(FP32_CHOICES))} kept in FP32 "
                              f"(default {','.join(sorted(DEFAULT_FP32))})")
+    parser.add_argument("--isa", default=LowerConfig.isa.value, choices=[i.value for i in Isa],
+                        help="onnxruntime/openvino: the CPU kernels the model may assume: portable (default; exact on "
+                             "every CPU) or vnni (faster int8 weight pairs and attention masking, exact only on CPUs "
+                             "with VNNI/AMX or ARM64; recorded in the model and refused elsewhere)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip running the lowered model against the Q/DQ model on this CPU (on by default; a "
+                             "divergence is an error naming the tensor where it starts)")
 
 
 def _data_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -243,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(lower)
     _output_args(lower, ".int8.onnx")
     _target_args(lower)
+    _data_args(lower)
     lower.add_argument("--verify", action="store_true", help="run onnx.checker and qdqc invariants after every pass")
     lower.add_argument("--strict", action="store_true",
                        help="fail when a quantized GEMM cannot be made integer (by default: a warning naming it); "
@@ -443,13 +452,21 @@ def run_lower(args) -> int:
 
     output = _checked_output(args)
     result = api.lower(args.model, target=args.target, keep_fp32=args.keep_fp32, verify=args.verify,
-                       strict=args.strict)
+                       strict=args.strict, isa=args.isa, check=args.check, data=args.data, tokenizer=args.tokenizer,
+                       max_length=args.max_length, field=args.field)
     result.save(output, overwrite=args.overwrite)
     _print_diagnostics(result.records, args.quiet)
     if not args.quiet:
         _print_records(result.records)
+        _print_check(result)
         print(f"wrote {output}")
     return 0
+
+
+def _print_check(result) -> None:
+    found = result.report.get("check")
+    if found is not None:
+        print(found.get("line") or f"check: skipped ({found['skipped']})")
 
 
 def _print_diagnostics(records, quiet: bool) -> None:
@@ -485,7 +502,8 @@ def run_compile(args) -> int:
     result = api.compile(args.model, args.data, target=args.target, keep_fp32=args.keep_fp32,
                          fallback_budget=args.fallback_budget, target_cosine=args.target_cosine,
                          samples=args.samples, strict=args.strict, html=args.html, eval=args.eval,
-                         keep_scales=args.keep_scales, **_site_options(args), **_calibration_options(args))
+                         keep_scales=args.keep_scales, isa=args.isa, check=args.check, **_site_options(args),
+                         **_calibration_options(args))
     result.save(output, overwrite=args.overwrite)
     _print_diagnostics(result.records[-len(result.report["lowering"]):], args.quiet)
     if args.report:
@@ -507,6 +525,7 @@ def run_compile(args) -> int:
                   f"in float = {100 * fallbacks['float_multiply_add_share']:.1f} % of the weight-GEMM multiply-adds "
                   "no longer integer")
         _print_records(result.records[-len(result.report["lowering"]):])
+        _print_check(result)
         if args.html is not None:
             print(f"wrote {args.html}")
         if args.emit_recipe is not None:

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import ir
 
 
 def open_session(model, threads: int | None = None, optimize: bool = True):
@@ -112,3 +116,41 @@ def similarity_spearman(reference: np.ndarray, other: np.ndarray) -> float:
     a = _ranks((_unit(reference) @ _unit(reference).T)[upper])
     b = _ranks((_unit(other) @ _unit(other).T)[upper])
     return float(np.corrcoef(a, b)[0, 1])
+
+
+def exact_integer_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a lowered onnxruntime model whose MatMulIntegerToFloat nodes are exact float64 arithmetic:
+    (A − a_zero)·(B − b_zero)·a_scale·b_scale + bias, the int32 sum VNNI, AMX and ARM kernels compute.
+    Runs a VNNI-form model as a VNNI CPU would, on any CPU (products up to 2^53 are exact in float64)."""
+    graph = ir.from_model(model)
+    names = ir.Names(graph)
+
+    def node(op, inputs, label, dtype=np.float64, **attrs):
+        out = gs.Variable(names.fresh(label), dtype=dtype)
+        graph.nodes.append(gs.Node(op, names.fresh(f"{label}_{op}"), attrs, inputs=inputs, outputs=[out]))
+        return out
+
+    def wide(tensor, zero):
+        value = node("Cast", [tensor], f"{tensor.name}::f64", to=onnx.TensorProto.DOUBLE)
+        if zero is None or not zero.name:
+            return value
+        return node("Sub", [value, node("Cast", [zero], f"{zero.name}::f64", to=onnx.TensorProto.DOUBLE)],
+                    f"{tensor.name}::centred")
+
+    for gemm in [n for n in graph.nodes if n.op == "MatMulIntegerToFloat"]:
+        inputs = list(gemm.inputs) + [None] * (7 - len(gemm.inputs))
+        a, b, a_scale, b_scale, a_zero, b_zero, bias = inputs
+        product = node("MatMul", [wide(a, a_zero), wide(b, b_zero)], f"{gemm.name}::exact")
+        scale = node("Mul", [node("Cast", [a_scale], f"{a_scale.name}::f64", to=onnx.TensorProto.DOUBLE),
+                             node("Cast", [b_scale], f"{b_scale.name}::f64", to=onnx.TensorProto.DOUBLE)],
+                     f"{gemm.name}::scale")
+        result = node("Mul", [product, scale], f"{gemm.name}::scaled")
+        if bias is not None and bias.name:
+            result = node("Add", [result, node("Cast", [bias], f"{bias.name}::f64", to=onnx.TensorProto.DOUBLE)],
+                          f"{gemm.name}::biased")
+        output = gemm.outputs[0]
+        gemm.outputs.clear()
+        graph.nodes.append(gs.Node("Cast", names.fresh(f"{gemm.name}::to_f32"), {"to": onnx.TensorProto.FLOAT},
+                                   inputs=[result], outputs=[output]))
+    ir.cleanup(graph)
+    return ir.to_model(graph)

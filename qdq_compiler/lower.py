@@ -7,6 +7,7 @@ from enum import Enum
 import onnx_graphsurgeon as gs
 
 from .config import choice, names
+from .cpu import ISA_KEY, Isa
 from .errors import UsageError
 from .pipeline import PIPELINES, PassContext, PassRecord, run_pipeline
 
@@ -27,9 +28,13 @@ class LowerConfig:
     target: Target = Target.ONNXRUNTIME
     keep_fp32: frozenset[str] | None = None   # tensorrt: what stays FP32 (None: LayerNorm)
     strict: bool = False   # a quantized GEMM the target cannot make integer is an error, not a warning
+    isa: Isa = Isa.PORTABLE   # the CPU kernels the output may assume (onnxruntime, openvino)
 
     def __post_init__(self):
         object.__setattr__(self, "target", choice(Target, self.target, "--target"))
+        object.__setattr__(self, "isa", choice(Isa, self.isa, "--isa"))
+        if self.isa is not Isa.PORTABLE and self.target is Target.TENSORRT:
+            raise UsageError(f"--isa {self.isa.value} picks CPU integer kernels; the tensorrt lowering has none")
         if self.keep_fp32 is None:
             keep = DEFAULT_FP32 if self.target is Target.TENSORRT else frozenset()
         else:
@@ -66,4 +71,6 @@ def lower(graph: gs.Graph, config: LowerConfig, *, verify: bool = False,
 
     ir.unique_node_names(graph)   # a lowered model is for a runtime, and onnxruntime refuses repeated node names
     ir.metadata(graph)[LOWERED_KEY] = config.target.value   # calibrate / compile / lower refuse it from now on
+    if config.isa is not Isa.PORTABLE:
+        ir.metadata(graph)[ISA_KEY] = config.isa.value   # bench and the check refuse it on a host without it
     return records

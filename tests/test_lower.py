@@ -5,6 +5,7 @@ import pytest
 from onnx import helper
 
 from qdq_compiler import ir
+from qdq_compiler.cpu import overflowing_pairs
 from qdq_compiler.evaluate import exact_accumulation
 from qdq_compiler.lower import LowerConfig, lower
 from qdq_compiler.synthetic import BertSpec, example_inputs
@@ -50,7 +51,11 @@ def test_every_quantized_gemm_becomes_an_integer_gemm(tmp_path, linear, fused):
     for node in graph.nodes:
         if node.op == "MatMulIntegerToFloat":
             assert node.inputs[0].dtype == np.uint8 and ir.constant(node.inputs[4]) == 128
-            assert node.inputs[1].dtype == np.int8 or ir.constant(node.inputs[1]).dtype == np.int8
+            weight = ir.constant(node.inputs[1])
+            if weight is not None:   # int8 weights whose pairs fit x86's int16 pair sums
+                assert weight.dtype == np.int8 and not overflowing_pairs(weight, 0).any()
+            else:   # an activation as B (attention): uint8, zero point 128, the U8U8 kernel (exact everywhere)
+                assert node.inputs[1].dtype == np.uint8 and ir.constant(node.inputs[5]) == 128
 
 
 @pytest.mark.parametrize("spec", [BertSpec(layers=2), BertSpec(layers=2, linear="gemm", fused_qkv=True)],
@@ -67,14 +72,11 @@ def test_lowered_model_is_the_fake_quant_function_accumulated_exactly(tmp_path, 
     b, = outputs(graph, [first], feeds)[1:]
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # float32 accumulation vs int32
     assert np.abs(e - b).max() <= 4 * np.finfo(np.float32).eps * np.abs(e).max()  # a rounding or two
-    # End to end, re-quantizers flip on rounding differences: the lowered model must be at least as close
-    # to the exactly accumulated fake-quant model as onnxruntime's own two runs of it are to each other
-    # (or within float32 rounding where nothing flipped).
-    fake_opt, fake_unopt = outputs(fake, [], feeds, optimize=True)[0], outputs(fake, [], feeds)[0]
+    # End to end, a re-quantizer can flip one level on a one-ulp difference (the kernel scales its int32
+    # sum in float32, then adds the bias): per sample, the lowered model stays within the flips' reach
+    # of the exactly accumulated fake-quant model (a saturating kernel falls to 0.4-0.99).
     low, reference = outputs(graph, [], feeds, optimize=True)[0], outputs(exact, [], feeds)[0]
-    rounding = 1e-5 * np.abs(reference).max()
-    assert np.abs(low - reference).max() <= max(np.abs(fake_opt - fake_unopt).max(), rounding)
-    assert cosine(low, reference) >= min(cosine(fake_opt, fake_unopt), 1 - 1e-10)
+    assert min(cosine(a, b) for a, b in zip(low, reference)) >= 0.9999
 
 
 @pytest.mark.parametrize("mode", ["ft2", "trt"])

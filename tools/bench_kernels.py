@@ -13,7 +13,12 @@ optimizations off (each variant is exactly the graph named), median / p90 ms:
       (the `fold-output-scale` pass);
   softmax of masked scores (three quarters of the keys padded, −3.4e38 added): Softmax vs
       Max(x, rowmax − 80) -> Softmax (the `floor-softmax-input` pass) vs Softmax in a session that
-      flushes denormals (`session.set_denormal_as_zero`).
+      flushes denormals (`session.set_denormal_as_zero`);
+  integer GEMM forms (`--sections forms`): FP32 MatMul vs MatMulIntegerToFloat with uint8
+      activations (zero point 128) and int8 weights at full range, int8 weights in [-64, 63]
+      (7 bits), uint8 weights (zero point 128), and int8 activations with int8 weights; each
+      form's largest error against the exact product says whether the host's kernel saturates
+      (x86 without VNNI sums pairs of u8*s8 products into int16: VPMADDUBSW).
 """
 from __future__ import annotations
 
@@ -59,6 +64,42 @@ def race(title: str, variants: dict[str, tuple], rounds: int) -> None:
         print(f"  {name:44} {median:7.3f} ms (p90 {p90(values):7.3f})  {first / median:5.2f}x the first")
 
 
+def gemm_forms(rng, rows: int, depth: int, width: int, rounds: int, threads: int) -> None:
+    """The integer GEMM forms the onnxruntime lowering can choose between, timed and checked for exactness."""
+    node = helper.make_node
+    x = rng.integers(-127, 128, (rows, depth)).astype(np.int32)       # a symmetric int8 activation
+    full = rng.integers(-128, 128, (depth, width)).astype(np.int32)
+    seven = rng.integers(-64, 64, (depth, width)).astype(np.int32)
+    exact = {"full": x.astype(np.float64) @ full, "seven": x.astype(np.float64) @ seven}
+    ones = {"sa": np.array(1, np.float32), "sb": np.array(1, np.float32)}
+    forms = {
+        "FP32 MatMul": ([node("MatMul", ["a", "b"], ["y"])], x.astype(np.float32), full.astype(np.float32), {},
+                        "full"),
+        "u8 x s8, weights 8-bit": (None, (x + 128).astype(np.uint8), full.astype(np.int8),
+                                   {"za": np.array(128, np.uint8)}, "full"),
+        "u8 x s8, weights 7-bit": (None, (x + 128).astype(np.uint8), seven.astype(np.int8),
+                                   {"za": np.array(128, np.uint8)}, "seven"),
+        "u8 x u8 (weights zero point 128)": (None, (x + 128).astype(np.uint8), (full + 128).astype(np.uint8),
+                                             {"za": np.array(128, np.uint8), "zb": np.array(128, np.uint8)}, "full"),
+        "s8 x s8": (None, x.astype(np.int8), full.astype(np.int8), {}, "full"),
+    }
+    variants, reference = {}, {}
+    for name, (nodes, a, b, zeros, which) in forms.items():
+        inputs = ["a", "b", "sa", "sb", "za" if "za" in zeros else "", "zb" if "zb" in zeros else ""]
+        while not inputs[-1]:
+            inputs.pop()
+        nodes = nodes or [node("MatMulIntegerToFloat", inputs, ["y"], domain="com.microsoft")]
+        constants = ({} if name.startswith("FP32") else ones | zeros) | {"b": b}
+        variants[name] = session(nodes, {"a": a}, constants, threads)
+        reference[name] = exact[which]
+    print(f"integer GEMM forms, {rows}x{depth} @ {depth}x{width} (largest error against the exact product)")
+    for name, (sess, feeds) in variants.items():
+        got = sess.run(None, feeds)[0].astype(np.float64)
+        error = np.abs(got - reference[name]).max() / np.abs(reference[name]).max()
+        print(f"  {name:44} {'exact' if error < 1e-6 else f'max relative error {error:.1%}'}")
+    race("  timings", variants, rounds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -66,9 +107,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--hidden", default="384,768")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sections", default="fusions,forms", help="fusions, forms or both (comma-separated)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     node = helper.make_node
+    sections = set(args.sections.split(","))
+    if "forms" in sections:
+        for depth, width in ((384, 1536), (1536, 384)):
+            gemm_forms(rng, args.batch * args.seq, depth, width, args.rounds, args.threads)
+    if "fusions" not in sections:
+        return
     for hidden in map(int, args.hidden.split(",")):
         shape = (args.batch, args.seq, hidden)
         x, r = rng.standard_normal(shape, np.float32), rng.standard_normal(shape, np.float32)

@@ -1,0 +1,149 @@
+"""The host CPU, the integer-kernel form a lowered model assumes, and the arithmetic of x86's int8 kernels.
+
+onnxruntime (MLAS) and OpenVINO (oneDNN) multiply uint8 activations by int8 weights with
+VPMADDUBSW on x86 CPUs without VNNI (AVX2, and AVX-512 without VNNI): each pair of products
+a[2i]·b[2i] + a[2i+1]·b[2i+1] along the reduction axis is summed into a *saturating* int16
+before it is widened to int32 (Intel SDM, PMADDUBSW; onnxruntime's quantization docs, "When and
+why do I need to try U8U8?"). With a in [0, 255], a pair overflows only where both weights have
+the same sign and |b[2i]| + |b[2i+1]| > 128 (255 · 129 > 32767 ≥ 255 · 128); products of opposite
+signs never do. VNNI (VPDPBUSD), AMX and ARM's kernels sum in int32 and are exact.
+
+The portable form keeps every weight pair within that bound (`fit_pairs`), so one model computes
+the same integers everywhere; the VNNI form (`Isa.VNNI`) does not and is refused off VNNI hosts.
+"""
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from enum import Enum
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+
+PAIR_LIMIT = 128          # the largest |b0| + |b1| of a same-sign weight pair that 255·(|b0|+|b1|) keeps in int16
+INT16_MAX = 32767
+ISA_KEY = "qdqc.isa"      # metadata: the kernel form a lowered model needs (absent: portable)
+
+
+class Isa(str, Enum):
+    """The integer kernels a lowered model assumes: PORTABLE is exact on every CPU; VNNI uses full
+    int8 weight pairs and integer tricks that only int32-accumulating kernels compute exactly."""
+
+    PORTABLE = "portable"
+    VNNI = "vnni"
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """What the lowering passes read of the kernel form (LowerConfig carries it; calibration: portable)."""
+
+    isa: Isa = Isa.PORTABLE
+
+    @classmethod
+    def from_config(cls, config) -> "KernelSettings":
+        return cls(getattr(config, "isa", Isa.PORTABLE))
+
+
+@dataclass(frozen=True)
+class HostCpu:
+    model: str
+    arch: str
+    flags: frozenset[str]
+
+    @property
+    def features(self) -> dict[str, bool]:
+        """The features that decide integer and bf16 kernel speed and exactness."""
+        f = self.flags
+        if self.arch in ("aarch64", "arm64"):
+            return {"neon": "asimd" in f, "dotprod": "asimddp" in f, "i8mm": "i8mm" in f, "bf16": "bf16" in f}
+        return {"avx2": "avx2" in f, "avx512": "avx512f" in f and "avx512bw" in f,
+                "vnni": self.vnni, "amx": "amx_int8" in f, "bf16": "avx512_bf16" in f or "amx_bf16" in f}
+
+    @property
+    def vnni(self) -> bool:
+        """int8 dot products summed in int32: x86 VNNI/AMX, or any ARM64 kernel."""
+        if self.arch in ("aarch64", "arm64"):
+            return True
+        return bool(self.flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+    def supports(self, isa: Isa) -> bool:
+        return isa is Isa.PORTABLE or self.vnni
+
+    def describe(self) -> str:
+        """One line: the model and the ISA features that matter, e.g. 'AMD EPYC (x86_64: avx2 avx512 vnni bf16)'."""
+        present = [name for name, on in self.features.items() if on]
+        return f"{self.model} ({self.arch}: {' '.join(present) or 'no SIMD features found'})"
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "arch": self.arch, **self.features}
+
+
+def parse_cpuinfo(text: str, arch: str) -> HostCpu:
+    """HostCpu from /proc/cpuinfo's text (the first processor's 'model name'/'flags', or ARM's 'Features')."""
+    model, flags = "", ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and not model:
+            model = value.strip()
+        elif key in ("flags", "features") and not flags:
+            flags = value
+    return HostCpu(model or platform.processor() or arch, arch, frozenset(flags.split()))
+
+
+@cache
+def host() -> HostCpu:
+    """This machine's CPU (Linux /proc/cpuinfo; elsewhere the model name alone, and no VNNI assumed)."""
+    arch = platform.machine().lower()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    return parse_cpuinfo(text, arch)
+
+
+def overflowing_pairs(q: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Mask over the pairs (2i, 2i+1) along `axis` of integer weights `q` whose same-sign sum exceeds
+    PAIR_LIMIT: the pairs a uint8·int8 VPMADDUBSW can saturate on. Shape: q's with axis halved (rounded up)."""
+    first, second = _pairs(np.asarray(q, np.int32), axis)
+    return (first * second > 0) & (np.abs(first) + np.abs(second) > PAIR_LIMIT)
+
+
+def fit_pairs(q: np.ndarray, axis: int = 0) -> np.ndarray:
+    """`q` with each overflowing pair's smaller member moved toward zero until the pair fits: the larger
+    one (a column's ±127, which fixes its scale) is kept, and no other value changes."""
+    values = np.moveaxis(np.array(q, np.int32), axis, 0)
+    if values.shape[0] % 2:
+        values = np.concatenate([values, np.zeros_like(values[:1])])
+        odd = True
+    else:
+        odd = False
+    first, second = values[0::2], values[1::2]
+    over = (first * second > 0) & (np.abs(first) + np.abs(second) > PAIR_LIMIT)
+    smaller_first = np.abs(first) < np.abs(second)
+    room = PAIR_LIMIT - np.maximum(np.abs(first), np.abs(second))
+    first[:] = np.where(over & smaller_first, np.sign(first) * room, first)
+    second[:] = np.where(over & ~smaller_first, np.sign(second) * room, second)
+    if odd:
+        values = values[:-1]
+    return np.moveaxis(values, 0, axis).astype(np.asarray(q).dtype)
+
+
+def _pairs(q: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    values = np.moveaxis(q, axis, 0)
+    if values.shape[0] % 2:
+        values = np.concatenate([values, np.zeros_like(values[:1])])
+    return values[0::2], values[1::2]
+
+
+def matmul_u8s8(a: np.ndarray, b: np.ndarray, *, saturating: bool) -> np.ndarray:
+    """The int32 accumulator of uint8 `a` [M, K] times int8 `b` [K, N]: exact (VNNI, AMX, ARM) or, with
+    `saturating`, as VPMADDUBSW computes it (pairs along K summed into saturated int16, then int32)."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    if not saturating:
+        return (a @ b).astype(np.int32)
+    if a.shape[1] % 2:
+        a, b = np.pad(a, ((0, 0), (0, 1))), np.pad(b, ((0, 1), (0, 0)))
+    pairs = a[:, 0::2, None] * b[None, 0::2, :] + a[:, 1::2, None] * b[None, 1::2, :]   # [M, K/2, N]
+    return np.clip(pairs, -INT16_MAX - 1, INT16_MAX).sum(axis=1).astype(np.int32)
