@@ -7,11 +7,11 @@ slower: `tools/bench_kernels.py --sections forms`); the weight stays int8 per ch
 accumulator is scaled by s_x·s_w per output channel and the bias added inside the op. One uint8
 QuantizeLinear serves all GEMMs that read the same tensor.
 
-Exact on every CPU by default (`qdq_compiler.cpu`): the weights' int8 pairs fit x86's int16 pair
-sums (`fit-int16-pairs`; a weight that does not is stored as uint8 with zero point 128, the U8U8
-kernel, which widens to int16 before multiplying), and the attention batched matmuls, whose B is a
-full-range int8 activation, take B as uint8 too. With `--isa vnni` B stays int8 (the faster U8S8
-kernel, exact only where products are summed in int32).
+Exact on every CPU by default (`qdq_compiler.cpu`): `pair-weight-rows` then orders the weights'
+rows so that their int8 pairs fit x86's int16 pair sums, and the attention batched matmuls, whose B
+is a full-range int8 activation, take B as uint8 with zero point 128 (the U8U8 kernel, which widens
+to int16 before multiplying). With `--isa vnni` B stays int8 (the faster U8S8 kernel, exact only
+where products are summed in int32).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
-from qdq_compiler.cpu import Isa, KernelSettings, overflowing_pairs
+from qdq_compiler.cpu import Isa, KernelSettings
 from qdq_compiler.graph import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
@@ -124,12 +124,7 @@ class Lowering:
             if values.ndim != 2 or (axis is not None and axis != 1):
                 return False
             b_scale, b_zero = b.scale, None
-            if self.isa is Isa.PORTABLE and overflowing_pairs(values, 0).any():   # not fitted: U8U8, exact
-                b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_uint8"),
-                                   np.ascontiguousarray((values.astype(np.int16) + 128).astype(np.uint8)))
-                b_zero = gs.Constant(self.names.fresh(f"{gemm.name}::weight_zero_point"), np.array(128, np.uint8))
-            else:
-                b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_int8"), np.ascontiguousarray(values))
+            b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_int8"), np.ascontiguousarray(values))
         else:   # an activation: full-range int8 pairs, exact as uint8 (U8U8) on every CPU
             b_in = self.replay(b.moves, self.requantize(b, unsigned=self.isa is Isa.PORTABLE))
             b_scale, b_zero = b.scale, (self.quantized_zero(b_in) if self.isa is Isa.PORTABLE else None)

@@ -331,20 +331,10 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
                  "weights": {"rounding": "nearest", **(_split_channels(graph, clock) if split else {})},
                  "calibration": report_json(tensors, config, None, 0.0), "collectors": collectors, "tensors": tensors}
     _restore(graph, kept, found, config)
-    _fit_pairs(graph, found)
     _note_unsplit(graph, asked_split, found)
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
               "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
-
-
-def _fit_pairs(graph: gs.Graph, found: dict) -> None:
-    """The weights' int8 pairs fitted to x86's int16 pair sums (pass `fit-int16-pairs`), last, once every
-    weight and its scale are final: the fake-quant model then computes what every CPU lowering computes."""
-    from .pipeline import PassContext, run_pipeline
-
-    record, = run_pipeline(graph, ("fit-int16-pairs",), PassContext(None))
-    found["weights"]["int16_pairs"] = dict(record.stats)
 
 
 def _restore(graph: gs.Graph, kept: dict, found: dict, config: CalibrationConfig) -> None:
@@ -535,7 +525,6 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
     _restore(graph, kept, found, calibration)
-    _fit_pairs(graph, found)
     left_out, ranking, fallbacks = [], None, None
     if fallback.active:
         with clock("fallback"):
@@ -556,8 +545,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             kept = existing_scales(graph) if keep_scales else {}
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
             _restore(graph, kept, found, calibration)
-            _fit_pairs(graph, found)
-    _note_unsplit(graph, asked_split, found)
+            _note_unsplit(graph, asked_split, found)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
                           "smooth": found["smoothing"]["smooth"], "weights": rounding, "split": split},

@@ -16,8 +16,11 @@ from enum import Enum
 from pathlib import Path
 
 import numpy as np
+import onnx
 
+from .cpu import host
 from .errors import QdqcError, UsageError
+from .lowered_check import require_host_isa
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 MAX_FEED_ELEMENTS = 1 << 28   # one random input past this (2 GiB of int64) is refused, not allocated
@@ -226,9 +229,17 @@ def data_feeds(data: Path, model: Path, inputs, batch: int) -> dict[str, np.ndar
     return next(dataset.batches(batch, trim_padding=False))
 
 
+def _refuse_foreign_isa(path: Path) -> None:
+    """A model lowered with --isa vnni times (and computes) something else on a CPU without VNNI."""
+    require_host_isa(onnx.load(str(path), load_external_data=False), str(path))
+
+
 def bench(paths: list[Path], config: BenchConfig, data: Path | None = None) -> list[Summary]:
     """Run every model interleaved, round by round; one Summary each, in the given order. With `data`
     (an npz), the first `config.batch` samples are the inputs."""
+    for path in paths:
+        if Path(path).suffix.lower() == ".onnx" and Path(path).is_file():
+            _refuse_foreign_isa(Path(path))
     runners = [make_runner(p, config) for p in paths]
     feeds = []
     for path, runner in zip(paths, runners):
@@ -270,7 +281,8 @@ def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
         ([f"OpenVINO threads {config.threads}, 1 stream, precision {config.precision.value}"] if openvino else []) + \
         (["TensorRT engines"] if any(n.endswith((".plan", ".engine")) for n in names) else [])
     where = "; ".join(parts)
-    lines = [f"=== Performance summary ({where}, {len(summaries[0].latencies_ms)} interleaved iterations) ==="]
+    lines = [f"=== Performance summary ({where}, {len(summaries[0].latencies_ms)} interleaved iterations) ===",
+             f"CPU: {host().describe()}"]
     base = summaries[0].stat("median")
     for summary in summaries:
         s = summary.stat

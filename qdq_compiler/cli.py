@@ -600,6 +600,7 @@ def run_bench(args) -> int:
 
     from . import ir
     from .bench import BenchConfig, bench, format_summary, parse_shapes, plot
+    from .cpu import host
 
     if args.data is not None and (args.seq is not None or any(i.startswith("seq=") for i in args.sweep)):
         raise UsageError(f"--seq / --sweep seq=: with --data {args.data} the data's own width is the sequence "
@@ -620,7 +621,7 @@ def run_bench(args) -> int:
             print(f"\n--- batch {config.batch}" + (f", seq {config.sequence}" if data is None else ""))
         print(format_summary(summaries, config))
         results += [dict(s.to_json(), sequence=config.sequence if data is None else None, inputs=s.inputs,
-                         threads=config.threads, spin=config.spin) for s in summaries]
+                         threads=config.threads, spin=config.spin, cpu=host().to_json()) for s in summaries]
         if args.plot:
             plot(summaries, args.plot)
     if args.json:

@@ -8,8 +8,9 @@ why do I need to try U8U8?"). With a in [0, 255], a pair overflows only where bo
 the same sign and |b[2i]| + |b[2i+1]| > 128 (255 · 129 > 32767 ≥ 255 · 128); products of opposite
 signs never do. VNNI (VPDPBUSD), AMX and ARM's kernels sum in int32 and are exact.
 
-The portable form keeps every weight pair within that bound (`fit_pairs`), so one model computes
-the same integers everywhere; the VNNI form (`Isa.VNNI`) does not and is refused off VNNI hosts.
+The portable form orders (and where needed splits) each weight's reduction rows so that every pair
+is within that bound (`arrange_rows`), the activation's columns gathered to match, so one model
+computes the fake-quant model's integers everywhere; the VNNI form (`Isa.VNNI`) does not and is refused off VNNI hosts.
 """
 from __future__ import annotations
 
@@ -107,27 +108,46 @@ def overflowing_pairs(q: np.ndarray, axis: int = 0) -> np.ndarray:
     """Mask over the pairs (2i, 2i+1) along `axis` of integer weights `q` whose same-sign sum exceeds
     PAIR_LIMIT: the pairs a uint8·int8 VPMADDUBSW can saturate on. Shape: q's with axis halved (rounded up)."""
     first, second = _pairs(np.asarray(q, np.int32), axis)
-    return (first * second > 0) & (np.abs(first) + np.abs(second) > PAIR_LIMIT)
+    return np.moveaxis((first * second > 0) & (np.abs(first) + np.abs(second) > PAIR_LIMIT), 0, axis)
 
 
-def fit_pairs(q: np.ndarray, axis: int = 0) -> np.ndarray:
-    """`q` with each overflowing pair's smaller member moved toward zero until the pair fits: the larger
-    one (a column's ±127, which fixes its scale) is kept, and no other value changes."""
-    values = np.moveaxis(np.array(q, np.int32), axis, 0)
-    if values.shape[0] % 2:
-        values = np.concatenate([values, np.zeros_like(values[:1])])
-        odd = True
-    else:
-        odd = False
-    first, second = values[0::2], values[1::2]
-    over = (first * second > 0) & (np.abs(first) + np.abs(second) > PAIR_LIMIT)
-    smaller_first = np.abs(first) < np.abs(second)
-    room = PAIR_LIMIT - np.maximum(np.abs(first), np.abs(second))
-    first[:] = np.where(over & smaller_first, np.sign(first) * room, first)
-    second[:] = np.where(over & ~smaller_first, np.sign(second) * room, second)
-    if odd:
-        values = values[:-1]
-    return np.moveaxis(values, 0, axis).astype(np.asarray(q).dtype)
+def arrange_rows(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """An order of the reduction rows of int8 weights `q` [K, N] in which every pair (2i, 2i+1) fits the
+    int16 bound, splitting a row into two halves (⌊b/2⌋ and b − ⌊b/2⌋, each within ±64) where no row can
+    partner it: (rows [K'], part [K']: 0 whole, 1 and 2 the halves), or None when q's own order fits.
+    Gathering the activation's columns by `rows` and the weights by `arranged` gives the same sums."""
+    q = np.asarray(q, np.int32)
+    if not overflowing_pairs(q, 0).any():
+        return None
+    peak = np.abs(q).max(axis=1)
+    free = np.ones(len(q), bool)
+    order: list[tuple[int, int]] = []
+    small = np.argsort(peak, kind="stable")                       # partners: the smallest rows first
+    for row in np.argsort(-peak, kind="stable"):
+        if peak[row] * 2 <= PAIR_LIMIT:
+            break                                                 # the rest fit with anything alike
+        if not free[row]:
+            continue
+        free[row] = False
+        candidates = small[free[small]]
+        clash = (q[candidates] * q[row] > 0) & (np.abs(q[candidates]) + np.abs(q[row]) > PAIR_LIMIT)
+        fits = candidates[~clash.any(axis=1)]
+        if len(fits):
+            free[fits[0]] = False
+            order += [(row, 0), (int(fits[0]), 0)]
+        else:
+            order.append((row, -1))                               # split: its halves pair with small rows
+    pairs = [entry for entry in order if entry[1] == 0]
+    rest = [(int(r), 0) for r in np.flatnonzero(free)] + [h for r, part in order if part < 0 for h in ((r, 1), (r, 2))]
+    rows, parts = zip(*(pairs + rest))
+    return np.array(rows, np.int64), np.array(parts, np.int8)
+
+
+def arranged(q: np.ndarray, rows: np.ndarray, parts: np.ndarray) -> np.ndarray:
+    """`q`'s rows in `arrange_rows`' order, halves where it split a row."""
+    picked = np.asarray(q, np.int32)[rows]
+    lower = np.floor_divide(picked, 2)
+    return np.where(parts[:, None] == 1, lower, np.where(parts[:, None] == 2, picked - lower, picked)).astype(np.int8)
 
 
 def _pairs(q: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

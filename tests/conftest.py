@@ -43,7 +43,6 @@ def calibrated_bert(tmp_path, spec: BertSpec = BertSpec(), mode: str = "ft1", *,
     from qdq_compiler.config import InsertConfig
     from qdq_compiler.data import Dataset
     from qdq_compiler.insert import insert
-    from qdq_compiler.pipeline import PassContext, run_pipeline
     from qdq_compiler.synthetic import example_inputs
 
     data = tmp_path / "calib.npz"
@@ -51,7 +50,6 @@ def calibrated_bert(tmp_path, spec: BertSpec = BertSpec(), mode: str = "ft1", *,
     graph = graph_of(spec)
     insert(graph, InsertConfig(mode))
     calibrate(graph, Dataset(data, model_inputs(graph)), CalibrationConfig("max", progress=False))
-    run_pipeline(graph, ("fit-int16-pairs",), PassContext(None))   # as `qdqc calibrate` ends
     return graph, data
 
 

@@ -1,0 +1,131 @@
+"""Integer kernels on every CPU: the pair bound, the numpy models of x86's kernels, and the real
+non-VNNI kernels under `qemu-x86_64 -cpu Haswell` (AVX2, no AVX-512, no VNNI) whatever the host."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra.numpy import arrays
+
+from qdq_compiler.cpu import (PAIR_LIMIT, HostCpu, Isa, arrange_rows, arranged, matmul_u8s8, overflowing_pairs,
+                              parse_cpuinfo)
+
+SCRIPTS = Path(__file__).parent / "isa_scripts"
+QEMU = shutil.which("qemu-x86_64")
+needs_qemu = pytest.mark.skipif(QEMU is None or sys.platform != "linux",
+                                reason="qemu-user (Debian's qemu-user; tools/run_tests.sh installs it)")
+
+int8_weights = arrays(np.int8, st.tuples(st.integers(1, 9), st.integers(1, 5)), elements=st.integers(-128, 127))
+
+
+def fitted(q):
+    """q's rows arranged (and split) by `arrange_rows`, or q itself when its order fits."""
+    plan = arrange_rows(q)
+    return (q, np.arange(len(q))) if plan is None else (arranged(q, *plan), plan[0])
+
+
+@given(int8_weights)
+@settings(max_examples=300, deadline=None)
+def test_arranged_rows_never_overflow_and_sum_to_the_same_products(q):
+    weights, rows = fitted(q)
+    assert weights.dtype == np.int8 and not overflowing_pairs(weights, 0).any()
+    assert len(rows) <= 2 * len(q) and set(rows.tolist()) == set(range(len(q)))
+    a = np.random.default_rng(0).integers(0, 256, (3, len(q)))
+    np.testing.assert_array_equal(a[:, rows] @ weights.astype(np.int64), a @ q.astype(np.int64))
+
+
+@given(st.integers(1, 6), st.integers(1, 40), st.integers(1, 4), st.integers(0, 2**31))
+@settings(max_examples=60, deadline=None)
+def test_the_saturating_model_is_exact_for_arranged_rows(rows, depth, width, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.choice(np.array([0, 1, 254, 255], np.uint8), (rows, depth))   # the extremes, where sums saturate
+    q = rng.integers(-128, 128, (depth, width)).astype(np.int8)
+    weights, order = fitted(q)
+    np.testing.assert_array_equal(matmul_u8s8(a[:, order], weights, saturating=True),
+                                  matmul_u8s8(a, q, saturating=False))
+
+
+def test_the_saturating_model_clips_each_pair_at_int16():
+    a = np.full((1, 4), 255, np.uint8)
+    b = np.array([[127], [127], [-128], [-128]], np.int8)   # pairs (127, 127) and (-128, -128)
+    assert matmul_u8s8(a, b, saturating=False)[0, 0] == 255 * (254 - 256)
+    assert matmul_u8s8(a, b, saturating=True)[0, 0] == 32767 - 32768
+    assert overflowing_pairs(b, 0).tolist() == [[True], [True]]
+    assert overflowing_pairs(np.array([[127], [1]], np.int8), 0).tolist() == [[False]]   # 128: the bound itself
+    assert overflowing_pairs(np.array([[127], [-128]], np.int8), 0).tolist() == [[False]]   # opposite signs
+    assert PAIR_LIMIT * 255 <= 32767 < (PAIR_LIMIT + 1) * 255
+
+
+@pytest.mark.parametrize("text, arch, vnni, shown", [
+    ("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse avx avx2 fma\n", "x86_64", False, "avx2"),
+    ("model name\t: AMD EPYC\nflags\t\t: avx2 avx512f avx512bw avx512_vnni avx512_bf16\n", "x86_64", True,
+     "avx2 avx512 vnni bf16"),
+    ("model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512bw avx512_vnni amx_int8 amx_bf16\n", "x86_64", True,
+     "avx2 avx512 vnni amx bf16"),
+    ("model name\t: Intel Core\nflags\t\t: avx2 avx_vnni\n", "x86_64", True, "avx2 vnni"),
+    ("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm bf16\nCPU part\t: 0xd0c\n", "aarch64", True,
+     "neon dotprod i8mm bf16"),
+])
+def test_the_host_cpu_and_its_features_are_read_from_cpuinfo(text, arch, vnni, shown):
+    cpu = parse_cpuinfo(text, arch)
+    assert cpu.vnni is vnni and cpu.supports(Isa.VNNI) is vnni and cpu.supports(Isa.PORTABLE)
+    assert cpu.describe().endswith(f"({arch}: {shown})")
+    assert cpu.to_json()["arch"] == arch
+
+
+def haswell(script: str, *args) -> subprocess.CompletedProcess:
+    """`script` run by this Python under qemu's Haswell: AVX2 and FMA, no AVX-512, no VNNI."""
+    return subprocess.run([QEMU, "-cpu", "Haswell", sys.executable, str(SCRIPTS / script), *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+@needs_qemu
+def test_haswell_kernels_saturate_full_pairs_and_compute_the_portable_forms_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.choice(np.array([0, 1, 2, 253, 254, 255], np.uint8), (48, 64))   # |x| near 128: the worst case
+    full = rng.integers(-128, 128, (64, 32)).astype(np.int8)
+    key = rng.integers(-128, 128, (64, 40)).astype(np.int8)
+    paired, order = fitted(full)
+    assert len(order) > len(full)   # full-range random weights: some rows split
+    np.savez(tmp_path / "in.npz", a=a, full=full, paired=paired, order=order, key=key)
+    done = haswell("kernels.py", tmp_path / "in.npz", tmp_path / "out.npz")
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = dict(np.load(tmp_path / "out.npz"))
+    centred = a.astype(np.int64) - 128
+
+    def exact(b):
+        return centred @ b.astype(np.int64)
+
+    # onnxruntime's U8S8 kernel on AVX2 is the saturating model bit for bit (MLAS subtracts the zero point
+    # after the int16 pair sums): wrong for full-range pairs, exact for arranged ones
+    saturated = matmul_u8s8(a, full, saturating=True) - 128 * full.astype(np.int64).sum(axis=0)
+    np.testing.assert_array_equal(got["ort_linear_0"], saturated)
+    assert np.abs(got["ort_linear_0"] - exact(full)).max() > 1000
+    np.testing.assert_array_equal(got["ort_linear_1"], exact(full))
+    assert np.abs(got["ort_attention_s8"] - exact(key)).max() > 1000    # the VNNI form's attention
+    np.testing.assert_array_equal(got["ort_attention_u8"], exact(key))   # U8U8: the portable form's
+    if "ov_linear_0" in got:   # OpenVINO (oneDNN) pairs the same reduction indices
+        assert np.abs(got["ov_linear_0"] - exact(full)).max() > 1000
+        np.testing.assert_array_equal(got["ov_linear_1"], exact(full))
+        assert np.abs(got["ov_attention_s8"] - exact(key)).max() > 1000   # int8 x int8: the VNNI form
+        np.testing.assert_array_equal(got["ov_attention_u8"], exact(key))  # uint8 x int8: the portable form
+
+
+def test_a_vnni_model_is_refused_on_a_cpu_without_vnni(monkeypatch):
+    import onnx
+
+    from qdq_compiler import cpu, lowered_check
+    from qdq_compiler.errors import UsageError
+
+    model = onnx.ModelProto()
+    model.metadata_props.add(key=cpu.ISA_KEY, value="vnni")
+    avx2 = HostCpu("AMD EPYC 7B13", "x86_64", frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(lowered_check, "host", lambda: avx2)
+    with pytest.raises(UsageError, match=r"lowered with --isa vnni, which this CPU lacks \(AMD EPYC 7B13 "
+                                         r"\(x86_64: avx2\)\)"):
+        lowered_check.require_host_isa(model, "m.onnx")
+    monkeypatch.setattr(lowered_check, "host", lambda: HostCpu("Xeon", "x86_64", frozenset({"avx512_vnni"})))
+    lowered_check.require_host_isa(model, "m.onnx")   # accepted where the kernels are exact
