@@ -6,8 +6,11 @@ each pair of adjacent weights along the reduction axis into a saturating int16; 
 weights with |b0| + |b1| > 128 can overflow it (`qdq_compiler.cpu`). A sum does not depend on the order
 of its terms, so the rows are reordered to pair a large row with one it fits beside, and a row that fits
 beside none is split into its two halves (⌊b/2⌋ + ⌈b/2⌉, within ±64 each). The GEMM then computes the
-fake-quant model's integers exactly everywhere, at the cost of one Gather of its (uint8) input and a
-few split rows (README: MiniLM's figures). The GEMMs reading one activation share one order.
+fake-quant model's integers exactly everywhere, at the cost of one Gather of its (uint8) input and
+split rows: on all-MiniLM-L6-v2's 8-bit weights 24 Gathers and 22 % more rows, which made the model
+slower than FP32 (onnxruntime's Gather along the last axis is slow). So `compile` calibrates CPU
+targets on a 7-bit weight grid, whose pairs always fit, and this pass is the exact fallback for 8-bit
+weights (a QAT model's, or `calibrate`'s default). The GEMMs reading one activation share one order.
 
 onnxruntime: on the lowered graph, a Gather of MatMulIntegerToFloat's uint8 input. OpenVINO: on the
 Q/DQ graph, a Gather before the activation's QuantizeLinear (the form its low-precision
@@ -20,7 +23,8 @@ import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
 from qdq_compiler.cpu import Isa, KernelSettings, arrange_rows, arranged
-from qdq_compiler.pipeline import PassContext, PassResult, register
+from qdq_compiler.graph import LAYOUT_OPS
+from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 
 def _integer_groups(graph: gs.Graph) -> dict[int, list[gs.Node]]:
@@ -44,13 +48,18 @@ def _qdq_weight(gemm: gs.Node) -> tuple[gs.Node, bool] | None:
     return dq, bool(gemm.op == "Gemm" and gemm.attrs.get("transB", 0))
 
 
-def _activation_quantizer(gemm: gs.Node) -> gs.Node | None:
-    """The per-tensor QuantizeLinear behind the GEMM's input (Q -> DQ -> GEMM)."""
-    dq = ir.producer(gemm.inputs[0])
-    q = ir.producer(dq.inputs[0]) if dq is not None and dq.op == "DequantizeLinear" else None
+def _activation_quantizer(gemm: gs.Node) -> tuple[gs.Node, gs.Tensor] | None:
+    """(the per-tensor QuantizeLinear behind the GEMM's input, the float tensor to gather): Q's own input
+    when the GEMM reads Q -> DQ directly, else the GEMM's input itself (Q -> DQ -> Reshape/Transpose ->
+    GEMM: the moved values, re-quantized on the same grid after the Gather)."""
+    node = ir.producer(gemm.inputs[0])
+    direct = True
+    while node is not None and node.op in LAYOUT_OPS:
+        node, direct = ir.producer(node.inputs[0]), False
+    q = ir.producer(node.inputs[0]) if node is not None and node.op == "DequantizeLinear" else None
     if q is None or q.op != "QuantizeLinear" or ir.constant(q.inputs[1]) is None or ir.constant(q.inputs[1]).size != 1:
         return None
-    return q
+    return q, (q.inputs[0] if direct else gemm.inputs[0])
 
 
 class Rearranger:
@@ -62,6 +71,17 @@ class Rearranger:
         index = gs.Constant(self.names.fresh(f"{tensor.name}::pair_order"), rows)
         self.graph.nodes.append(gs.Node("Gather", self.names.fresh(f"{tensor.name}::pair"), {"axis": -1},
                                         inputs=[tensor, index], outputs=[out]))
+        return out
+
+    def requantized(self, tensor: gs.Variable, q: gs.Node) -> gs.Variable:
+        """Q -> DQ of `tensor` with `q`'s scale and zero point (the gathered values, on the same grid)."""
+        dq = next(r for r in q.outputs[0].outputs if r.op == "DequantizeLinear")
+        quantized = gs.Variable(self.names.fresh(f"{tensor.name}::quantized"), dtype=q.outputs[0].dtype)
+        self.graph.nodes.append(gs.Node("QuantizeLinear", self.names.fresh(f"{tensor.name}::q"), dict(q.attrs),
+                                        inputs=[tensor, *q.inputs[1:]], outputs=[quantized]))
+        out = gs.Variable(self.names.fresh(f"{tensor.name}::dequantized"), dtype=tensor.dtype)
+        self.graph.nodes.append(gs.Node("DequantizeLinear", self.names.fresh(f"{tensor.name}::dq"), dict(dq.attrs),
+                                        inputs=[quantized, *dq.inputs[1:]], outputs=[out]))
         return out
 
     def weight(self, like: gs.Tensor, values: np.ndarray) -> gs.Constant:
@@ -87,9 +107,9 @@ def _lowered(graph: gs.Graph, rearrange: Rearranger) -> tuple[int, int]:
 def _qdq(graph: gs.Graph, rearrange: Rearranger) -> tuple[int, int]:
     groups: dict[int, list[tuple[gs.Node, gs.Node, bool]]] = {}
     for gemm in graph.nodes:
-        found, q = _qdq_weight(gemm), _activation_quantizer(gemm)
-        if found is not None and q is not None:
-            groups.setdefault(id(q), []).append((gemm, *found))
+        found, source = _qdq_weight(gemm), _activation_quantizer(gemm)
+        if found is not None and source is not None:
+            groups.setdefault(id(source[1]), []).append((gemm, *found))
     activations = split = 0
     for members in groups.values():
         weights = [ir.constant(dq.inputs[0]).T if transposed else ir.constant(dq.inputs[0])
@@ -97,18 +117,9 @@ def _qdq(graph: gs.Graph, rearrange: Rearranger) -> tuple[int, int]:
         plan = arrange_rows(np.concatenate(weights, axis=1))
         if plan is None:
             continue
-        q = _activation_quantizer(members[0][0])
-        gathered = rearrange.gather(q.inputs[0], plan[0])
-        requantized = gs.Variable(rearrange.names.fresh(f"{q.outputs[0].name}::paired"), dtype=q.outputs[0].dtype)
-        rearrange.graph.nodes.append(gs.Node("QuantizeLinear", rearrange.names.fresh(f"{q.name}::paired"),
-                                             dict(q.attrs), inputs=[gathered, *q.inputs[1:]], outputs=[requantized]))
+        q, source = _activation_quantizer(members[0][0])
+        dequantized = rearrange.requantized(rearrange.gather(source, plan[0]), q)
         for (gemm, dq, transposed), weight in zip(members, weights):
-            source = ir.producer(gemm.inputs[0])
-            dequantized = gs.Variable(rearrange.names.fresh(f"{source.outputs[0].name}::paired"),
-                                      dtype=source.outputs[0].dtype)
-            rearrange.graph.nodes.append(gs.Node("DequantizeLinear", rearrange.names.fresh(f"{source.name}::paired"),
-                                                 dict(source.attrs), inputs=[requantized, *source.inputs[1:]],
-                                                 outputs=[dequantized]))
             gemm.inputs[0] = dequantized
             values = arranged(weight, *plan)
             dq.inputs[0] = rearrange.weight(dq.inputs[0], values.T if transposed else values)
@@ -124,6 +135,11 @@ def pair_weight_rows(graph: gs.Graph, ctx: PassContext) -> PassResult:
     rearrange = Rearranger(graph)
     integer = any(n.op == "MatMulIntegerToFloat" for n in graph.nodes)
     activations, split = (_lowered if integer else _qdq)(graph, rearrange)
+    diagnostics = ()
     if activations:
         ir.cleanup(graph)
-    return PassResult(activations > 0, {"inputs_gathered": activations, "rows_split": split})
+        diagnostics = (Diagnostic("warning", f"8-bit weights: {activations} GEMM input(s) gathered and {split} weight "
+                                  "row(s) split to stay exact on CPUs without VNNI (slower); calibrate with "
+                                  "--weight-bits 7 (compile's default for CPU targets), or lower with --isa vnni "
+                                  "for CPUs with VNNI only"),)
+    return PassResult(activations > 0, {"inputs_gathered": activations, "rows_split": split}, diagnostics)

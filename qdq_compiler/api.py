@@ -30,7 +30,9 @@ from .config import InsertConfig, Mode, choice, names
 from .data import Dataset, open_data
 from .errors import QdqcError, QdqcNote, UsageError
 from .insert import InsertResult  # also loads the submodule before __init__ binds `insert`
-from .lower import LowerConfig
+from .cpu import Isa
+from .lower import LowerConfig, Target
+from .quant import WEIGHT_BITS
 from .pipeline import PassRecord
 from .recipe import Recipe, SiteRule, decision, parse_recipe
 from .smooth import DEFAULT_SMOOTH, SmoothConfig, align_shifts
@@ -261,7 +263,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
               providers=_CAL.providers, no_trim: bool = False, shard=None, smooth=None, shift: bool | None = None,
               weights=None, split: bool | None = None,
               tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", quiet: bool = False,
-              keep_scales: bool | None = None) -> Result:
+              keep_scales: bool | None = None, weight_bits: int | None = None) -> Result:
     """Activation scales from data (`qdqc calibrate`). With `data`: smoothing (default auto), one pass,
     and `stats` (if given) receives the collector states. Without `data`: scales recomputed from the
     `stats` file, which cannot smooth (the default then means off). report["calibration"] lists, per
@@ -312,6 +314,7 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
         with clock("load"):
             loaded = _load_unlowered(model, "qdqc calibrate", QDQ_MODEL)
     graph, source = loaded
+    _weight_grid(graph, weight_bits, keep_scales)
     kept = existing_scales(graph) if keep_scales else {}
     if data is not None:
         with clock("data"):
@@ -335,6 +338,30 @@ def calibrate(model, data=None, *, stats: str | os.PathLike | None = None, metho
     report = {"smoothing": found["smoothing"], "weights": found["weights"], "calibration": found["calibration"],
               "timings": clock.timings, "scales_kept": len(kept)}
     return Result(graph, report, source, tensors=found["tensors"], collectors=found["collectors"])
+
+
+def cpu_weight_bits(config: LowerConfig) -> int:
+    """compile's weight grid: 7 bits for a portable CPU target (every uint8·int8 pair then fits x86's
+    int16 pair sums: exact and fast on every CPU), 8 for TensorRT and for --isa vnni."""
+    portable_cpu = config.target is not Target.TENSORRT and config.isa is Isa.PORTABLE
+    return 7 if portable_cpu else 8
+
+
+def _weight_grid(graph: gs.Graph, bits: int | None, keep_scales: bool, default: int | None = None) -> int:
+    """Record the weights' grid (`bits`, else `default`) before any scale is computed; kept weights (a QAT
+    model) keep theirs."""
+    from .calibrate import set_weight_bits, weight_bits
+
+    if bits is not None and bits not in WEIGHT_BITS:
+        raise UsageError(f"--weight-bits {bits}: expected 7 or 8")
+    if keep_scales:
+        if bits is not None and bits != weight_bits(graph):
+            warnings.warn(f"--weight-bits {bits}: the model's own weights and scales are kept (--keep-scales)",
+                          QdqcNote, stacklevel=3)
+        return weight_bits(graph)
+    if bits is not None or default is not None:
+        set_weight_bits(graph, bits if bits is not None else default)
+    return weight_bits(graph)
 
 
 def _restore(graph: gs.Graph, kept: dict, found: dict, config: CalibrationConfig) -> None:
@@ -462,7 +489,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             samples: int = FallbackConfig.samples, strict: bool = False,
             tokenizer=None, max_length: int = MAX_LENGTH, field: str = "text", html: str | os.PathLike | None = None,
             eval=None, verify: bool = False, quiet: bool = False, keep_scales: bool | None = None,
-            isa: str = LowerConfig.isa.value, check: bool = True) -> Result:
+            isa: str = LowerConfig.isa.value, check: bool = True, weight_bits: int | None = None) -> Result:
     """insert -> [smooth] -> calibrate -> [fallback] -> lower (`qdqc compile`), all in memory.
 
     `keep_scales` (None: yes when the model already has Q/DQ, a QAT export): the model's own scales
@@ -522,6 +549,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
                              "--no-keep-scales smooths and recalibrates every scale")
         smoothing, rounding = None, "nearest"
     asked_split, split = split is True, _split_option(split, keep_scales)
+    bits = _weight_grid(graph, weight_bits, keep_scales, cpu_weight_bits(lower_config))
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
     _restore(graph, kept, found, calibration)
@@ -542,13 +570,15 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             graph, _ = load(model)
             with clock("insert"):
                 inserted = run_insert(graph, insert_config, verify=verify)
+            _weight_grid(graph, weight_bits, keep_scales, bits)
             kept = existing_scales(graph) if keep_scales else {}
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
             _restore(graph, kept, found, calibration)
             _note_unsplit(graph, asked_split, found)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
-                          "smooth": found["smoothing"]["smooth"], "weights": rounding, "split": split},
+                          "smooth": found["smoothing"]["smooth"], "weights": rounding, "split": split,
+                          "weight_bits": bits, "isa": lower_config.isa.value},
               "sites": sites_report(inserted, insert_config), "smoothing": found["smoothing"],
               "weights": found["weights"],
               "calibration": found["calibration"], "fallbacks": fallbacks, "scales_kept": len(kept)}

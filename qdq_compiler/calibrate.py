@@ -423,17 +423,27 @@ def _scales_as_initializers(graph: gs.Graph) -> None:
                     ir.inline_constant(graph, node.inputs[index], value)
 
 
+def weight_bits(graph: gs.Graph) -> int:
+    """The weights' grid the model records (`calibrate --weight-bits`), 8 when it records none."""
+    return int(ir.metadata(graph).get(quant.WEIGHT_BITS_KEY, 8))
+
+
+def set_weight_bits(graph: gs.Graph, bits: int) -> None:
+    ir.metadata(graph)[quant.WEIGHT_BITS_KEY] = str(bits)
+
+
 def refresh_weight_scales(graph: gs.Graph) -> None:
     """Weight scales from the initializers (per channel, or the max over a shared per-tensor group);
     every DequantizeLinear with a scale of its own then takes its QuantizeLinear's."""
     _scales_as_initializers(graph)
+    qmax = quant.weight_qmax(weight_bits(graph))
     groups: dict[str, list[gs.Node]] = {}
     for q in (n for n in graph.nodes if n.op == "QuantizeLinear" and ir.is_constant(n.inputs[0])):
         groups.setdefault(q.inputs[1].name, []).append(q)
     for nodes in groups.values():
         axis = quant.channel_axis(nodes[0].attrs, nodes[0].inputs[1].values.size)
         amax = np.max([quant.amax(ir.constant(q.inputs[0]), axis) for q in nodes], axis=0)
-        nodes[0].inputs[1].values = quant.scale_from_amax(amax)
+        nodes[0].inputs[1].values = quant.scale_from_amax(amax, qmax)
     _sync_dequantize_scales(graph)
 
 

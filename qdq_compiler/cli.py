@@ -115,13 +115,17 @@ def _calibration_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["gptq", "nearest"],
                         help="INT8 weight rounding: gptq (error-compensated on the calibration activations; the "
                              "default with --data) or nearest (the default when recomputing from --stats)")
+    parser.add_argument("--weight-bits", type=int, choices=[7, 8],
+                        help="the weights' grid: 8 (calibrate's default, TensorRT's) or 7 (compile's default for "
+                             "onnxruntime/openvino: every uint8·int8 product pair then fits x86's int16 pair sums, "
+                             "so the integer GEMMs are exact and fast on CPUs without VNNI too)")
 
 
 def _calibration_options(args) -> dict:
     """The calibration options as the API's keyword arguments."""
     return dict(method=args.method, percentile=args.percentile, batch_size=args.batch_size,
                 num_samples=args.num_samples, providers=args.providers, no_trim=args.no_trim, smooth=args.smooth,
-                shift=args.shift, weights=args.weights, split=args.split,
+                shift=args.shift, weights=args.weights, split=args.split, weight_bits=args.weight_bits,
                 tokenizer=args.tokenizer, max_length=args.max_length, field=args.field,
                 quiet=args.quiet)
 

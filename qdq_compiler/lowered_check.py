@@ -1,9 +1,17 @@
 """The lowered model against the fake-quant model it came from, on this host's kernels.
 
-A lowering is a rewrite of the same function: the integer GEMMs compute the fake-quant GEMMs'
-products exactly, so the two models agree to float rounding. Where a kernel saturates (a VNNI-form
-model on a CPU without VNNI) or a pass is wrong, they do not; this check says so, and where it starts:
-the first tensor both graphs share (in the fake-quant model's order) whose cosine falls below the bar.
+A lowering is a rewrite of the same function: each integer GEMM computes its fake-quant GEMM's
+products exactly. End to end the two models still differ by more than float rounding: a one-ulp
+difference (float32 against int32 accumulation, another erf) moves a re-quantizer to the neighbouring
+level, and each later layer multiplies those flips (on all-MiniLM-L6-v2: per-sample cosine 0.9986-1.0,
+mean 0.9998, the same spread as onnxruntime's optimized and unoptimized runs of the fake-quant model
+itself; on 16 calibration samples mean 0.9994, min 0.9990). A saturating kernel (a VNNI-form model on a CPU without VNNI) is another matter: a wrong
+integer GEMM, and on MiniLM a cosine of 0.47-0.86.
+
+So the check has two parts: (1) onnxruntime: every integer GEMM's output, on the inputs it was given
+in this run, against its exact integer product (relative error ≤ 1e-5) — the first GEMM that misses
+is named; (2) both runtimes: the per-sample cosine against the fake-quant model, mean ≥ 0.999 and
+min ≥ 0.99, the first residual-stream or softmax tensor below 0.999 named where it is not.
 
 The fake-quant model runs with onnxruntime's graph optimizations off, so its Q/DQ pairs stay float
 arithmetic (optimized, onnxruntime would fuse them into the very integer kernels being checked).
@@ -14,12 +22,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .cpu import ISA_KEY, Isa, host
 from .errors import ModelError, UsageError
 from .evaluate import open_session
 
-MIN_COSINE = 0.9999     # float rounding; a saturating kernel gives 0.4-0.99 on MiniLM
+MEAN_COSINE, MIN_COSINE = 0.999, 0.99     # re-quantizer flips amplified, not a wrong kernel (docstring)
+GEMM_ERROR = 1e-5                          # an integer GEMM against its exact product: float32 scaling only
+LOCATE_COSINE = 0.999
 SAMPLES = 16
 
 
@@ -29,20 +40,24 @@ class CheckResult:
     samples: int
     mean: float
     min: float
+    gemms: int = 0                          # integer GEMMs checked against their exact products
+    worst_gemm: float = 0.0                 # their largest relative error
     first_divergence: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.min >= MIN_COSINE
+        return self.mean >= MEAN_COSINE and self.min >= MIN_COSINE and self.worst_gemm <= GEMM_ERROR
 
     def line(self) -> str:
-        verdict = "ok" if self.passed else f"DIVERGES (< {MIN_COSINE})"
-        return (f"check: lowered vs fake-quant on {self.samples} calibration samples ({self.runtime}, "
-                f"{host().describe()}): cosine mean {self.mean:.6f} min {self.min:.6f} {verdict}")
+        verdict = "ok" if self.passed else "DIVERGES"
+        gemms = f"; {self.gemms} integer GEMMs exact (largest error {self.worst_gemm:.1e})" if self.gemms else ""
+        return (f"check: lowered vs fake-quant on {self.samples} calibration samples, {self.runtime} on "
+                f"{host().describe()}: cosine mean {self.mean:.6f} min {self.min:.6f}{gemms}: {verdict}")
 
     def to_json(self) -> dict:
         return {"runtime": self.runtime, "samples": self.samples, "mean": self.mean, "min": self.min,
-                "passed": self.passed, "first_divergence": self.first_divergence, "cpu": host().to_json()}
+                "gemms": self.gemms, "worst_gemm_error": self.worst_gemm, "passed": self.passed,
+                "first_divergence": self.first_divergence, "cpu": host().to_json()}
 
 
 def require_host_isa(model: onnx.ModelProto, what: str) -> None:
@@ -128,18 +143,44 @@ def _cosines(reference: np.ndarray, found: np.ndarray, mask: np.ndarray | None) 
 
 def check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, target: str,
           feeds: dict[str, np.ndarray]) -> CheckResult:
-    """Run both on `feeds`; on a divergence, find the first shared tensor where it starts."""
+    """Run both on `feeds`; where they diverge, say where it starts."""
     require_host_isa(lowered, "the lowered model")
     mask = feeds.get("attention_mask")
     reference = _runner_reference(fake_quant)(feeds)
     found = _runner(lowered, target)(feeds)
     per_sample = np.min([_cosines(reference[name], found[name], mask) for name in reference if name in found],
                         axis=0)
-    result = CheckResult(target, len(per_sample), float(np.mean(per_sample)), float(np.min(per_sample)))
+    errors = gemm_errors(lowered, feeds) if target == "onnxruntime" else []
+    worst = max((error for _, error in errors), default=0.0)
+    result = CheckResult(target, len(per_sample), float(np.mean(per_sample)), float(np.min(per_sample)),
+                         len(errors), worst)
     if result.passed:
         return result
-    return CheckResult(result.runtime, result.samples, result.mean, result.min,
-                       first_divergence(fake_quant, lowered, target, feeds))
+    wrong = next((f"integer GEMM {name} (relative error {error:.1e} against its exact product)"
+                  for name, error in errors if error > GEMM_ERROR), None)
+    return CheckResult(result.runtime, result.samples, result.mean, result.min, result.gemms, result.worst_gemm,
+                       wrong or first_divergence(fake_quant, lowered, target, feeds))
+
+
+def gemm_errors(lowered: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[tuple[str, float]]:
+    """(node name, relative error) of every MatMulIntegerToFloat, in graph order: its output as this
+    host's kernel computed it, against the exact product of the very inputs it was given."""
+    constants = {t.name: numpy_helper.to_array(t) for t in lowered.graph.initializer}
+    gemms = [n for n in lowered.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    wanted = [name for n in gemms for name in [*n.input[:2], n.output[0]] if name and name not in constants]
+    values = {**constants, **_runner(_with_outputs(lowered, list(dict.fromkeys(wanted))), "onnxruntime")(feeds)}
+    errors = []
+    for gemm in gemms:
+        inputs = list(gemm.input) + [""] * (7 - len(gemm.input))
+        a, b = (values[name].astype(np.int64) for name in inputs[:2])
+        a_zero, b_zero = (values[name].astype(np.int64) if name else 0 for name in inputs[4:6])
+        exact = np.matmul(a - a_zero, b - b_zero).astype(np.float64)
+        exact *= values[inputs[2]].astype(np.float64) * values[inputs[3]].astype(np.float64)
+        if inputs[6]:
+            exact += values[inputs[6]]
+        got = values[gemm.output[0]].astype(np.float64)
+        errors.append((gemm.name, float(np.abs(got - exact).max() / max(np.abs(exact).max(), 1e-30))))
+    return errors
 
 
 def _runner_reference(model: onnx.ModelProto):
@@ -151,10 +192,13 @@ def _runner_reference(model: onnx.ModelProto):
 
 def first_divergence(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, target: str,
                      feeds: dict[str, np.ndarray]) -> str | None:
-    """'tensor T (after op N of layer ...)': the first float tensor both graphs compute that differs."""
-    produced = {out: node for node in lowered.graph.node for out in node.output}
-    shared = [(out, node) for node in fake_quant.graph.node if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
-              for out in node.output if out and out in produced]
+    """The first residual-stream sum (a LayerNormalization's input) or softmax output both graphs compute
+    whose cosine falls below LOCATE_COSINE: tensors no lowering pass rewrites on purpose (a shift moves a
+    LayerNorm's output and a GEMM's input, never the residual sum)."""
+    produced = {out for node in lowered.graph.node for out in node.output}
+    readers = {name for node in fake_quant.graph.node if node.op_type == "LayerNormalization" for name in node.input[:1]}
+    shared = [(out, node) for node in fake_quant.graph.node for out in node.output[:1]
+              if out in produced and (node.op_type == "Softmax" or out in readers)]
     if not shared:
         return None
     names = [name for name, _ in shared]
@@ -162,11 +206,11 @@ def first_divergence(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, targ
     reference = _runner_reference(_with_outputs(fake_quant, names))(feeds)
     found = _runner(_with_outputs(lowered, names), target)(feeds)
     for name, node in shared:
-        if name not in reference or name not in found or reference[name].dtype.kind != "f":
+        if name not in reference or name not in found:
             continue
         cosine = float(np.min(_cosines(reference[name], found[name], mask)))
-        if cosine < MIN_COSINE:
-            return f"{name} (cosine {cosine:.4f}; {node.op_type} {node.name or '(unnamed)'} in the fake-quant model)"
+        if cosine < LOCATE_COSINE:
+            return f"{name} (cosine {cosine:.4f}; the output of {node.op_type} {node.name or '(unnamed)'})"
     return None
 
 
@@ -181,6 +225,7 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def enforce(result: CheckResult) -> None:
     if not result.passed:
         where = f"; it starts at {result.first_divergence}" if result.first_divergence else ""
-        raise ModelError(f"the lowered model diverges from the fake-quant model on this CPU (cosine min "
-                         f"{result.min:.4f} < {MIN_COSINE}){where}. --no-check skips this check")
+        raise ModelError(f"the lowered model diverges from the fake-quant model on this CPU (cosine mean "
+                         f"{result.mean:.4f} min {result.min:.4f}, integer GEMMs' largest error "
+                         f"{result.worst_gemm:.1e}){where}. --no-check skips this check")
 

@@ -7,6 +7,13 @@ QMAX = 127
 MIN_AMAX = 2.0 ** -24   # below this pytorch-quantization treats a range as zero
 PLACEHOLDER_SCALE = 1.0  # what `insert` gives every activation quantizer until calibration
 DEFAULT_AXIS = 1        # ONNX QuantizeLinear/DequantizeLinear: `axis` defaults to 1
+WEIGHT_BITS = (7, 8)    # 7: every uint8·int8 product pair fits x86's int16 pair sums (255·63·2 < 32767)
+WEIGHT_BITS_KEY = "qdqc.weight_bits"   # metadata: the weights' grid, decided at calibration
+
+
+def weight_qmax(bits: int) -> int:
+    """The largest integer of a symmetric `bits`-bit weight grid: 127 for 8, 63 for 7."""
+    return 2 ** (bits - 1) - 1
 
 
 def channel_axis(attrs: dict, scale_size: int) -> int | None:
@@ -41,10 +48,10 @@ def amax(values: np.ndarray, axis: int | None = None) -> np.ndarray:
     return magnitude.max(axis=others).astype(np.float32)
 
 
-def scale_from_amax(value: np.ndarray) -> np.ndarray:
-    """amax/127, with a tiny positive floor so an all-zero range still has a valid scale."""
+def scale_from_amax(value: np.ndarray, qmax: int = QMAX) -> np.ndarray:
+    """amax/qmax (127), with a tiny positive floor so an all-zero range still has a valid scale."""
     value = np.asarray(value, dtype=np.float32)
-    return np.asarray(np.maximum(value, MIN_AMAX) / QMAX, dtype=np.float32)  # an array even for a scalar
+    return np.asarray(np.maximum(value, MIN_AMAX) / qmax, dtype=np.float32)  # an array even for a scalar
 
 
 def quantize(values: np.ndarray, scale: np.ndarray, axis: int | None = None) -> np.ndarray:

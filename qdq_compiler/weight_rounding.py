@@ -50,9 +50,9 @@ def parse_rounding(value, data_given: bool) -> str:
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, damp: float = DAMP,
-         block: int = BLOCK) -> np.ndarray:
-    """Integer-valued weights [K, N] (as float, multiples of `scale`) for `weight` [K, N] (input rows),
-    `hessian` [K, K] = XᵀX and `scale` per output column [N] (or one scalar)."""
+         block: int = BLOCK, qmax: int = QMAX) -> np.ndarray:
+    """Integer-valued weights [K, N] (as float, multiples of `scale`, within ±qmax) for `weight` [K, N]
+    (input rows), `hessian` [K, K] = XᵀX and `scale` per output column [N] (or one scalar)."""
     w = np.array(weight, np.float64).T.copy()                    # [N, K]: the paper's layout
     h = np.array(hessian, np.float64).copy()
     rows = h.shape[0]
@@ -71,16 +71,16 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, scale: np.ndarray, *, damp: fl
         part, errors = w[:, start:stop].copy(), np.zeros((w.shape[0], stop - start), np.float32)
         for i in range(stop - start):
             column = part[:, i]
-            rounded = np.clip(np.rint(column / step), -QMAX, QMAX) * step
+            rounded = np.clip(np.rint(column / step), -qmax, qmax) * step
             quantized[:, start + i] = rounded
             errors[:, i] = (column - rounded) / upper[start + i, start + i]
             part[:, i:] -= np.outer(errors[:, i], upper[start + i, start:stop][i:])
         w[:, stop:] -= errors @ upper[start:stop, stop:]
     result = quantized[:, np.argsort(order)].T                    # back to [K, N], original row order
-    nearest = fake_quantize(np.asarray(weight, np.float32), np.asarray(step * QMAX, np.float32))
-    # keep the scales a fixed point: a column that holds its scale's amax (±127 when rounded to nearest)
+    nearest = np.clip(np.rint(np.asarray(weight, np.float32) / step), -qmax, qmax) * step
+    # keep the scales a fixed point: a column that holds its scale's amax (±qmax when rounded to nearest)
     # and lost it keeps nearest rounding, so recomputing scales from these weights changes nothing
-    full = (QMAX - 0.5) * step
+    full = (qmax - 0.5) * step
     shrunk = (np.abs(nearest).max(axis=0) >= full) & (np.abs(result).max(axis=0) < full)
     result[:, shrunk] = nearest[:, shrunk]
     return result.astype(np.float32)
@@ -152,7 +152,7 @@ def input_hessians(graph: gs.Graph, dataset, config,
 
 
 def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
-                  targets: list[tuple[gs.Node, list[gs.Node]]]) -> tuple[int, int]:
+                  targets: list[tuple[gs.Node, list[gs.Node]]], qmax: int = QMAX) -> tuple[int, int]:
     """Replace each target weight by its GPTQ-rounded values (on the INT8 grid of its scale); returns
     (rounded, left with nearest rounding). Weights whose GEMMs read the same activations (Q, K and V)
     share its Hessian and are rounded in one pass; a weight shared by several layers takes the sum of
@@ -170,7 +170,8 @@ def round_weights(graph: gs.Graph, hessians: dict[str, np.ndarray],
     for names, members in groups.items():
         weights = [(c.values.T if t else c.values) for c, t, _ in members]
         hessian = sum(hessians[name] for name in names)
-        result = gptq(np.concatenate(weights, axis=1), hessian, np.concatenate([s for _, _, s in members]))
+        result = gptq(np.concatenate(weights, axis=1), hessian, np.concatenate([s for _, _, s in members]),
+                      qmax=qmax)
         start = 0
         for (constant, transposed, _), weight in zip(members, weights):
             part = result[:, start:start + weight.shape[1]]

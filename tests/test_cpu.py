@@ -129,3 +129,39 @@ def test_a_vnni_model_is_refused_on_a_cpu_without_vnni(monkeypatch):
         lowered_check.require_host_isa(model, "m.onnx")
     monkeypatch.setattr(lowered_check, "host", lambda: HostCpu("Xeon", "x86_64", frozenset({"avx512_vnni"})))
     lowered_check.require_host_isa(model, "m.onnx")   # accepted where the kernels are exact
+
+
+@needs_qemu
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_the_portable_lowering_is_the_fake_quant_model_on_haswell_and_the_vnni_form_is_not(tmp_path, target):
+    """A BERT with full-range random weights (many overflowing pairs) and padded keys, lowered both ways
+    and run under qemu's Haswell: the portable form computes the fake-quant model, the VNNI form does not."""
+    from qdq_compiler import ir
+    from qdq_compiler.api import Result
+    from qdq_compiler.evaluate import open_session
+    from qdq_compiler.lower import LowerConfig, lower
+    from qdq_compiler.synthetic import BertSpec, example_inputs
+
+    from conftest import calibrated_bert, cosine
+
+    pytest.importorskip("openvino") if target == "openvino" else None
+    spec = BertSpec(layers=2)
+    graph, _ = calibrated_bert(tmp_path, spec)
+    feeds = example_inputs(spec, batch=4, seq=16, seed=3)
+    feeds["attention_mask"][1:, 9:] = 0
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    session = open_session(ir.to_model(graph), optimize=False)   # Q/DQ as float arithmetic
+    reference = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    keep = feeds["attention_mask"].astype(bool)
+    found = {}
+    for isa in ("portable", "vnni"):
+        lowered = graph.copy()
+        lower(lowered, LowerConfig(target, isa=isa))
+        path = tmp_path / f"{isa}.{'xml' if target == 'openvino' else 'onnx'}"
+        Result(lowered, {}).save(path)
+        done = haswell("run_model.py", path, tmp_path / "feeds.npz", tmp_path / f"{isa}.npz")
+        assert done.returncode == 0, done.stderr[-2000:]
+        output = np.load(tmp_path / f"{isa}.npz")["output"]
+        found[isa] = min(cosine(output[i][keep[i]], reference[i][keep[i]]) for i in range(len(keep)))
+    assert found["portable"] >= 0.9999, found
+    assert found["vnni"] < 0.999, found

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from qdq_compiler.bench import interleaved, p90
+from qdq_compiler.cpu import host
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -55,12 +56,14 @@ def gemm_weight_bytes(path: Path) -> int:
 DYNAMIC_ROW = "ORT quantize_dynamic"
 OURS = {"qdqc ft1 mse, lowered": {"smooth": "off", "method": "mse", "split": False},
         "qdqc defaults (smooth auto + shifts, p99.999, split, GPTQ)": {}}
+if host().vnni:   # the VNNI-only kernel form, beside the portable default, where this CPU can run it
+    OURS["qdqc defaults --isa vnni"] = {"isa": "vnni"}
 
 
 def build_ours(model: Path, calibration: Path, folder: Path, options: dict) -> Path:
     import qdq_compiler
 
-    lowered = folder / f"qdqc{len(options)}.int8.onnx"
+    lowered = folder / f"qdqc{'.'.join(f'{k}-{v}' for k, v in sorted(options.items()))}.int8.onnx"
     qdq_compiler.compile(model, calibration, quiet=True, **options).save(lowered, overwrite=True)
     return lowered
 
@@ -204,12 +207,17 @@ def openvino_variants(model: Path, calibration: Path, folder: Path) -> dict:
 
     ours = folder / "qdqc.openvino.xml"
     qdq_compiler.compile(model, calibration, target="openvino", quiet=True).save(ours, overwrite=True)
-    variants = {"OpenVINO FP32 (f32)": (model, "f32"), "OpenVINO FP32 default (bf16)": (model, "default")}
+    default = "bf16" if host().features["bf16"] else "f32"   # OpenVINO's own choice on this CPU
+    variants = {"OpenVINO FP32 (f32)": (model, "f32"), f"OpenVINO FP32 default ({default})": (model, "default")}
     if importlib.util.find_spec("nncf") is not None:
         variants[NNCF_ROW] = build_nncf(model, calibration, folder)
     else:
         print("nncf is not installed (pip install 'qdqc[bench]'): no NNCF row")
     variants[OURS_OPENVINO] = ours
+    if host().vnni:
+        vnni = folder / "qdqc.openvino.vnni.xml"
+        qdq_compiler.compile(model, calibration, target="openvino", isa="vnni", quiet=True).save(vnni, overwrite=True)
+        variants[f"{OURS_OPENVINO} --isa vnni"] = vnni
     return variants
 
 
@@ -317,6 +325,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
+        print(f"CPU: {host().describe()}")
         print(f"onnxruntime CPU, {os.cpu_count()} cores, intra-op threads 2, spinning off"
               + ("; OpenVINO 2 threads, 1 stream" if args.openvino else "") + f"; {args.rounds} interleaved rounds")
         if "minilm" in args.models:

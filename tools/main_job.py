@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 import qdq_compiler
+from qdq_compiler.cpu import host
+from qdq_compiler.errors import QdqcError
 from qdq_compiler.evaluate import cosines, embeddings, open_session
 from qdq_compiler.hf_export import corpus, export, minilm_dir
 from qdq_compiler.text import save_npz
@@ -73,6 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    print(f"CPU: {host().describe()}", flush=True)
     model = out / "minilm.onnx"
     if not model.exists():
         print(f"exporting all-MiniLM-L6-v2 (real weights) to {model}", flush=True)
@@ -121,6 +124,12 @@ def main() -> None:
     compiled = qdq_compiler.compile(model, calibration)         # text -> data -> compile with the defaults
     compiled.save(out / "minilm.int8.onnx")
     row("default compile (the same, lowered for onnxruntime)", compiled)
+    print(compiled.report["check"]["line"])
+    if host().vnni:   # the VNNI-only kernel form: the same function, on this CPU
+        vnni = qdq_compiler.compile(model, calibration, isa="vnni")
+        vnni.save(out / "minilm.int8.vnni.onnx")
+        row("default compile --isa vnni", vnni)
+        print(vnni.report["check"]["line"])
     print(f"compile: {compiled.report['smoothing']['sites_smoothed']} sites smoothed, timings "
           f"{compiled.report['timings']}\n", flush=True)
 
@@ -130,7 +139,9 @@ def main() -> None:
 
     openvino = importlib.util.find_spec("openvino") is not None
     if openvino:
-        qdq_compiler.lower(smoothed, target="openvino").save(out / "minilm.openvino.xml")
+        lowered = qdq_compiler.lower(smoothed, target="openvino", data=calibration)
+        lowered.save(out / "minilm.openvino.xml")
+        print(f"lower --target openvino: {lowered.report['check']['line']}")
     import bench_cpu  # tools/: FP32, qdqc, ORT dynamic and static, OpenVINO FP32 / NNCF / ours, side by side
 
     bench_cpu.run_minilm(out, argparse.Namespace(eval=1000, rounds=args.rounds, static_samples=128, batch=[1, 8],
@@ -151,4 +162,8 @@ def build_engines(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except QdqcError as exc:   # a lowered model that diverges from its fake-quant model fails the job
+        print(f"main job: FAILED: {exc}", file=sys.stderr)
+        sys.exit(1)
