@@ -131,7 +131,7 @@ def _qdq(graph: gs.Graph, rearrange: Rearranger) -> tuple[int, int]:
 @register("pair-weight-rows", settings=KernelSettings)
 def pair_weight_rows(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if ctx.settings(KernelSettings).isa is Isa.VNNI:
-        return PassResult(False, {"inputs_gathered": 0, "rows_split": 0})
+        return PassResult(False, {"inputs_gathered": 0, "rows_halved": 0})
     rearrange = Rearranger(graph)
     integer = any(n.op == "MatMulIntegerToFloat" for n in graph.nodes)
     activations, split = (_lowered if integer else _qdq)(graph, rearrange)
@@ -139,7 +139,7 @@ def pair_weight_rows(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if activations:
         ir.cleanup(graph)
         diagnostics = (Diagnostic("warning", f"8-bit weights: {activations} GEMM input(s) gathered and {split} weight "
-                                  "row(s) split to stay exact on CPUs without VNNI (slower); calibrate with "
+                                  "row(s) halved to stay exact on CPUs without VNNI (slower); calibrate with "
                                   "--weight-bits 7 (compile's default for CPU targets), or lower with --isa vnni "
                                   "for CPUs with VNNI only"),)
-    return PassResult(activations > 0, {"inputs_gathered": activations, "rows_split": split}, diagnostics)
+    return PassResult(activations > 0, {"inputs_gathered": activations, "rows_halved": split}, diagnostics)

@@ -8,8 +8,10 @@ FullyConnected runs the CPU plugin's older `FullyConnectedQuantizedLegacy` kerne
 With `--isa vnni`, only quantizers read by linear layers alone are changed (through
 Reshape/Transpose): the attention batched-matmul inputs stay int8, the form the plugin's fused INT8
 attention takes, which on x86 without VNNI sums int8·int8 pairs into a saturating int16 (wrong
-there). By default (portable) they become uint8 too, which OpenVINO computes exactly on every CPU
-(checked under `qemu-x86_64 -cpu Haswell`, tests/test_cpu.py).
+there). By default (portable) every quantizer read only as a MatMul's first input becomes uint8
+(Q and the softmax output too): uint8·int8 is exact on every CPU (checked under
+`qemu-x86_64 -cpu Haswell`, tests/test_cpu.py), and the plugin then runs those two batched matmuls
+in FP32 on the dequantized values, which computes the same products.
 """
 from __future__ import annotations
 
@@ -36,6 +38,20 @@ def _linear_readers_only(tensor: gs.Tensor) -> bool:
     return True
 
 
+def _first_inputs_only(tensor: gs.Tensor) -> bool:
+    """Every reader of `tensor` (past single-reader Reshape/Transpose) takes it as a MatMul's first input:
+    a uint8 A with an int8 B is exact on every CPU (only int8·int8 pairs saturate without VNNI)."""
+    if not tensor.outputs:
+        return False
+    for reader in tensor.outputs:
+        source = tensor
+        while reader.op in LAYOUT_OPS and len(reader.outputs[0].outputs) == 1:
+            source, reader = reader.outputs[0], reader.outputs[0].outputs[0]
+        if reader.op not in ("MatMul", "Gemm") or reader.inputs[0] is not source:
+            return False
+    return True
+
+
 def _int8_activation_quantizer(q: gs.Node) -> bool:
     if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or len(q.inputs) < 3:
         return False
@@ -57,7 +73,8 @@ def unsigned_linear_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                        ir.constant(dq.inputs[1]), ir.constant(q.inputs[1]))
                                    for dq in dequantizers):
             continue
-        if not portable and not all(_linear_readers_only(dq.outputs[0]) for dq in dequantizers):
+        wanted = _first_inputs_only if portable else _linear_readers_only
+        if not all(wanted(dq.outputs[0]) for dq in dequantizers):
             kept += 1
             continue
         zero = gs.Constant(names.fresh(f"{q.inputs[0].name}::u8_zero_point"), np.array(128, np.uint8))

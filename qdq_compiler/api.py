@@ -389,7 +389,7 @@ def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfi
     config, clock = LowerConfig(target, keep_fp32, strict, isa), _Clock()
     with clock("load"):
         graph, source = load(model)
-        fake_quant = ir.to_model(graph.copy()) if check else None
+        fake_quant = _runnable(graph) if check else None
         dataset = _data(data, graph, tokenizer, max_length, field) if check and data is not None else None
     with clock("lower"):
         records = run_lower(graph, config, verify=verify)
@@ -399,6 +399,13 @@ def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfi
         with clock("check"):
             report["check"] = _check(fake_quant, result.model, config, dataset)
     return result
+
+
+def _runnable(graph: gs.Graph) -> onnx.ModelProto:
+    """A copy of `graph` onnxruntime can load (it refuses repeated node names, which ONNX allows)."""
+    copy = graph.copy()
+    ir.unique_node_names(copy)
+    return ir.to_model(copy)
 
 
 def _check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, config: LowerConfig, dataset) -> dict:
@@ -574,7 +581,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
             kept = existing_scales(graph) if keep_scales else {}
             found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)
             _restore(graph, kept, found, calibration)
-            _note_unsplit(graph, asked_split, found)
+    _note_unsplit(graph, asked_split, found)
     report = {"options": {"mode": insert_config.mode.value, "target": lower_config.target.value,
                           "method": calibration.method.value, "percentile": calibration.percentile,
                           "smooth": found["smoothing"]["smooth"], "weights": rounding, "split": split,
@@ -586,7 +593,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)
     record_decision(graph, decided, methods)   # the recipe in force, as its replay records it
     report["recipe"] = decided
-    fake_quant = ir.to_model(graph.copy()) if check else None
+    fake_quant = _runnable(graph) if check else None
     with clock("lower"):
         records = run_lower(graph, lower_config, verify=verify)
     report["lowering"] = [r.to_json() for r in records]

@@ -231,7 +231,11 @@ def data_feeds(data: Path, model: Path, inputs, batch: int) -> dict[str, np.ndar
 
 def _refuse_foreign_isa(path: Path) -> None:
     """A model lowered with --isa vnni times (and computes) something else on a CPU without VNNI."""
-    require_host_isa(onnx.load(str(path), load_external_data=False), str(path))
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:   # protobuf's DecodeError and kin: not a model; the runner says so in its own words
+        return
+    require_host_isa(model, str(path))
 
 
 def bench(paths: list[Path], config: BenchConfig, data: Path | None = None) -> list[Summary]:

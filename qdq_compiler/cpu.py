@@ -6,7 +6,9 @@ a[2i]·b[2i] + a[2i+1]·b[2i+1] along the reduction axis is summed into a *satur
 before it is widened to int32 (Intel SDM, PMADDUBSW; onnxruntime's quantization docs, "When and
 why do I need to try U8U8?"). With a in [0, 255], a pair overflows only where both weights have
 the same sign and |b[2i]| + |b[2i+1]| > 128 (255 · 129 > 32767 ≥ 255 · 128); products of opposite
-signs never do. VNNI (VPDPBUSD), AMX and ARM's kernels sum in int32 and are exact.
+signs never do. VNNI (VPDPBUSD), AMX and ARM's dot-product kernels sum in int32 and are exact;
+onnxruntime's ARM64 kernel without dot products also sums pairs in 16 bits, where only a
+(−128)·(−128) pair overflows (symmetric weights never hold −128).
 
 The portable form orders (and where needed splits) each weight's reduction rows so that every pair
 is within that bound (`arrange_rows`), the activation's columns gathered to match, so one model
@@ -63,9 +65,11 @@ class HostCpu:
 
     @property
     def vnni(self) -> bool:
-        """int8 dot products summed in int32: x86 VNNI/AMX, or any ARM64 kernel."""
+        """int8 dot products summed in int32: x86 VNNI/AMX, ARM64 dot products (SDOT/UDOT). onnxruntime's
+        ARM64 kernel without them sums pairs in int16 too (a (−128)·(−128) pair wraps, seen under
+        qemu-aarch64 -cpu cortex-a72)."""
         if self.arch in ("aarch64", "arm64"):
-            return True
+            return "asimddp" in self.flags
         return bool(self.flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
     def supports(self, isa: Isa) -> bool:

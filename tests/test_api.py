@@ -35,7 +35,8 @@ def test_compile_round_trip(tmp_path):
     report = result.report
     assert report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
                                  "percentile": 99.999, "smooth": "auto", "weights": "gptq",
-                                 "split": True}
+                                 "split": True, "weight_bits": 7, "isa": "portable"}
+    assert report["check"]["passed"] and report["check"]["gemms"] == 16   # lowered vs fake-quant, this CPU
     assert len(report["sites"]["layers"]) == 2 and report["smoothing"]["sites_smoothed"] == 6
     assert report["weights"] == {"rounding": "gptq", "sites_split": 2, "channels_added": 32,   # 16 copies per FFN2
                                  "weights_rounded": 12, "linear_layers": 12, "skipped": 0}
@@ -73,8 +74,8 @@ def test_the_steps_compose_to_compile():
     model, feeds = build_bert(SPEC), example_inputs(SPEC, batch=12, seq=16, seed=1)
     inserted = qdq_compiler.insert(model)
     assert inserted.report["sites"]["mode"] == "ft1"
-    calibrated = qdq_compiler.calibrate(inserted, feeds, method="mse", smooth=0.8)
-    assert calibrated.report["smoothing"]["alphas"] == [0.8]
+    calibrated = qdq_compiler.calibrate(inserted, feeds, method="mse", smooth=0.8, weight_bits=7)   # compile's
+    assert calibrated.report["smoothing"]["alphas"] == [0.8]                                         # CPU grid
     lowered = qdq_compiler.lower(calibrated)
     compiled = qdq_compiler.compile(model, feeds, method="mse", smooth=0.8)
     assert scales(lowered) == scales(compiled) and scales(lowered)

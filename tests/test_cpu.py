@@ -68,6 +68,7 @@ def test_the_saturating_model_clips_each_pair_at_int16():
     ("model name\t: Intel Core\nflags\t\t: avx2 avx_vnni\n", "x86_64", True, "avx2 vnni"),
     ("processor\t: 0\nFeatures\t: fp asimd asimddp i8mm bf16\nCPU part\t: 0xd0c\n", "aarch64", True,
      "neon dotprod i8mm bf16"),
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\nCPU part\t: 0xd08\n", "aarch64", False, "neon"),
 ])
 def test_the_host_cpu_and_its_features_are_read_from_cpuinfo(text, arch, vnni, shown):
     cpu = parse_cpuinfo(text, arch)
@@ -163,5 +164,56 @@ def test_the_portable_lowering_is_the_fake_quant_model_on_haswell_and_the_vnni_f
         assert done.returncode == 0, done.stderr[-2000:]
         output = np.load(tmp_path / f"{isa}.npz")["output"]
         found[isa] = min(cosine(output[i][keep[i]], reference[i][keep[i]]) for i in range(len(keep)))
-    assert found["portable"] >= 0.9999, found
-    assert found["vnni"] < 0.999, found
+    if target == "onnxruntime":   # integer GEMMs and float ops alike as on the host
+        assert found["portable"] >= 0.9999 and found["vnni"] < 0.999, found
+    else:   # OpenVINO's AVX2 erf differs from its AVX-512 one by an ulp, which flips a re-quantizer or two
+        assert found["portable"] >= 0.9998 and 1 - found["vnni"] > 5 * (1 - found["portable"]), found
+
+
+ARM64 = Path(__file__).resolve().parents[1] / ".arm64" / "run"
+needs_arm64 = pytest.mark.skipif(not ARM64.exists() or QEMU is None,
+                                 reason="the aarch64 sandbox (tools/arm64_env.sh; tools/run_tests.sh builds it)")
+
+
+@needs_arm64
+@pytest.mark.parametrize("cpu", ["max", "cortex-a72"])   # with dot products (ARMv8.4+), and without (A72)
+def test_the_portable_lowering_is_the_fake_quant_model_on_arm64(tmp_path, cpu):
+    """onnxruntime's aarch64 build under qemu-aarch64: both ARM kernel paths compute the portable lowering
+    (7-bit weights, uint8 attention operands) as the fake-quant model does."""
+    import os
+
+    from qdq_compiler import ir
+    from qdq_compiler.api import Result
+    from qdq_compiler.calibrate import set_weight_bits
+    from qdq_compiler.evaluate import open_session
+    from qdq_compiler.lower import LowerConfig, lower
+    from qdq_compiler.synthetic import BertSpec, example_inputs
+
+    from conftest import cosine, graph_of
+    from qdq_compiler.calibrate import CalibrationConfig, calibrate, model_inputs
+    from qdq_compiler.config import InsertConfig
+    from qdq_compiler.data import Dataset
+    from qdq_compiler.insert import insert
+
+    spec = BertSpec(layers=2)
+    graph = graph_of(spec)
+    insert(graph, InsertConfig("ft1"))
+    set_weight_bits(graph, 7)
+    np.savez(tmp_path / "calib.npz", **example_inputs(spec, batch=16, seq=16, seed=4))
+    calibrate(graph, Dataset(tmp_path / "calib.npz", model_inputs(graph)), CalibrationConfig("max", progress=False))
+    feeds = example_inputs(spec, batch=4, seq=16, seed=3)
+    feeds["attention_mask"][1:, 9:] = 0
+    np.savez(tmp_path / "feeds.npz", **feeds)
+    session = open_session(ir.to_model(graph), optimize=False)
+    reference = session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+    lowered = graph.copy()
+    records = {r.name: dict(r.stats) for r in lower(lowered, LowerConfig("onnxruntime"))}
+    assert records["pair-weight-rows"]["inputs_gathered"] == 0   # 7-bit pairs fit as they are
+    Result(lowered, {}).save(tmp_path / "portable.onnx")
+    done = subprocess.run([str(ARM64), str(SCRIPTS / "run_model.py"), str(tmp_path / "portable.onnx"),
+                           str(tmp_path / "feeds.npz"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "QEMU_CPU": cpu})
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = np.load(tmp_path / "out.npz")["output"]
+    keep = feeds["attention_mask"].astype(bool)
+    assert min(cosine(output[i][keep[i]], reference[i][keep[i]]) for i in range(len(keep))) >= 0.9999

@@ -42,7 +42,7 @@ def test_default_compile_reaches_the_best_row_of_the_readme(tmp_path, capsys):
     default = qdq_compiler.compile(model, data, quiet=True)
     assert default.report["options"] == {"mode": "ft1", "target": "onnxruntime", "method": "percentile",
                                          "percentile": 99.999, "smooth": "auto", "weights": "gptq",
-                                         "split": True}
+                                         "split": True, "weight_bits": 7, "isa": "portable"}
     pytorch_quantization = qdq_compiler.compile(model, data, smooth="off", method="percentile", percentile=99.99,
                                                 weights="nearest", split=False, quiet=True)
     measured = {"default": fidelity(default), "pytorch-quantization": fidelity(pytorch_quantization)}

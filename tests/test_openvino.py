@@ -31,20 +31,23 @@ def activation_quantizers(graph):
     return [n for n in graph.nodes if n.op == "QuantizeLinear" and not ir.is_constant(n.inputs[0])]
 
 
-def test_linear_inputs_become_uint8_and_attention_inputs_stay_int8(calibrated):
+@pytest.mark.parametrize("isa", ["vnni", "portable"])
+def test_linear_inputs_become_uint8_and_attention_inputs_stay_int8_in_the_vnni_form(calibrated, isa):
     before = ir.to_model(calibrated)
     feeds = example_inputs(SPEC, batch=2, seq=16, seed=9)
-    records = lower(calibrated, LowerConfig("openvino"), verify=True)
+    records = lower(calibrated, LowerConfig("openvino", isa=isa), verify=True)
     stats = {r.name: dict(r.stats) for r in records}
     # per layer: the LayerNorm output (Q, K, V share it), the context, the second LayerNorm output,
-    # the GELU output; the four attention batched-matmul inputs (Q, K, P, V) stay int8
-    assert stats["unsigned-linear-inputs"] == {"uint8_quantizers": 4 * SPEC.layers, "int8_quantizers_kept": 4 * SPEC.layers}
+    # the GELU output; the four attention batched-matmul inputs (Q, K, P, V) stay int8 in the VNNI form
+    # (int8 x int8 pairs saturate without VNNI); the portable form makes the first two (Q, P) uint8
+    kept = (4 if isa == "vnni" else 2) * SPEC.layers
+    assert stats["unsigned-linear-inputs"] == {"uint8_quantizers": 8 * SPEC.layers - kept, "int8_quantizers_kept": kept}
     for q in activation_quantizers(calibrated):
         readers = [r for dq in q.outputs[0].outputs for r in dq.outputs[0].outputs]
         zero = ir.constant(q.inputs[2])
         if zero.dtype == np.uint8:
             assert zero == 128 and all(dq.inputs[2] is q.inputs[2] for dq in q.outputs[0].outputs)
-            assert all(r.op in ("MatMul", "Reshape", "Transpose") for r in readers)
+            assert all(r.op in ("MatMul", "Reshape", "Transpose") for r in readers) or isa == "portable"
         else:
             assert zero.dtype == np.int8 and zero == 0
     weights = [n for n in calibrated.nodes if n.op == "DequantizeLinear" and ir.is_constant(n.inputs[0])]
@@ -84,7 +87,7 @@ def test_only_quantizers_read_by_linear_layers_alone_become_uint8(extra_reader, 
     graph = tiny(extra_reader)
     x = {"x": np.linspace(-8, 8, 16, dtype=np.float32).reshape(2, 8)}   # saturates at both ends
     expected = run_model(graph, x)
-    result = get_pass("unsigned-linear-inputs")(graph, PassContext(LowerConfig("openvino")))
+    result = get_pass("unsigned-linear-inputs")(graph, PassContext(LowerConfig("openvino", isa="vnni")))
     q = next(n for n in graph.nodes if n.op == "QuantizeLinear")
     assert result.modified is unsigned
     assert ir.constant(q.inputs[2]).dtype == (np.uint8 if unsigned else np.int8)
@@ -93,9 +96,23 @@ def test_only_quantizers_read_by_linear_layers_alone_become_uint8(extra_reader, 
         np.testing.assert_array_equal(found, wanted)
 
 
-def test_openvino_runs_the_target_int8_and_matches_the_fake_quant_model(calibrated, tmp_path):
+def test_the_portable_form_keeps_int8_only_where_a_matmul_reads_it_second():
+    from qdq_compiler.pipeline import PassContext, get_pass
+
+    graph = tiny(extra_reader=False)
+    assert get_pass("unsigned-linear-inputs")(graph, PassContext(LowerConfig("openvino"))).modified
+    q = next(n for n in graph.nodes if n.op == "QuantizeLinear")
+    assert ir.constant(q.inputs[2]).dtype == np.uint8 and ir.constant(q.inputs[2]) == 128
+    graph = tiny(extra_reader=False)
+    matmul = next(n for n in graph.nodes if n.op == "MatMul")
+    matmul.inputs[0], matmul.inputs[1] = matmul.inputs[1], matmul.inputs[0]   # the activation as B
+    assert not get_pass("unsigned-linear-inputs")(graph, PassContext(LowerConfig("openvino"))).modified
+
+
+@pytest.mark.parametrize("isa", ["vnni", "portable"])
+def test_openvino_runs_the_target_int8_and_matches_the_fake_quant_model(calibrated, tmp_path, isa):
     fake = ir.to_model(calibrated)
-    lower(calibrated, LowerConfig("openvino"))
+    lower(calibrated, LowerConfig("openvino", isa=isa))
     path = save_ir(ir.to_model(calibrated), tmp_path / "model.xml")
     assert path.exists() and path.with_suffix(".bin").exists()
     runner = OpenVinoRunner(path, threads=2, precision="f32", profile=True)
@@ -114,8 +131,9 @@ def test_openvino_runs_the_target_int8_and_matches_the_fake_quant_model(calibrat
     assert len(linear) == LINEARS * SPEC.layers
     assert all(c.precision in ("I8", "U8") for c in linear), [(c.name, c.exec_type) for c in linear]
     assert not [c for c in linear if "Legacy" in c.type]   # uint8 inputs: the plugin's brgemm INT8 kernel
-    attention = [c for c in counters if c.type == "Subgraph"]   # the fused attention
-    assert len(attention) == SPEC.layers and all(c.precision in ("I8", "U8") for c in attention)
+    if isa == "vnni":   # the plugin's fused INT8 attention takes int8 inputs
+        attention = [c for c in counters if c.type == "Subgraph"]
+        assert len(attention) == SPEC.layers and all(c.precision in ("I8", "U8") for c in attention)
 
 
 def test_an_unquantized_model_has_no_int8_layers(tmp_path):
@@ -150,7 +168,7 @@ def test_cli_lower_writes_ir_and_bench_runs_it(tmp_path):
     out = tmp_path / "m.ov.xml"
     done = qdqc("lower", calibrated_path, "--target", "openvino", "-o", out)
     assert done.returncode == 0, done.stderr
-    assert "unsigned-linear-inputs: uint8_quantizers 8" in done.stdout and out.exists()
+    assert "unsigned-linear-inputs: uint8_quantizers 12" in done.stdout and out.exists()
     done = qdqc("bench", calibrated_path, out, "--iterations", "2", "--seq", "16", "--runtime", "openvino",
                 "--ov-precision", "f32")
     assert done.returncode == 0, done.stderr

@@ -367,7 +367,7 @@ def test_uint8_zero_point_128_is_made_int8_exactly():
 def test_a_gemm_left_in_float_is_named_and_strict_makes_it_an_error(tmp_path):
     model = asymmetric_gemm(3)
     lowered = api.lower(model, target="onnxruntime")
-    warnings = [d for r in lowered.records for d in r.diagnostics if d.level == "warning"]
+    warnings = [d for r in lowered.records for d in r.diagnostics if d.level == "warning" and r.name != "pair-weight-rows"]
     assert len(warnings) == 1 and "'gemm'" in warnings[0].message and "uint8 3" in warnings[0].message
     with pytest.raises(ModelError, match="--strict: 1 quantized GEMM.*'gemm'.*zero point"):
         api.lower(model, target="onnxruntime", strict=True)
