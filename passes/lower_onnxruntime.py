@@ -10,7 +10,8 @@ QuantizeLinear serves all GEMMs that read the same tensor.
 Exact on every CPU by default (`qdq_compiler.cpu`): `pair-weight-rows` then orders the weights'
 rows so that their int8 pairs fit x86's int16 pair sums, and the attention batched matmuls, whose B
 is a full-range int8 activation, take B as uint8 with zero point 128 (the U8U8 kernel, which widens
-to int16 before multiplying). With `--isa vnni` B stays int8 (the faster U8S8 kernel, exact only
+to int16 before multiplying) unless calibration put it on a 7-bit grid (`--weight-bits 7`, compile's
+default for CPU targets: Kᵀ and V clipped to ±63 steps), where int8 is exact everywhere. With `--isa vnni` B stays int8 (the faster U8S8 kernel, exact only
 where products are summed in int32).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
+from qdq_compiler.calibrate import narrowing_clip
 from qdq_compiler.cpu import Isa, KernelSettings
 from qdq_compiler.graph import LAYOUT_OPS
 from qdq_compiler.pipeline import PassContext, PassResult, register
@@ -83,21 +85,30 @@ class Lowering:
         if wanted in self.quantized:
             return self.quantized[wanted]
         source, moves = operand.float_input, []
+        clip = narrowing_clip(operand.q) if operand.q is not None else None
+        if clip is not None:   # a 7-bit operand's Clip commutes with the moves too: it goes with the quantizer
+            source = clip.inputs[0]
         while True:
             move = ir.producer(source)
-            readers = [n for n in source.outputs if n.op != "QuantizeLinear" and (not moves or n is not moves[-1])]
+            readers = [n for n in source.outputs if n.op != "QuantizeLinear" and n is not clip
+                       and (not moves or n is not moves[-1])]
             if move is None or move.op not in LAYOUT_OPS or readers:
                 break
             moves.append(move)
             source = move.inputs[0]
-        key = (source.name, operand.scale.name, "u8" if unsigned else "s8")
+        key = (source.name, operand.scale.name, ("u8" if unsigned else "s8") + ("_narrow" if clip else ""))
         if key not in self.quantized:
             dtype = np.uint8 if unsigned else np.int8
             zero = gs.Constant(self.names.fresh(f"{source.name}::{key[2]}_zero_point"),
                                np.array(128 if unsigned else 0, dtype))
             out = gs.Variable(self.names.fresh(f"{source.name}::{key[2]}"), dtype=dtype, shape=source.shape)
+            value = source
+            if clip is not None:
+                value = gs.Variable(self.names.fresh(f"{source.name}::narrowed"), dtype=source.dtype)
+                self.graph.nodes.append(gs.Node("Clip", self.names.fresh(f"{source.name}::narrow"),
+                                                inputs=[source, *clip.inputs[1:]], outputs=[value]))
             self.graph.nodes.append(gs.Node("QuantizeLinear", self.names.fresh(f"{source.name}::{key[2]}_q"),
-                                            inputs=[source, operand.scale, zero], outputs=[out]))
+                                            inputs=[value, operand.scale, zero], outputs=[out]))
             self.quantized[key] = out
             self.zero_of[out.name] = zero
         self.quantized[wanted] = self.replay(moves[::-1], self.quantized[key])
@@ -125,9 +136,10 @@ class Lowering:
                 return False
             b_scale, b_zero = b.scale, None
             b_in = gs.Constant(self.names.fresh(f"{gemm.name}::weight_int8"), np.ascontiguousarray(values))
-        else:   # an activation: full-range int8 pairs, exact as uint8 (U8U8) on every CPU
-            b_in = self.replay(b.moves, self.requantize(b, unsigned=self.isa is Isa.PORTABLE))
-            b_scale, b_zero = b.scale, (self.quantized_zero(b_in) if self.isa is Isa.PORTABLE else None)
+        else:   # an activation: int8 when on a 7-bit grid or for VNNI; full-range pairs go uint8 (U8U8, exact)
+            wide = self.isa is Isa.PORTABLE and narrowing_clip(b.q) is None
+            b_in = self.replay(b.moves, self.requantize(b, unsigned=wide))
+            b_scale, b_zero = b.scale, (self.quantized_zero(b_in) if wide else None)
         inputs = [a_in, b_in, a.scale, b_scale, a_zero] + ([b_zero] if b_zero is not None else [])
         output = gemm.outputs[0]
         bias = self.bias_of(gemm, output)

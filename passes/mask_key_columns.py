@@ -11,6 +11,10 @@ out of denormals), computed inside the GEMM. The wider GEMM costs more than its 
 multiply-adds, but less than the Add (MiniLM: c = 2 to 20 by layer, d = 32; rounding c up measured
 slower, README).
 
+The portable form (the default) fills −64 instead, twice the columns, so each pair of mask columns
+stays within x86's int16 pair sums; it applies where K^T is int8 (a 7-bit operand: `--weight-bits 7`);
+a uint8 K^T (the U8U8 form of 8-bit models) keeps the Add.
+
 The mask must be a key padding mask of one input: checked by running the graph's mask computation on
 a probe (every query row equal, 0 at attended keys, at most −60 at padded ones) — causal or other
 masks keep their Add.
@@ -24,12 +28,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
+from qdq_compiler.cpu import Isa, KernelSettings
 from qdq_compiler.pipeline import Diagnostic, PassContext, PassResult, register
 
 from .clamp_attention_mask import MASK_FLOOR, mask_input
 
 A_SCALE, B_SCALE, A_ZERO = 2, 3, 4
-LEVEL = 127 * 128            # |(255 − 128) · (−128)|: the most one column can subtract
+VNNI_FILL, PORTABLE_FILL = -128, -64   # K^T's padded-key level: −64 keeps each pair of mask columns
+                                       # (255 · −64 · 2 = −32640) within x86's int16 pair sums
 MAX_COLUMNS = 64             # a bound for tiny scales; MiniLM's layers need at most 20
 PROBE = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], np.int64)
 WITH_MASK = "::with_mask"     # names the widened K^T: the floor pass knows these scores need none
@@ -79,13 +85,13 @@ class Builder:
     def const(self, label: str, value) -> gs.Constant:
         return gs.Constant(self.names.fresh(label), np.asarray(value))
 
-    def padded_keys(self, source: gs.Tensor) -> gs.Variable:
-        """B×1×1×S int8: −128 at padded keys, 0 at attended ones."""
+    def padded_keys(self, source: gs.Tensor, fill: int) -> gs.Variable:
+        """B×1×1×S int8: `fill` at padded keys, 0 at attended ones."""
         base = source.name
         wide = self.node("Cast", [source], f"{base}::int64", np.int64, {"to": onnx.TensorProto.INT64})
         padded = self.node("Equal", [wide, self.const(f"{base}::zero", np.array(0, np.int64))],
                            f"{base}::padded", np.bool_)
-        level = self.node("Where", [padded, self.const(f"{base}::min_level", np.array(-128, np.int8)),
+        level = self.node("Where", [padded, self.const(f"{base}::min_level", np.array(fill, np.int8)),
                                     self.const(f"{base}::zero_level", np.array(0, np.int8))],
                           f"{base}::padded_level", np.int8)
         return self.node("Unsqueeze", [level, self.const(f"{base}::axes", np.array([1, 2], np.int64))],
@@ -103,10 +109,11 @@ class Builder:
         return self.node("Concat", [tensor, filler], f"{base}{WITH_MASK}", tensor.dtype, {"axis": axis})
 
 
-@register("mask-key-columns", requires=("integer-gemms",))
+@register("mask-key-columns", requires=("integer-gemms",), settings=KernelSettings)
 def mask_key_columns(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if graph.opset < 15:
         return PassResult(False, {"masks_in_gemm": 0})   # Shape(start, end) is opset 15
+    fill = VNNI_FILL if ctx.settings(KernelSettings).isa is Isa.VNNI else PORTABLE_FILL
     builder = Builder(graph)
     sources: dict[int, gs.Tensor | None] = {}
     keys: dict[int, gs.Variable] = {}
@@ -126,7 +133,7 @@ def mask_key_columns(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if a_scale is None or b_scale is None or a_scale.size != 1 or b_scale.size != 1 or a_zero is None \
                 or a_zero.dtype != np.uint8 or int(a_zero) != 128:
             continue
-        per_column = LEVEL * float(a_scale) * float(b_scale)
+        per_column = 127 * -fill * float(a_scale) * float(b_scale)   # (255 − 128) · fill: one column's drop
         columns = math.ceil(-MASK_FLOOR / per_column) if per_column > 0 else MAX_COLUMNS + 1
         if columns > MAX_COLUMNS:
             diagnostics.append(Diagnostic("info", f"{ir.label(gemm)}: the mask would need {columns} columns; "
@@ -139,7 +146,7 @@ def mask_key_columns(graph: gs.Graph, ctx: PassContext) -> PassResult:
         if source is None:
             continue
         if id(source) not in keys:
-            keys[id(source)] = builder.padded_keys(source)
+            keys[id(source)] = builder.padded_keys(source, fill)
         query, key_t = gemm.inputs[0], gemm.inputs[1]
         gemm.inputs[0] = builder.widen(query, builder.const(f"{query.name}::one_level",
                                                              np.full((1, 1, 1, 1), 255, np.uint8)), 3, columns)

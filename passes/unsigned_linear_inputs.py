@@ -8,10 +8,12 @@ FullyConnected runs the CPU plugin's older `FullyConnectedQuantizedLegacy` kerne
 With `--isa vnni`, only quantizers read by linear layers alone are changed (through
 Reshape/Transpose): the attention batched-matmul inputs stay int8, the form the plugin's fused INT8
 attention takes, which on x86 without VNNI sums int8·int8 pairs into a saturating int16 (wrong
-there). By default (portable) every quantizer read only as a MatMul's first input becomes uint8
-(Q and the softmax output too): uint8·int8 is exact on every CPU (checked under
-`qemu-x86_64 -cpu Haswell`, tests/test_cpu.py), and the plugin then runs those two batched matmuls
-in FP32 on the dequantized values, which computes the same products.
+there) unless the second operand (Kᵀ, V) is on a 7-bit grid: the portable form of a model calibrated
+with `--weight-bits 7` (compile's default for CPU targets) keeps that form, exact everywhere (checked
+under `qemu-x86_64 -cpu Haswell`, tests/test_cpu.py). A portable model with 8-bit operands instead
+makes every quantizer read only as a MatMul's first input uint8 (Q and the softmax output too):
+uint8·int8 is exact everywhere, and the plugin then runs those two batched matmuls in FP32 on the
+dequantized values (slower: README).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
+from qdq_compiler.calibrate import NARROW
 from qdq_compiler.cpu import Isa, KernelSettings
 from qdq_compiler.graph import LAYOUT_OPS
 from qdq_compiler.patterns.blocks import linear_at
@@ -62,6 +65,7 @@ def _int8_activation_quantizer(q: gs.Node) -> bool:
 @register("unsigned-linear-inputs", requires=("qdq",), settings=KernelSettings)
 def unsigned_linear_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     portable = ctx.settings(KernelSettings).isa is Isa.PORTABLE
+    narrowed = any(n.op == "Clip" and n.name.endswith(NARROW) for n in graph.nodes)   # 7-bit Kᵀ and V
     names = ir.Names(graph)
     changed = kept = 0
     for q in list(graph.nodes):
@@ -73,7 +77,7 @@ def unsigned_linear_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
                                        ir.constant(dq.inputs[1]), ir.constant(q.inputs[1]))
                                    for dq in dequantizers):
             continue
-        wanted = _first_inputs_only if portable else _linear_readers_only
+        wanted = _first_inputs_only if portable and not narrowed else _linear_readers_only
         if not all(wanted(dq.outputs[0]) for dq in dequantizers):
             kept += 1
             continue

@@ -80,7 +80,8 @@ def activation_quantizers(graph: gs.Graph) -> Quantizers:
     for node in graph.nodes:
         if node.op != "QuantizeLinear" or ir.is_constant(node.inputs[0]):
             continue
-        tensor = node.inputs[0].name
+        clip = narrowing_clip(node)   # a 7-bit operand's bound: the quantizer observes what it clips
+        tensor = (clip.inputs[0] if clip is not None else node.inputs[0]).name
         if tensor not in found.tensors:
             found.tensors.append(tensor)
         members = found.groups.setdefault(node.inputs[1].name, [])
@@ -154,6 +155,9 @@ def float_network(graph: gs.Graph, outputs: list[str], keep=()) -> gs.Graph:
         if q is None or q.op != "QuantizeLinear" or id(q) in kept:
             continue
         source, target = q.inputs[0], dq.outputs[0]
+        clip = narrowing_clip(q)
+        if clip is not None:   # the float network: the 7-bit operand's Clip is part of its quantizer
+            source = clip.inputs[0]
         for reader in list(target.outputs):
             for index, value in enumerate(reader.inputs):
                 if value is target:
@@ -389,17 +393,77 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
         found[t]["recipe"] = f"{label} -> {chosen[t]:.6g}"
     tensors = graph.tensors()
     reports = []
+    narrow = narrow_operands(graph) if weight_bits(graph) == 7 else []
+    narrow_scales = {q.inputs[1].name for q in narrow}
     for scale_name, members in quantizers.groups.items():
         amax = max(chosen[t] for t in members)
         if amax <= quant.MIN_AMAX:
             warnings.warn(f"'{members[0]}' was always zero in calibration: it gets a tiny positive scale",
                           stacklevel=2)
-        scale = quant.scale_from_amax(np.float32(amax))
+        qmax = quant.weight_qmax(7) if scale_name in narrow_scales else quant.QMAX
+        scale = quant.scale_from_amax(np.float32(amax), qmax)
         tensors[scale_name].values = np.asarray(scale, np.float32)
         reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],
                                  amax, float(scale)) for t in members]
+    for q in narrow:
+        clip_to_grid(graph, q, quant.weight_qmax(7))
     refresh_weight_scales(graph)   # and every DequantizeLinear takes its QuantizeLinear's new scale
     return reports
+
+
+NARROW = "::narrow"   # names the Clip that keeps a 7-bit operand on its grid
+
+
+def narrowing_clip(q: gs.Node) -> gs.Node | None:
+    clip = ir.producer(q.inputs[0])
+    return clip if clip is not None and clip.op == "Clip" and clip.name.endswith(NARROW) else None
+
+
+def narrow_operands(graph: gs.Graph) -> list[gs.Node]:
+    """The activation quantizers read only as the second operand of an activation x activation MatMul
+    (attention's Kᵀ and V), through Reshape/Transpose. With 7-bit weights (`--weight-bits 7`) they take a
+    7-bit grid too: x86's uint8 x int8 kernels without VNNI, and OpenVINO's int8 x int8 attention, are
+    exact only when the second operand's pairs fit int16 (qdq_compiler.cpu)."""
+    found = []
+    for q in graph.nodes:
+        if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]) or ir.constant(q.inputs[1]) is None \
+                or ir.constant(q.inputs[1]).size != 1:
+            continue
+        readers = [dq for dq in q.outputs[0].outputs]
+        if readers and all(dq.op == "DequantizeLinear" and _second_operand_only(dq.outputs[0]) for dq in readers):
+            found.append(q)
+    return found
+
+
+def _second_operand_only(tensor: gs.Tensor) -> bool:
+    from .graph import LAYOUT_OPS
+
+    if not tensor.outputs:
+        return False
+    for reader in tensor.outputs:
+        source = tensor
+        while reader.op in LAYOUT_OPS and len(reader.outputs[0].outputs) == 1:
+            source, reader = reader.outputs[0], reader.outputs[0].outputs[0]
+        if reader.op != "MatMul" or reader.inputs[1] is not source or ir.is_constant(reader.inputs[0]):
+            return False
+    return True
+
+
+def clip_to_grid(graph: gs.Graph, q: gs.Node, qmax: int) -> None:
+    """Clip(x, ±qmax·s) before `q`: QuantizeLinear saturates at ±127, a narrower grid needs its own bound."""
+    bound = np.asarray(np.float32(qmax) * np.asarray(ir.constant(q.inputs[1]), np.float32).reshape(()), np.float32)
+    clip = narrowing_clip(q)
+    if clip is None:
+        names = ir.Names(graph)
+        source = q.inputs[0]
+        out = gs.Variable(names.fresh(f"{source.name}{NARROW}ed"), dtype=source.dtype, shape=source.shape)
+        clip = gs.Node("Clip", names.fresh(f"{source.name}{NARROW}"),
+                       inputs=[source, gs.Constant(names.fresh(f"{source.name}::narrow_min"), np.array(-bound, np.float32)),
+                               gs.Constant(names.fresh(f"{source.name}::narrow_max"), bound)], outputs=[out])
+        graph.nodes.append(clip)
+        q.inputs[0] = out
+        ir.toposort(graph)
+    clip.inputs[1].values, clip.inputs[2].values = np.array(-bound, np.float32), np.array(bound, np.float32)
 
 
 def _sync_dequantize_scales(graph: gs.Graph) -> None:

@@ -217,3 +217,59 @@ def test_the_portable_lowering_is_the_fake_quant_model_on_arm64(tmp_path, cpu):
     output = np.load(tmp_path / "out.npz")["output"]
     keep = feeds["attention_mask"].astype(bool)
     assert min(cosine(output[i][keep[i]], reference[i][keep[i]]) for i in range(len(keep))) >= 0.9999
+
+
+def test_the_check_names_the_first_integer_gemm_a_kernel_got_wrong(tmp_path, monkeypatch):
+    """A kernel that saturates (simulated: one GEMM's output off by a few steps) fails the check, which
+    names that GEMM, while the same model with exact kernels passes."""
+    from qdq_compiler import ir, lowered_check
+    from qdq_compiler.errors import ModelError
+    from qdq_compiler.lower import LowerConfig, lower
+    from qdq_compiler.synthetic import BertSpec, example_inputs
+
+    from conftest import calibrated_bert
+
+    spec = BertSpec(layers=2)
+    graph, _ = calibrated_bert(tmp_path, spec)
+    fake = ir.to_model(graph)
+    lower(graph, LowerConfig("onnxruntime"))
+    lowered = ir.to_model(graph)
+    feeds = example_inputs(spec, batch=4, seq=16, seed=3)
+    feeds["attention_mask"][1:, 9:] = 0
+    assert lowered_check.check(fake, lowered, "onnxruntime", feeds).passed
+    target = [n for n in lowered.graph.node if n.op_type == "MatMulIntegerToFloat"][5]
+    real = lowered_check._runner
+
+    def saturating(model, runtime):
+        run = real(model, runtime)
+
+        def wrong(given):
+            found = run(given)
+            if target.output[0] in found:
+                found[target.output[0]] = found[target.output[0]] * np.float32(0.9)
+            return found
+        return wrong
+
+    monkeypatch.setattr(lowered_check, "_runner", saturating)
+    result = lowered_check.check(fake, lowered, "onnxruntime", feeds)
+    assert not result.passed and result.worst_gemm > 0.05
+    assert result.first_divergence.startswith(f"integer GEMM {target.name} ")
+    with pytest.raises(ModelError, match=f"it starts at integer GEMM {target.name}.*--no-check skips this check"):
+        lowered_check.enforce(result)
+
+
+def test_compile_prints_the_check_and_no_check_skips_it(tmp_path, bert_file):
+    from conftest import qdqc
+
+    data = tmp_path / "calib.npz"
+    from qdq_compiler.synthetic import BertSpec, example_inputs
+
+    np.savez(data, **example_inputs(BertSpec(), batch=8, seq=16, seed=1))
+    done = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "out.onnx")
+    assert done.returncode == 0, done.stderr
+    line = next(l for l in done.stdout.splitlines() if l.startswith("check: "))
+    assert "lowered vs fake-quant on 8 calibration samples, onnxruntime on " in line and line.endswith(": ok")
+    done = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "quick.onnx", "--no-check")
+    assert done.returncode == 0 and "check: " not in done.stdout
+    done = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "x.onnx", "--isa", "vnni", "--target", "tensorrt")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--isa vnni picks CPU integer kernels" in done.stderr
