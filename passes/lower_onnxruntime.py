@@ -21,9 +21,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir, quant
-from qdq_compiler.calibrate import narrowing_clip
 from qdq_compiler.cpu import Isa, KernelSettings
-from qdq_compiler.graph import LAYOUT_OPS
+from qdq_compiler.graph import LAYOUT_OPS, narrowing_clip
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 from .fold_weight_quantizers import quantized_weight

@@ -21,9 +21,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
-from qdq_compiler.calibrate import NARROW
 from qdq_compiler.cpu import Isa, KernelSettings
-from qdq_compiler.graph import LAYOUT_OPS
+from qdq_compiler.graph import LAYOUT_OPS, NARROW
 from qdq_compiler.patterns.blocks import linear_at
 from qdq_compiler.pipeline import PassContext, PassResult, register
 

@@ -23,6 +23,7 @@ from .calibration import HistogramCollector, Method, amaxes
 from .config import choice, names
 from .data import Dataset, InputSpec
 from .errors import QdqcError, UsageError
+from .graph import NARROW, narrowing_clip
 
 
 @dataclass(frozen=True)
@@ -409,14 +410,6 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
         clip_to_grid(graph, q, quant.weight_qmax(7))
     refresh_weight_scales(graph)   # and every DequantizeLinear takes its QuantizeLinear's new scale
     return reports
-
-
-NARROW = "::narrow"   # names the Clip that keeps a 7-bit operand on its grid
-
-
-def narrowing_clip(q: gs.Node) -> gs.Node | None:
-    clip = ir.producer(q.inputs[0])
-    return clip if clip is not None and clip.op == "Clip" and clip.name.endswith(NARROW) else None
 
 
 def narrow_operands(graph: gs.Graph) -> list[gs.Node]:

@@ -17,7 +17,7 @@ from typing import Mapping
 import onnx_graphsurgeon as gs
 
 from . import ir
-from .graph import LAYOUT_OPS
+from .graph import LAYOUT_OPS, narrowing_clip
 from .patterns import match_encoder
 from .patterns.blocks import match_activation
 from .patterns.records import Activation, EncoderMatch
@@ -147,19 +147,29 @@ def quantizer_sites(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
         for q in graph.nodes:
             if q.op != "QuantizeLinear" or ir.is_constant(q.inputs[0]):
                 continue
-            names = list(by_tensor.get(q.inputs[0].name, ()))
+            source = _quantized(q)
+            names = list(by_tensor.get(source.name, ()))
             reached = [dq.outputs[0] for dq in q.outputs[0].outputs if dq.op == "DequantizeLinear"]
             while reached:   # what the DequantizeLinear hands on, through the reshapes that only flatten it
                 tensor = reached.pop()
                 names += [n for n in by_tensor.get(tensor.name, ()) if n not in names]
                 reached += [n.outputs[0] for n in tensor.outputs if n.op in LAYOUT_OPS]
-            found[q.inputs[0].name] = tuple(names)
+            found[q.inputs[0].name] = found[source.name] = tuple(names)
         return found
     by_tensor: dict[str, list[str]] = {}
     for site, tensor in plan.sites.items():
         by_tensor.setdefault(tensor, []).append(site)
-    return {q.inputs[0].name: tuple(by_tensor.get(_planned(q.inputs[0]), ()))
-            for q in graph.nodes if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0])}
+    found = {}
+    for q in graph.nodes:
+        if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]):
+            found[q.inputs[0].name] = found[_quantized(q).name] = tuple(by_tensor.get(_planned(_quantized(q)), ()))
+    return found
+
+
+def _quantized(q: gs.Node) -> gs.Tensor:
+    """The float tensor a quantizer quantizes: its input, or before a 7-bit operand's Clip."""
+    clip = narrowing_clip(q)
+    return clip.inputs[0] if clip is not None else q.inputs[0]
 
 
 def record_decision(graph: gs.Graph, recipe: dict, methods: dict[str, str]) -> None:

@@ -14,6 +14,13 @@ GEMM_OPS = frozenset({"MatMul", "Gemm"})
 RESHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 # only rearrange elements: they commute with per-tensor quantization
 LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
+NARROW = "::narrow"   # names the Clip that keeps a 7-bit operand on its grid (calibrate.clip_to_grid)
+
+
+def narrowing_clip(q: gs.Node) -> gs.Node | None:
+    """The Clip a QuantizeLinear reads when its operand is on a 7-bit grid, else None."""
+    clip = ir.producer(q.inputs[0])
+    return clip if clip is not None and clip.op == "Clip" and clip.name.endswith(NARROW) else None
 
 
 
