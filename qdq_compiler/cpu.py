@@ -97,15 +97,36 @@ def parse_cpuinfo(text: str, arch: str) -> HostCpu:
     return HostCpu(model or platform.processor() or arch, arch, frozenset(flags.split()))
 
 
+# numpy's own CPUID / HWCAP probe (what the executing CPU runs, so also under an emulator, where
+# /proc/cpuinfo describes the real machine) -> the /proc/cpuinfo flag names used here
+NUMPY_FLAGS = {"AVX2": "avx2", "AVX512F": "avx512f", "AVX512BW": "avx512bw", "AVX512VNNI": "avx512_vnni",
+               "AVX512BF16": "avx512_bf16", "ASIMD": "asimd", "ASIMDDP": "asimddp"}
+# flags numpy does not probe: trusted from /proc/cpuinfo only where numpy confirms their base ISA
+# (AMX comes with AVX-512); AVX-VNNI without AVX-512 (client CPUs) is then not seen: the VNNI form is
+# refused there, which is safe
+UNPROBED = {"amx_int8": "avx512f", "amx_bf16": "avx512f", "i8mm": "asimd", "bf16": "asimd"}
+
+
+def runtime_flags(listed: frozenset[str]) -> frozenset[str]:
+    """The ISA flags of the CPU executing this process: numpy's probe where it has one, else `listed`."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as probed
+    except ImportError:
+        return listed
+    found = {flag for key, flag in NUMPY_FLAGS.items() if probed.get(key)}
+    return frozenset(found | {flag for flag, base in UNPROBED.items() if flag in listed and base in found})
+
+
 @cache
 def host() -> HostCpu:
-    """This machine's CPU (Linux /proc/cpuinfo; elsewhere the model name alone, and no VNNI assumed)."""
+    """This machine's CPU: the model name from /proc/cpuinfo (Linux), the ISA as this process sees it."""
     arch = platform.machine().lower()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    return parse_cpuinfo(text, arch)
+    listed = parse_cpuinfo(text, arch)
+    return HostCpu(listed.model, arch, runtime_flags(listed.flags))
 
 
 def overflowing_pairs(q: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -286,3 +286,27 @@ def test_compile_prints_the_check_and_no_check_skips_it(tmp_path, bert_file):
     assert done.returncode == 0 and "check: " not in done.stdout
     done = qdqc("compile", bert_file, "--data", data, "-o", tmp_path / "x.onnx", "--isa", "vnni", "--target", "tensorrt")
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--isa vnni picks CPU integer kernels" in done.stderr
+
+
+@needs_qemu
+def test_a_vnni_model_is_refused_by_bench_on_haswell_and_a_portable_one_runs(tmp_path):
+    """The ISA is read as the executing CPU reports it (numpy's probe), so under qemu's Haswell too."""
+    from qdq_compiler import ir
+    from qdq_compiler.api import Result
+    from qdq_compiler.lower import LowerConfig, lower
+    from qdq_compiler.synthetic import BertSpec
+
+    from conftest import calibrated_bert
+
+    graph, _ = calibrated_bert(tmp_path, BertSpec(layers=1))
+    for isa in ("vnni", "portable"):
+        lowered = graph.copy()
+        lower(lowered, LowerConfig("onnxruntime", isa=isa))
+        Result(lowered, {}).save(tmp_path / f"{isa}.onnx")
+    run = [QEMU, "-cpu", "Haswell", sys.executable, "-m", "qdq_compiler.cli", "bench", "--iterations", "1", "--seq", "8"]
+    done = subprocess.run(run + [str(tmp_path / "vnni.onnx")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    error = [line for line in done.stderr.splitlines() if not line.startswith("qemu-x86_64: warning")]
+    assert len(error) == 1 and "lowered with --isa vnni, which this CPU lacks" in error[0] and "(x86_64: avx2)" in error[0]
+    done = subprocess.run(run + [str(tmp_path / "portable.onnx")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "CPU: " in done.stdout and "(x86_64: avx2)" in done.stdout, done.stderr[-2000:]
