@@ -98,12 +98,12 @@ class Summary:
 
     @property
     def throughput(self) -> float:
-        """Queries (samples) per second at the median latency."""
+        """Samples per second at the median latency (runs per second times the batch)."""
         return 1000.0 * self.batch / self.stat("median")
 
     def to_json(self) -> dict:
         return {"model": self.name, "batch": self.batch, "iterations": len(self.latencies_ms),
-                "throughput_qps": self.throughput,
+                "throughput_samples_per_s": self.throughput,
                 **{f"{k}_ms": self.stat(k) for k in ("min", "max", "mean", "median", "p90", "p95", "p99")}}
 
 
@@ -292,7 +292,9 @@ def format_summary(summaries: list[Summary], config: BenchConfig) -> str:
         s = summary.stat
         lines += [f"[{summary.name}]",
                   f"Inputs: {summary.inputs}" if summary.inputs else "",
-                  f"Throughput: {summary.throughput:.2f} qps",
+                  f"Throughput: {summary.throughput:.2f} samples/s"
+                  + (f" ({summary.throughput / summary.batch:.2f} runs/s of batch {summary.batch})"
+                     if summary.batch > 1 else ""),
                   f"Latency: min = {s('min'):.3f} ms, max = {s('max'):.3f} ms, mean = {s('mean'):.3f} ms, "
                   f"median = {s('median'):.3f} ms, percentile(90%) = {s('p90'):.3f} ms, "
                   f"percentile(95%) = {s('p95'):.3f} ms, percentile(99%) = {s('p99'):.3f} ms",
