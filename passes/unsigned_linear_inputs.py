@@ -22,36 +22,22 @@ import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
 from qdq_compiler.cpu import Isa, KernelSettings
-from qdq_compiler.graph import LAYOUT_OPS, NARROW
+from qdq_compiler.graph import NARROW, final_readers
 from qdq_compiler.patterns.blocks import linear_at
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
 
 def _linear_readers_only(tensor: gs.Tensor) -> bool:
     """Every reader of `tensor` (past single-reader Reshape/Transpose) is a linear layer's activation input."""
-    if not tensor.outputs:
-        return False
-    for reader in tensor.outputs:
-        source = tensor
-        while reader.op in LAYOUT_OPS and len(reader.outputs[0].outputs) == 1:
-            source, reader = reader.outputs[0], reader.outputs[0].outputs[0]
-        if linear_at(reader) is None or reader.inputs[0] is not source:
-            return False
-    return True
+    readers = final_readers(tensor)
+    return bool(readers) and all(linear_at(r) is not None and r.inputs[0] is source for source, r in readers)
 
 
 def _first_inputs_only(tensor: gs.Tensor) -> bool:
     """Every reader of `tensor` (past single-reader Reshape/Transpose) takes it as a MatMul's first input:
     a uint8 A with an int8 B is exact on every CPU (only int8·int8 pairs saturate without VNNI)."""
-    if not tensor.outputs:
-        return False
-    for reader in tensor.outputs:
-        source = tensor
-        while reader.op in LAYOUT_OPS and len(reader.outputs[0].outputs) == 1:
-            source, reader = reader.outputs[0], reader.outputs[0].outputs[0]
-        if reader.op not in ("MatMul", "Gemm") or reader.inputs[0] is not source:
-            return False
-    return True
+    readers = final_readers(tensor)
+    return bool(readers) and all(r.op in ("MatMul", "Gemm") and r.inputs[0] is source for source, r in readers)
 
 
 def _int8_activation_quantizer(q: gs.Node) -> bool:

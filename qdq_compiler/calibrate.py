@@ -23,7 +23,7 @@ from .calibration import HistogramCollector, Method, amaxes
 from .config import choice, names
 from .data import Dataset, InputSpec
 from .errors import QdqcError, UsageError
-from .graph import NARROW, narrowing_clip
+from .graph import NARROW, final_readers, narrowing_clip
 
 
 @dataclass(frozen=True)
@@ -429,17 +429,9 @@ def narrow_operands(graph: gs.Graph) -> list[gs.Node]:
 
 
 def _second_operand_only(tensor: gs.Tensor) -> bool:
-    from .graph import LAYOUT_OPS
-
-    if not tensor.outputs:
-        return False
-    for reader in tensor.outputs:
-        source = tensor
-        while reader.op in LAYOUT_OPS and len(reader.outputs[0].outputs) == 1:
-            source, reader = reader.outputs[0], reader.outputs[0].outputs[0]
-        if reader.op != "MatMul" or reader.inputs[1] is not source or ir.is_constant(reader.inputs[0]):
-            return False
-    return True
+    readers = final_readers(tensor)
+    return bool(readers) and all(r.op == "MatMul" and r.inputs[1] is source and not ir.is_constant(r.inputs[0])
+                                 for source, r in readers)
 
 
 def clip_to_grid(graph: gs.Graph, q: gs.Node, qmax: int) -> None:

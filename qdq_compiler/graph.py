@@ -17,6 +17,17 @@ LAYOUT_OPS = RESHAPE_OPS | {"Transpose"}
 NARROW = "::narrow"   # names the Clip that keeps a 7-bit operand on its grid (calibrate.clip_to_grid)
 
 
+def final_readers(tensor: gs.Tensor) -> list[tuple[gs.Tensor, gs.Node]]:
+    """(the tensor it reads, the node) for each reader of `tensor`, past single-reader Reshape/Transpose."""
+    found = []
+    for reader in tensor.outputs:
+        source = tensor
+        while reader.op in LAYOUT_OPS and len(reader.outputs[0].outputs) == 1:
+            source, reader = reader.outputs[0], reader.outputs[0].outputs[0]
+        found.append((source, reader))
+    return found
+
+
 def narrowing_clip(q: gs.Node) -> gs.Node | None:
     """The Clip a QuantizeLinear reads when its operand is on a 7-bit grid, else None."""
     clip = ir.producer(q.inputs[0])
