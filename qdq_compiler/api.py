@@ -352,8 +352,8 @@ def _weight_grid(graph: gs.Graph, bits: int | None, keep_scales: bool, default: 
     model) keep theirs."""
     from .calibrate import set_weight_bits, weight_bits
 
-    if bits is not None and bits not in WEIGHT_BITS:
-        raise UsageError(f"--weight-bits {bits}: expected 7 or 8")
+    if bits is not None and (isinstance(bits, bool) or bits not in WEIGHT_BITS or not isinstance(bits, int)):
+        raise UsageError(f"--weight-bits {bits!r}: expected 7 or 8")
     if keep_scales:
         if bits is not None and bits != weight_bits(graph):
             warnings.warn(f"--weight-bits {bits}: the model's own weights and scales are kept (--keep-scales)",
@@ -421,7 +421,8 @@ def _check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, config: LowerC
         except ImportError:
             return {"skipped": "openvino is not installed (pip install qdqc[openvino])"}
     feeds = sample_feeds(dataset) if dataset is not None else synthetic_feeds(fake_quant)
-    found = check(fake_quant, lowered, config.target.value, feeds)
+    inputs = "calibration samples" if dataset is not None else "synthetic padded samples"
+    found = check(fake_quant, lowered, config.target.value, feeds, inputs)
     enforce(found)
     return {**found.to_json(), "line": found.line()}
 
@@ -556,6 +557,9 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
                              "--no-keep-scales smooths and recalibrates every scale")
         smoothing, rounding = None, "nearest"
     asked_split, split = split is True, _split_option(split, keep_scales)
+    if weight_bits == 7 and lower_config.target is Target.TENSORRT:
+        warnings.warn("--weight-bits 7: the 7-bit grid keeps x86 CPUs' int16 pair sums exact; TensorRT's INT8 "
+                      "kernels need no such thing, and the model loses fidelity for it", QdqcNote, stacklevel=2)
     bits = _weight_grid(graph, weight_bits, keep_scales, cpu_weight_bits(lower_config))
     kept = existing_scales(graph) if keep_scales else {}
     found = _smooth_and_calibrate(graph, dataset, calibration, smoothing, clock, verify, rounding, split)

@@ -60,8 +60,8 @@ def _target_args(parser: argparse.ArgumentParser) -> None:
                              f"(default {','.join(sorted(DEFAULT_FP32))})")
     parser.add_argument("--isa", default=LowerConfig.isa.value, choices=[i.value for i in Isa],
                         help="onnxruntime/openvino: the CPU kernels the model may assume: portable (default; exact on "
-                             "every CPU) or vnni (faster int8 weight pairs and attention masking, exact only on CPUs "
-                             "with VNNI/AMX or ARM64; recorded in the model and refused elsewhere)")
+                             "every CPU) or vnni (8-bit grids, exact only on CPUs with VNNI/AMX or "
+                             "ARM64 dot products; recorded in the model and refused elsewhere)")
     parser.add_argument("--no-check", dest="check", action="store_false",
                         help="skip running the lowered model against the Q/DQ model on this CPU (on by default; a "
                              "divergence is an error naming the tensor where it starts)")

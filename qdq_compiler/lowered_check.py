@@ -22,7 +22,7 @@ arithmetic (optimized, onnxruntime would fuse them into the very integer kernels
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -48,6 +48,7 @@ class CheckResult:
     gemms: int = 0                          # integer GEMMs checked against their exact products
     worst_gemm: float = 0.0                 # their largest relative error
     first_divergence: str | None = None
+    inputs: str = "calibration samples"      # or "synthetic padded samples" (`lower` without --data)
 
     @property
     def passed(self) -> bool:
@@ -58,7 +59,7 @@ class CheckResult:
             return f"check: skipped ({self.first_divergence})"
         verdict = "ok" if self.passed else "DIVERGES"
         gemms = f"; {self.gemms} integer GEMMs exact (largest error {self.worst_gemm:.1e})" if self.gemms else ""
-        return (f"check: lowered vs fake-quant on {self.samples} calibration samples, {self.runtime} on "
+        return (f"check: lowered vs fake-quant on {self.samples} {self.inputs}, {self.runtime} on "
                 f"{host().describe()}: cosine mean {self.mean:.6f} min {self.min:.6f}{gemms}: {verdict}")
 
     def to_json(self) -> dict:
@@ -78,7 +79,8 @@ def require_host_isa(model: onnx.ModelProto, what: str) -> None:
         raise UsageError(f"{what}: lowered for unknown CPU kernels '{wanted}' (metadata {ISA_KEY})") from None
     if not host().supports(isa):
         raise UsageError(f"{what}: lowered with --isa {isa.value}, which this CPU lacks ({host().describe()}); its "
-                         "integer GEMMs would saturate here: lower it again without --isa (portable)")
+                         "integer GEMMs would saturate here: lower it without --isa (portable) to run it here, or "
+                         "with --no-check to build it for a machine that has them")
 
 
 def sample_feeds(dataset, count: int = SAMPLES) -> dict[str, np.ndarray]:
@@ -149,8 +151,8 @@ def _cosines(reference: np.ndarray, found: np.ndarray, mask: np.ndarray | None) 
 
 
 def check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, target: str,
-          feeds: dict[str, np.ndarray]) -> CheckResult:
-    """Run both on `feeds`; where they diverge, say where it starts."""
+          feeds: dict[str, np.ndarray], inputs: str = "calibration samples") -> CheckResult:
+    """Run both on `feeds` (described by `inputs`); where they diverge, say where it starts."""
     require_host_isa(lowered, "the lowered model")
     mask = feeds.get("attention_mask")
     reference = _runner_reference(fake_quant)(feeds)
@@ -164,13 +166,12 @@ def check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, target: str,
     errors = gemm_errors(lowered, feeds) if target == "onnxruntime" else []
     worst = max((error for _, error in errors), default=0.0)
     result = CheckResult(target, len(per_sample), float(np.mean(per_sample)), float(np.min(per_sample)),
-                         len(errors), worst)
+                         len(errors), worst, inputs=inputs)
     if result.passed:
         return result
     wrong = next((f"integer GEMM {name} (relative error {error:.1e} against its exact product)"
                   for name, error in errors if error > GEMM_ERROR), None)
-    return CheckResult(result.runtime, result.samples, result.mean, result.min, result.gemms, result.worst_gemm,
-                       wrong or first_divergence(fake_quant, lowered, target, feeds))
+    return replace(result, first_divergence=wrong or first_divergence(fake_quant, lowered, target, feeds))
 
 
 def gemm_errors(lowered: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[tuple[str, float]]:

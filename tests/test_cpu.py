@@ -310,3 +310,28 @@ def test_a_vnni_model_is_refused_by_bench_on_haswell_and_a_portable_one_runs(tmp
     assert len(error) == 1 and "lowered with --isa vnni, which this CPU lacks" in error[0] and "(x86_64: avx2)" in error[0]
     done = subprocess.run(run + [str(tmp_path / "portable.onnx")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "CPU: " in done.stdout and "(x86_64: avx2)" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bits", [6, 7.0, "7", True])
+def test_weight_bits_other_than_7_or_8_are_refused_in_one_line(bits):
+    import qdq_compiler
+    from qdq_compiler.errors import UsageError
+    from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
+
+    spec = BertSpec(layers=1)
+    with pytest.raises(UsageError, match=r"--weight-bits .*: expected 7 or 8"):
+        qdq_compiler.compile(build_bert(spec), example_inputs(spec, batch=4, seq=8, seed=1), weight_bits=bits,
+                             quiet=True)
+
+
+def test_lower_without_data_checks_on_synthetic_samples_and_says_so(tmp_path):
+    import qdq_compiler
+    from qdq_compiler import ir
+    from qdq_compiler.synthetic import BertSpec
+
+    from conftest import calibrated_bert
+
+    graph, _ = calibrated_bert(tmp_path, BertSpec(layers=1))
+    result = qdq_compiler.lower(ir.to_model(graph))
+    assert "on 8 synthetic padded samples, onnxruntime on" in result.report["check"]["line"]
+    assert result.report["check"]["passed"]

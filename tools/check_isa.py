@@ -6,7 +6,9 @@ Each lowered model runs under `qemu-x86_64 -cpu Haswell` (AVX2, no AVX-512, no V
 VPMADDUBSW kernels), `.arm64/run` with QEMU_CPU=max (ARM64 with dot products) and cortex-a72 (without),
 and natively; the fake-quant model runs natively with onnxruntime's graph optimizations off (its Q/DQ as
 float arithmetic). Prints the per-sample cosine (mean / min over attended tokens) of each against it.
-Emulation is slow (about a minute per model and CPU for 16 MiniLM sentences); it is exact.
+Emulation is slow (about a minute per model and CPU for 16 MiniLM sentences); it is exact. A model
+that passes on the Cortex-A72 row may still wrap on another input there (a (−128)·(−128) pair): qdqc
+refuses `--isa vnni` models on ARM64 without dot products whatever this tool shows.
 """
 from __future__ import annotations
 
