@@ -11,8 +11,8 @@ Exact on every CPU by default (`qdq_compiler.cpu`): `pair-weight-rows` then orde
 rows so that their int8 pairs fit x86's int16 pair sums, and the attention batched matmuls, whose B
 is a full-range int8 activation, take B as uint8 with zero point 128 (the U8U8 kernel, which widens
 to int16 before multiplying) unless calibration put it on a 7-bit grid (`--weight-bits 7`, compile's
-default for CPU targets: Kᵀ and V clipped to ±63 steps), where int8 is exact everywhere. With `--isa vnni` B stays int8 (the faster U8S8 kernel, exact only
-where products are summed in int32).
+default for CPU targets: Kᵀ and V clipped to ±63 steps), where int8 is exact everywhere. With
+`--isa vnni` B stays int8 (the faster U8S8 kernel, exact only where products are summed in int32).
 """
 from __future__ import annotations
 

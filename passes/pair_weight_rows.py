@@ -105,19 +105,18 @@ def _lowered(graph: gs.Graph, rearrange: Rearranger) -> tuple[int, int]:
 
 
 def _qdq(graph: gs.Graph, rearrange: Rearranger) -> tuple[int, int]:
-    groups: dict[int, list[tuple[gs.Node, gs.Node, bool]]] = {}
+    groups: dict[int, tuple[gs.Node, gs.Tensor, list[tuple[gs.Node, gs.Node, bool]]]] = {}
     for gemm in graph.nodes:
-        found, source = _qdq_weight(gemm), _activation_quantizer(gemm)
-        if found is not None and source is not None:
-            groups.setdefault(id(source[1]), []).append((gemm, *found))
+        found, quantizer = _qdq_weight(gemm), _activation_quantizer(gemm)
+        if found is not None and quantizer is not None:
+            groups.setdefault(id(quantizer[1]), (*quantizer, []))[2].append((gemm, *found))
     activations = split = 0
-    for members in groups.values():
+    for q, source, members in groups.values():
         weights = [ir.constant(dq.inputs[0]).T if transposed else ir.constant(dq.inputs[0])
                    for _, dq, transposed in members]
         plan = arrange_rows(np.concatenate(weights, axis=1))
         if plan is None:
             continue
-        q, source = _activation_quantizer(members[0][0])
         dequantized = rearrange.requantized(rearrange.gather(source, plan[0]), q)
         for (gemm, dq, transposed), weight in zip(members, weights):
             gemm.inputs[0] = dequantized

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 
 from qdq_compiler import ir
 from qdq_compiler.cpu import Isa, KernelSettings
-from qdq_compiler.graph import NARROW, final_readers
+from qdq_compiler.graph import final_readers, narrowing_clip
 from qdq_compiler.patterns.blocks import linear_at
 from qdq_compiler.pipeline import PassContext, PassResult, register
 
@@ -50,7 +50,7 @@ def _int8_activation_quantizer(q: gs.Node) -> bool:
 @register("unsigned-linear-inputs", requires=("qdq",), settings=KernelSettings)
 def unsigned_linear_inputs(graph: gs.Graph, ctx: PassContext) -> PassResult:
     portable = ctx.settings(KernelSettings).isa is Isa.PORTABLE
-    narrowed = any(n.op == "Clip" and n.name.endswith(NARROW) for n in graph.nodes)   # 7-bit Kᵀ and V
+    narrowed = any(narrowing_clip(n) for n in graph.nodes if n.op == "QuantizeLinear")   # 7-bit Kᵀ and V
     names = ir.Names(graph)
     changed = kept = 0
     for q in list(graph.nodes):

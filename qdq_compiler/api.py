@@ -411,7 +411,6 @@ def _runnable(graph: gs.Graph) -> onnx.ModelProto:
 def _check(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, config: LowerConfig, dataset) -> dict:
     """The lowered model against the fake-quant one on this CPU (lowered_check); a divergence raises."""
     from .lowered_check import check, enforce, sample_feeds, synthetic_feeds
-    from .lower import Target
 
     if config.target is Target.TENSORRT:
         return {"skipped": "the TensorRT graph runs in TensorRT (a GPU); `qdqc build-engine` builds it"}

@@ -406,8 +406,8 @@ def apply_scales(graph: gs.Graph, collectors: dict[str, HistogramCollector], con
         tensors[scale_name].values = np.asarray(scale, np.float32)
         reports += [TensorReport(t, collectors[t].elements, collectors[t].nonfinite, collectors[t].amax, found[t],
                                  amax, float(scale)) for t in members]
-    for q in narrow:
-        clip_to_grid(graph, q, quant.weight_qmax(7))
+    if [clip_to_grid(graph, q, quant.weight_qmax(7)) for q in narrow].count(True):
+        ir.toposort(graph)   # the new Clips were appended
     refresh_weight_scales(graph)   # and every DequantizeLinear takes its QuantizeLinear's new scale
     return reports
 
@@ -434,21 +434,22 @@ def _second_operand_only(tensor: gs.Tensor) -> bool:
                                  for source, r in readers)
 
 
-def clip_to_grid(graph: gs.Graph, q: gs.Node, qmax: int) -> None:
-    """Clip(x, ±qmax·s) before `q`: QuantizeLinear saturates at ±127, a narrower grid needs its own bound."""
-    bound = np.asarray(np.float32(qmax) * np.asarray(ir.constant(q.inputs[1]), np.float32).reshape(()), np.float32)
+def clip_to_grid(graph: gs.Graph, q: gs.Node, qmax: int) -> bool:
+    """Clip(x, ±qmax·s) before `q` (QuantizeLinear saturates at ±127, a narrower grid needs its own bound),
+    or its bounds updated; whether a Clip was appended (the caller sorts the graph once)."""
+    bound = np.float32(qmax) * np.asarray(ir.constant(q.inputs[1]), np.float32).reshape(())
+    low, high = np.array(-bound, np.float32), np.array(bound, np.float32)
     clip = narrowing_clip(q)
-    if clip is None:
-        names = ir.Names(graph)
-        source = q.inputs[0]
-        out = gs.Variable(names.fresh(f"{source.name}{NARROW}ed"), dtype=source.dtype, shape=source.shape)
-        clip = gs.Node("Clip", names.fresh(f"{source.name}{NARROW}"),
-                       inputs=[source, gs.Constant(names.fresh(f"{source.name}::narrow_min"), np.array(-bound, np.float32)),
-                               gs.Constant(names.fresh(f"{source.name}::narrow_max"), bound)], outputs=[out])
-        graph.nodes.append(clip)
-        q.inputs[0] = out
-        ir.toposort(graph)
-    clip.inputs[1].values, clip.inputs[2].values = np.array(-bound, np.float32), np.array(bound, np.float32)
+    if clip is not None:
+        clip.inputs[1].values, clip.inputs[2].values = low, high
+        return False
+    names, source = ir.Names(graph), q.inputs[0]
+    out = gs.Variable(names.fresh(f"{source.name}{NARROW}ed"), dtype=source.dtype, shape=source.shape)
+    graph.nodes.append(gs.Node("Clip", names.fresh(f"{source.name}{NARROW}"),
+                               inputs=[source, gs.Constant(names.fresh(f"{source.name}::narrow_min"), low),
+                                       gs.Constant(names.fresh(f"{source.name}::narrow_max"), high)], outputs=[out]))
+    q.inputs[0] = out
+    return True
 
 
 def _sync_dequantize_scales(graph: gs.Graph) -> None:

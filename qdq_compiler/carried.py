@@ -162,7 +162,8 @@ def quantizer_sites(graph: gs.Graph) -> dict[str, tuple[str, ...]]:
     found = {}
     for q in graph.nodes:
         if q.op == "QuantizeLinear" and not ir.is_constant(q.inputs[0]):
-            found[q.inputs[0].name] = found[_quantized(q).name] = tuple(by_tensor.get(_planned(_quantized(q)), ()))
+            source = _quantized(q)
+            found[q.inputs[0].name] = found[source.name] = tuple(by_tensor.get(_planned(source), ()))
     return found
 
 

@@ -127,7 +127,11 @@ def _runner(model: onnx.ModelProto, target: str):
             result = compiled({k: v for k, v in feeds.items() if k in wanted})
             return {name: np.asarray(result[port]) for name, port in zip(names, compiled.outputs)}
         return run_openvino
-    session = open_session(model)
+    return _onnxruntime(model, optimize=True)
+
+
+def _onnxruntime(model: onnx.ModelProto, optimize: bool):
+    session = open_session(model, optimize=optimize)
     inputs = {i.name for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
     return lambda feeds: dict(zip(outputs, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
@@ -200,10 +204,7 @@ def gemm_errors(lowered: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[
 
 
 def _runner_reference(model: onnx.ModelProto):
-    session = open_session(model, optimize=False)
-    inputs = {i.name for i in session.get_inputs()}
-    outputs = [o.name for o in session.get_outputs()]
-    return lambda feeds: dict(zip(outputs, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+    return _onnxruntime(model, optimize=False)   # Q/DQ stay float arithmetic (module docstring)
 
 
 def first_divergence(fake_quant: onnx.ModelProto, lowered: onnx.ModelProto, target: str,
