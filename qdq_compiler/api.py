@@ -389,6 +389,7 @@ def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfi
     config, clock = LowerConfig(target, keep_fp32, strict, isa), _Clock()
     with clock("load"):
         graph, source = load(model)
+        check = check and _checkable(graph)
         fake_quant = _runnable(graph) if check else None
         dataset = _data(data, graph, tokenizer, max_length, field) if check and data is not None else None
     with clock("lower"):
@@ -399,6 +400,15 @@ def lower(model, *, target: str = LowerConfig.target.value, keep_fp32=LowerConfi
         with clock("check"):
             report["check"] = _check(fake_quant, result.model, config, dataset)
     return result
+
+
+def _checkable(graph: gs.Graph) -> bool:
+    """The check runs the models from memory, which protobuf caps at 2 GB: past that it is skipped, said."""
+    if ir.constant_bytes(graph) <= ir.EXTERNAL_DATA_THRESHOLD:
+        return True
+    warnings.warn("the lowered-vs-fake-quant check is skipped: the model's weights pass 2 GB (the check runs "
+                  "models from memory); run `qdqc bench` on the saved model to see it run", QdqcNote, stacklevel=3)
+    return False
 
 
 def _runnable(graph: gs.Graph) -> onnx.ModelProto:
@@ -596,6 +606,7 @@ def compile(model, data, *, target: str = LowerConfig.target.value, mode: str | 
     decided = decision(insert_config.recipe, insert_config.mode.value, (), methods)
     record_decision(graph, decided, methods)   # the recipe in force, as its replay records it
     report["recipe"] = decided
+    check = check and _checkable(graph)
     fake_quant = _runnable(graph) if check else None
     with clock("lower"):
         records = run_lower(graph, lower_config, verify=verify)

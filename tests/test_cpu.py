@@ -335,3 +335,18 @@ def test_lower_without_data_checks_on_synthetic_samples_and_says_so(tmp_path):
     result = qdq_compiler.lower(ir.to_model(graph))
     assert "on 8 synthetic padded samples, onnxruntime on" in result.report["check"]["line"]
     assert result.report["check"]["passed"]
+
+
+def test_the_check_is_skipped_and_said_past_2_gb(monkeypatch):
+    """The check runs models from memory (protobuf's 2 GB cap): a bigger model compiles without it, with a
+    note (simulated: the threshold lowered below this model's weights)."""
+    import qdq_compiler
+    from qdq_compiler import ir
+    from qdq_compiler.errors import QdqcNote
+    from qdq_compiler.synthetic import BertSpec, build_bert, example_inputs
+
+    spec = BertSpec(layers=1)
+    monkeypatch.setattr(ir, "EXTERNAL_DATA_THRESHOLD", 1000)
+    with pytest.warns(QdqcNote, match="check is skipped: the model's weights pass 2 GB"):
+        result = qdq_compiler.compile(build_bert(spec), example_inputs(spec, batch=4, seq=8, seed=1), quiet=True)
+    assert "check" not in result.report
